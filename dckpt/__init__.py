@@ -1,0 +1,47 @@
+"""dckpt: distributed checkpointing for PyTorch.
+
+``dckpt.save(state, path)`` and ``dckpt.load(state, path)`` are collective over the
+ranks of a process group (or work in one plain process); see ``docs/format.md`` for
+what lands on disk.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from dckpt._errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointTimeoutError,
+    CorruptCheckpointError,
+    RankFailureError,
+    RemoteError,
+    StateMismatchError,
+    StorageError,
+    UnsafeCheckpointError,
+    UnsupportedStateError,
+)
+from dckpt._load import LoadResult, load
+from dckpt._save import save
+from dckpt._state import OptimizerState, Stateful
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CheckpointTimeoutError",
+    "CorruptCheckpointError",
+    "LoadResult",
+    "OptimizerState",
+    "RankFailureError",
+    "RemoteError",
+    "StateMismatchError",
+    "Stateful",
+    "StorageError",
+    "UnsafeCheckpointError",
+    "UnsupportedStateError",
+    "__version__",
+    "load",
+    "save",
+]

@@ -1,0 +1,383 @@
+"""The on-disk manifest: data model, canonical JSON encoding, and strict validation.
+
+``docs/format.md`` is the specification; this module is its reference implementation.
+Validation is strict because a manifest is untrusted input: every field is type- and
+range-checked and every file name must stay inside the checkpoint before anything
+else touches the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dckpt._errors import CorruptCheckpointError, UnsafeCheckpointError
+from dckpt._values import JSON
+
+FORMAT_NAME = "dckpt"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+CHECKSUM_ALGORITHM = "crc32c"
+DEFAULT_BLOCK_BYTES = 1 << 20
+ALIGNMENT = 64
+MAX_MANIFEST_BYTES = 1 << 30
+
+# dtype name -> bytes per element. Names are torch's without the "torch." prefix.
+DTYPE_ITEMSIZE: Mapping[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+}  # fmt: skip
+
+PathPart = str | int
+_SAVE_ID = re.compile(r"^[0-9a-z]{1,64}$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    """One stored piece of a tensor: a box of the global tensor as C-order bytes in a file."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    offset: int
+    nbytes: int
+    crc32c: tuple[int, ...]
+    rank: int | None = None  # set only for per-rank tensors
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    path: tuple[PathPart, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[ChunkRecord, ...]
+    per_rank: bool = False
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_ITEMSIZE[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class ValueEntry:
+    path: tuple[PathPart, ...]
+    value: JSON = None
+    per_rank: Mapping[int, JSON] | None = None  # rank -> value, when ranks disagreed
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    save_id: str
+    world_size: int
+    created: float
+    files: tuple[FileRecord, ...]
+    tensors: Mapping[str, TensorEntry]
+    values: Mapping[str, ValueEntry]
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    library: str = ""
+    version: int = FORMAT_VERSION
+    file_sizes: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "file_sizes", {f.name: f.size for f in self.files})
+
+    def keys(self) -> list[str]:
+        return sorted([*self.tensors, *self.values])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def data_dir(save_id: str) -> str:
+    return f"{DATA_DIR}/{save_id}"
+
+
+def block_count(nbytes: int, block_bytes: int) -> int:
+    return max(1, -(-nbytes // block_bytes))
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def manifest_to_json(m: Manifest) -> dict[str, Any]:
+    tensors: dict[str, Any] = {}
+    for key, t in m.tensors.items():
+        entry: dict[str, Any] = {
+            "path": list(t.path),
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "chunks": [_chunk_to_json(c) for c in t.chunks],
+        }
+        if t.per_rank:
+            entry["per_rank"] = True
+        tensors[key] = entry
+    values: dict[str, Any] = {}
+    for key, v in m.values.items():
+        if v.per_rank is not None:
+            values[key] = {
+                "path": list(v.path),
+                "per_rank": {str(r): x for r, x in v.per_rank.items()},
+            }
+        else:
+            values[key] = {"path": list(v.path), "value": v.value}
+    return {
+        "format": FORMAT_NAME,
+        "version": m.version,
+        "library": m.library,
+        "save_id": m.save_id,
+        "world_size": m.world_size,
+        "created": m.created,
+        "checksum": {"algorithm": CHECKSUM_ALGORITHM, "block_bytes": m.block_bytes},
+        "files": [{"name": f.name, "size": f.size} for f in m.files],
+        "tensors": tensors,
+        "values": values,
+    }
+
+
+def _chunk_to_json(c: ChunkRecord) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "offsets": list(c.offsets),
+        "sizes": list(c.sizes),
+        "file": c.file,
+        "offset": c.offset,
+        "nbytes": c.nbytes,
+        "crc32c": list(c.crc32c),
+    }
+    if c.rank is not None:
+        d["rank"] = c.rank
+    return d
+
+
+def manifest_to_bytes(m: Manifest) -> bytes:
+    """Canonical encoding: sorted keys, no whitespace, UTF-8, trailing newline."""
+    text = json.dumps(manifest_to_json(m), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8") + b"\n"
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class _Bad(Exception):
+    pass
+
+
+def manifest_from_bytes(data: bytes, *, source: str) -> Manifest:
+    """Parse and validate a manifest; every problem is a CheckpointError naming ``source``."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"{source}: manifest is {len(data)} bytes, over the limit")
+    try:
+        raw = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{source}: manifest is not valid JSON ({exc})") from None
+    try:
+        return _manifest_from_json(raw)
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(f"{source}: {exc}") from None
+    except (_Bad, KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise CorruptCheckpointError(f"{source}: invalid manifest: {_describe(exc)}") from None
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing field {exc.args[0]!r}"
+    return str(exc)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _obj(x: object, what: str) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise _Bad(f"{what} must be an object")
+    return x
+
+
+def _int(x: object, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi:
+        raise _Bad(f"{what} must be an integer in [{lo}, {hi}], got {x!r}")
+    return x
+
+
+def _ints(x: object, what: str, lo: int = 0) -> tuple[int, ...]:
+    if not isinstance(x, list) or len(x) > 64:
+        raise _Bad(f"{what} must be a list of at most 64 integers")
+    return tuple(_int(v, what, lo) for v in x)
+
+
+def _path(x: object, key: str) -> tuple[PathPart, ...]:
+    if not isinstance(x, list) or not x:
+        raise _Bad(f"key {key!r}: path must be a non-empty list")
+    for p in x:
+        if isinstance(p, bool) or not isinstance(p, (str, int)):
+            raise _Bad(f"key {key!r}: path parts must be strings or integers")
+    if ".".join(str(p) for p in x) != key:
+        raise _Bad(f"key {key!r}: path {x!r} does not spell the key")
+    return tuple(x)
+
+
+def check_file_name(name: object) -> str:
+    """A data file name MUST be relative, normalised and inside the checkpoint."""
+    if (
+        not isinstance(name, str)
+        or not _FILE_NAME.match(name)
+        or posixpath.normpath(name) != name
+        or any(part in (".", "..") for part in name.split("/"))
+        or name == MANIFEST_NAME
+    ):
+        raise UnsafeCheckpointError(
+            f"data file name {name!r} is not a plain relative path inside the checkpoint; "
+            "refusing to open it"
+        )
+    return name
+
+
+def _manifest_from_json(raw: object) -> Manifest:
+    d = _obj(raw, "manifest")
+    if d.get("format") != FORMAT_NAME:
+        raise _Bad(f"format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = _int(d["version"], "version", 1)
+    if version > FORMAT_VERSION:
+        raise _Bad(
+            f"format version {version} is newer than this dckpt understands "
+            f"({FORMAT_VERSION}); upgrade dckpt"
+        )
+    save_id = d["save_id"]
+    if not isinstance(save_id, str) or not _SAVE_ID.match(save_id):
+        raise _Bad(f"save_id {save_id!r} is malformed")
+    world_size = _int(d["world_size"], "world_size", 1, 1 << 24)
+    created = d.get("created", 0.0)
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise _Bad("created must be a number")
+    library = d.get("library", "")
+    if not isinstance(library, str):
+        raise _Bad("library must be a string")
+    ck = _obj(d["checksum"], "checksum")
+    if ck.get("algorithm") != CHECKSUM_ALGORITHM:
+        raise _Bad(f"checksum algorithm {ck.get('algorithm')!r} is not supported")
+    block_bytes = _int(ck["block_bytes"], "checksum.block_bytes", 4096, 1 << 30)
+    files_raw = d["files"]
+    if not isinstance(files_raw, list):
+        raise _Bad("files must be a list")
+    files: list[FileRecord] = []
+    sizes: dict[str, int] = {}
+    for f in files_raw:
+        fo = _obj(f, "file record")
+        name = check_file_name(fo["name"])
+        if name in sizes:
+            raise _Bad(f"file {name!r} listed twice")
+        sizes[name] = _int(fo["size"], f"size of {name!r}")
+        files.append(FileRecord(name, sizes[name]))
+    tensors = {
+        k: _tensor_from_json(k, v, sizes, block_bytes, world_size)
+        for k, v in _obj(d["tensors"], "tensors").items()
+    }
+    values: dict[str, ValueEntry] = {}
+    for k, v in _obj(d["values"], "values").items():
+        if k in tensors:
+            raise _Bad(f"key {k!r} is both a tensor and a value")
+        vo = _obj(v, f"value {k!r}")
+        path = _path(vo["path"], k)
+        if "per_rank" in vo:
+            pr = _obj(vo["per_rank"], f"value {k!r} per_rank")
+            values[k] = ValueEntry(
+                path,
+                per_rank={
+                    _int(int(r), f"rank of {k!r}", 0, world_size - 1): x for r, x in pr.items()
+                },
+            )
+        else:
+            values[k] = ValueEntry(path, value=vo["value"])
+    return Manifest(
+        save_id=save_id,
+        world_size=world_size,
+        created=float(created),
+        files=tuple(files),
+        tensors=tensors,
+        values=values,
+        block_bytes=block_bytes,
+        library=library,
+        version=version,
+    )
+
+
+def _tensor_from_json(
+    key: str, raw: object, sizes: Mapping[str, int], block_bytes: int, world_size: int
+) -> TensorEntry:
+    t = _obj(raw, f"tensor {key!r}")
+    path = _path(t["path"], key)
+    dtype = t["dtype"]
+    if dtype not in DTYPE_ITEMSIZE:
+        raise _Bad(f"key {key!r}: unknown dtype {dtype!r}")
+    itemsize = DTYPE_ITEMSIZE[dtype]
+    shape = _ints(t["shape"], f"key {key!r}: shape")
+    per_rank = t.get("per_rank", False)
+    if not isinstance(per_rank, bool):
+        raise _Bad(f"key {key!r}: per_rank must be a boolean")
+    chunks_raw = t["chunks"]
+    if not isinstance(chunks_raw, list):
+        raise _Bad(f"key {key!r}: chunks must be a list")
+    chunks: list[ChunkRecord] = []
+    for c in chunks_raw:
+        co = _obj(c, f"key {key!r}: chunk")
+        offsets = _ints(co["offsets"], f"key {key!r}: offsets")
+        csizes = _ints(co["sizes"], f"key {key!r}: sizes")
+        if len(offsets) != len(shape) or len(csizes) != len(shape):
+            raise _Bad(f"key {key!r}: chunk rank does not match shape {list(shape)}")
+        for o, s, n in zip(offsets, csizes, shape, strict=True):
+            if o + s > n:
+                raise _Bad(f"key {key!r}: chunk {list(offsets)}+{list(csizes)} exceeds shape")
+        name = check_file_name(co["file"])
+        if name not in sizes:
+            raise _Bad(f"key {key!r}: chunk refers to unlisted file {name!r}")
+        offset = _int(co["offset"], f"key {key!r}: offset")
+        nbytes = _int(co["nbytes"], f"key {key!r}: nbytes")
+        if nbytes != math.prod(csizes) * itemsize:
+            raise _Bad(f"key {key!r}: nbytes {nbytes} does not match sizes and dtype")
+        if offset + nbytes > sizes[name]:
+            raise _Bad(f"key {key!r}: chunk bytes run past the end of {name!r}")
+        crc_raw = co["crc32c"]
+        if not isinstance(crc_raw, list) or len(crc_raw) != block_count(nbytes, block_bytes):
+            raise _Bad(f"key {key!r}: expected {block_count(nbytes, block_bytes)} checksums")
+        crcs = tuple(_int(x, f"key {key!r}: crc32c", 0, 0xFFFFFFFF) for x in crc_raw)
+        rank = co.get("rank")
+        if per_rank:
+            rank = _int(rank, f"key {key!r}: rank", 0, world_size - 1)
+        elif rank is not None:
+            raise _Bad(f"key {key!r}: only per-rank tensors have a rank field")
+        chunks.append(ChunkRecord(offsets, csizes, name, offset, nbytes, crcs, rank))
+    # Chunks must tile the tensor, so a claimed shape is backed by bytes that exist:
+    # a manifest cannot make a reader allocate a tensor its files do not hold.
+    covered: dict[int | None, int] = {}
+    for c in chunks:
+        covered[c.rank] = covered.get(c.rank, 0) + c.nbytes
+    total = math.prod(shape) * itemsize
+    if any(v != total for v in covered.values()) or (total and not covered):
+        raise _Bad(f"key {key!r}: chunks do not tile the shape {list(shape)}")
+    return TensorEntry(path, dtype, shape, tuple(chunks), per_rank)

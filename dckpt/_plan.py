@@ -1,0 +1,280 @@
+"""Save planning: pure functions from what each rank holds to who writes what, where.
+
+Everything here is plain data in, plain data out, so it can be tested alone and the
+result cached. Replicated chunks are written once, by the holder with the fewest bytes
+assigned so far (largest chunks first), which spreads replicated state across ranks
+instead of piling it on rank 0.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from dckpt._errors import UnsupportedStateError
+from dckpt._format import (
+    DTYPE_ITEMSIZE,
+    ChunkRecord,
+    FileRecord,
+    Manifest,
+    PathPart,
+    TensorEntry,
+    ValueEntry,
+    align,
+    data_dir,
+)
+from dckpt._reshard import Box
+from dckpt._values import JSON
+
+#: Bytes per data file before a rank splits its share over several files (parallel streams).
+FILE_TARGET_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkOffer:
+    box: Box
+    crc: tuple[int, ...] | None = None  # known up front for plain tensors, to detect divergence
+
+
+@dataclass(frozen=True, slots=True)
+class TensorOffer:
+    key: str
+    path: tuple[PathPart, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    sharded: bool  # a DTensor: chunks are identical across holders by construction
+    chunks: tuple[ChunkOffer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ValueOffer:
+    key: str
+    path: tuple[PathPart, ...]
+    data: JSON
+    text: str  # canonical JSON of ``data``, compared across ranks
+
+
+@dataclass(frozen=True, slots=True)
+class RankOffer:
+    rank: int
+    tensors: tuple[TensorOffer, ...]
+    values: tuple[ValueOffer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteItem:
+    key: str
+    box: Box
+    offset: int
+    nbytes: int
+    crc: tuple[int, ...] | None
+    per_rank: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FilePlan:
+    name: str
+    items: tuple[WriteItem, ...]
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankPlan:
+    save_id: str
+    rank: int
+    files: tuple[FilePlan, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    path: tuple[PathPart, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    per_rank: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SavePlan:
+    save_id: str
+    world_size: int
+    ranks: tuple[RankPlan, ...]
+    tensors: Mapping[str, TensorMeta]
+    values: Mapping[str, ValueEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    name: str
+    size: int
+    crcs: tuple[tuple[int, ...], ...]  # per item, in the file plan's order
+
+
+def plan_save(
+    offers: Sequence[RankOffer], save_id: str, *, max_files_per_rank: int = 4
+) -> SavePlan:
+    """Decide, for every chunk any rank holds, which rank writes it to which file and offset."""
+    world = len(offers)
+    tensors: dict[str, TensorMeta] = {}
+    # key -> (box -> list of (rank, crc)) in rank order
+    holders: dict[str, dict[Box, list[tuple[int, tuple[int, ...] | None]]]] = {}
+    sharded: dict[str, bool] = {}
+    first_rank: dict[str, int] = {}
+    for offer in offers:
+        for t in offer.tensors:
+            meta = TensorMeta(t.path, t.dtype, t.shape, False)
+            prior = tensors.setdefault(t.key, meta)
+            if prior != meta:
+                raise UnsupportedStateError(
+                    f"key {t.key!r} is {prior.dtype}{list(prior.shape)} on rank "
+                    f"{first_rank[t.key]} but {t.dtype}{list(t.shape)} on rank {offer.rank}; "
+                    "every rank must describe the same global tensor"
+                )
+            if sharded.setdefault(t.key, t.sharded) != t.sharded:
+                raise UnsupportedStateError(
+                    f"key {t.key!r} is a DTensor on some ranks and a plain tensor on others"
+                )
+            first_rank.setdefault(t.key, offer.rank)
+            boxes = holders.setdefault(t.key, {})
+            for c in t.chunks:
+                boxes.setdefault(c.box, []).append((offer.rank, c.crc))
+
+    # Unique chunks with their candidate writers.
+    jobs: list[tuple[int, str, Box, tuple[int, ...], tuple[int, ...] | None, bool]] = []
+    for key, boxes in holders.items():
+        meta = tensors[key]
+        itemsize = DTYPE_ITEMSIZE[meta.dtype]
+        divergent = not sharded[key] and any(
+            len({crc for _, crc in hs}) > 1 for hs in boxes.values()
+        )
+        if divergent:
+            tensors[key] = TensorMeta(meta.path, meta.dtype, meta.shape, True)
+        for box, hs in boxes.items():
+            nbytes = box.numel * itemsize
+            if divergent:
+                for rank, crc in hs:
+                    jobs.append((nbytes, key, box, (rank,), crc, True))
+            else:
+                jobs.append((nbytes, key, box, tuple(r for r, _ in hs), hs[0][1], False))
+
+    # Greedy balance by bytes: largest first, to the least-loaded holder.
+    jobs.sort(key=lambda j: (-j[0], j[1], j[2].offsets))
+    load = [0] * world
+    assigned: list[list[tuple[str, Box, int, tuple[int, ...] | None, bool]]] = [
+        [] for _ in range(world)
+    ]
+    for nbytes, key, box, cands, crc, per_rank in jobs:
+        writer = min(cands, key=lambda r: (load[r], r))
+        load[writer] += nbytes
+        assigned[writer].append((key, box, nbytes, crc, per_rank))
+
+    ranks = tuple(_layout_rank(save_id, r, assigned[r], max_files_per_rank) for r in range(world))
+    values = _plan_values(offers)
+    clash = set(values) & set(tensors)
+    if clash:
+        key = sorted(clash)[0]
+        raise UnsupportedStateError(f"key {key!r} is a tensor on some ranks and a value on others")
+    return SavePlan(save_id, world, ranks, tensors, values)
+
+
+def _layout_rank(
+    save_id: str,
+    rank: int,
+    items: list[tuple[str, Box, int, tuple[int, ...] | None, bool]],
+    max_files: int,
+) -> RankPlan:
+    total = sum(i[2] for i in items)
+    nfiles = max(1, min(max_files, -(-total // FILE_TARGET_BYTES)))
+    # items arrive largest first: spread them over the files, least-filled first
+    heap = [(0, f) for f in range(nfiles)]
+    per_file: list[list[tuple[str, Box, int, tuple[int, ...] | None, bool]]] = [
+        [] for _ in range(nfiles)
+    ]
+    for item in items:
+        size, f = heapq.heappop(heap)
+        per_file[f].append(item)
+        heapq.heappush(heap, (size + item[2], f))
+    files: list[FilePlan] = []
+    for f, group in enumerate(per_file):
+        if not group:
+            continue
+        group.sort(key=lambda i: (i[0], i[1].offsets))  # key order: neighbours load together
+        pos = 0
+        out: list[WriteItem] = []
+        for key, box, nbytes, crc, per_rank in group:
+            pos = align(pos)
+            out.append(WriteItem(key, box, pos, nbytes, crc, per_rank))
+            pos += nbytes
+        files.append(FilePlan(f"{data_dir(save_id)}/r{rank}-{f}.bin", tuple(out), pos))
+    return RankPlan(save_id, rank, tuple(files))
+
+
+def _plan_values(offers: Sequence[RankOffer]) -> dict[str, ValueEntry]:
+    seen: dict[str, list[tuple[int, ValueOffer]]] = {}
+    for offer in offers:
+        for v in offer.values:
+            seen.setdefault(v.key, []).append((offer.rank, v))
+    values: dict[str, ValueEntry] = {}
+    for key, held in seen.items():
+        path = held[0][1].path
+        if len({v.text for _, v in held}) == 1:
+            values[key] = ValueEntry(path, value=held[0][1].data)
+        else:
+            values[key] = ValueEntry(path, per_rank={r: v.data for r, v in held})
+    return values
+
+
+def build_manifest(
+    plan: SavePlan,
+    results: Sequence[Sequence[FileResult]],
+    *,
+    created: float,
+    block_bytes: int,
+    library: str,
+) -> Manifest:
+    """The manifest of a finished save: the plan plus what the writers measured."""
+    chunks: dict[str, list[ChunkRecord]] = {k: [] for k in plan.tensors}
+    files: list[FileRecord] = []
+    for rank_plan, rank_results in zip(plan.ranks, results, strict=True):
+        by_name = {r.name: r for r in rank_results}
+        for fp in rank_plan.files:
+            res = by_name[fp.name]
+            if res.size != fp.size or len(res.crcs) != len(fp.items):
+                raise RuntimeError(f"writer result for {fp.name} does not match its plan")
+            files.append(FileRecord(fp.name, fp.size))
+            for item, crcs in zip(fp.items, res.crcs, strict=True):
+                chunks[item.key].append(
+                    ChunkRecord(
+                        item.box.offsets,
+                        item.box.sizes,
+                        fp.name,
+                        item.offset,
+                        item.nbytes,
+                        crcs,
+                        rank_plan.rank if item.per_rank else None,
+                    )
+                )
+    tensors = {
+        key: TensorEntry(
+            meta.path,
+            meta.dtype,
+            meta.shape,
+            tuple(sorted(chunks[key], key=lambda c: (c.rank or 0, c.offsets))),
+            meta.per_rank,
+        )
+        for key, meta in sorted(plan.tensors.items())
+    }
+    return Manifest(
+        save_id=plan.save_id,
+        world_size=plan.world_size,
+        created=created,
+        files=tuple(sorted(files, key=lambda f: f.name)),
+        tensors=tensors,
+        values=dict(sorted(plan.values.items())),
+        block_bytes=block_bytes,
+        library=library,
+    )

@@ -1,0 +1,279 @@
+"""Turning a user's ``state`` into flat leaves, and putting loaded values back.
+
+Modules and optimizers go through torch's public state-dict helpers
+(``torch.distributed.checkpoint.state_dict``), which know FSDP2, DDP and tensor
+parallelism and give FQN keys; the layout therefore lines up with torch DCP's for the
+same objects. Anything with ``state_dict``/``load_state_dict`` is Stateful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from dckpt._errors import UnsupportedStateError
+from dckpt._format import PathPart
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+class OptimizerState:
+    """Pairs an optimizer with the module that owns its parameters.
+
+    ``dckpt.save({"optim": dckpt.OptimizerState(model, optim)}, path)`` — needed only
+    when dckpt cannot pair them itself (the module is not in the same ``state``, or
+    several modules share the optimizer).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return dict(get_optimizer_state_dict(self.model, self.optimizer))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+class _ModuleState:
+    def __init__(self, model: torch.nn.Module, strict: bool) -> None:
+        self.model = model
+        self.strict = strict
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return dict(get_model_state_dict(self.model))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=self.strict))
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLeaf:
+    key: str
+    path: tuple[PathPart, ...]
+    tensor: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ValueLeaf:
+    key: str
+    path: tuple[PathPart, ...]
+    value: object
+    set: Callable[[object], None]
+
+
+@dataclass
+class Resolved:
+    """The flat view of one rank's state plus what to call once loading has filled it."""
+
+    tensors: list[TensorLeaf] = field(default_factory=list)
+    values: list[ValueLeaf] = field(default_factory=list)
+    finish: list[Callable[[], None]] = field(default_factory=list)
+
+    def keys(self) -> set[str]:
+        return {t.key for t in self.tensors} | {v.key for v in self.values}
+
+
+def flat_key(path: tuple[PathPart, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def resolve(state: Mapping[str, Any], *, strict: bool = True) -> Resolved:
+    """Flatten ``state`` into leaves; Stateful objects are asked for their state now."""
+    if not isinstance(state, Mapping):
+        raise UnsupportedStateError(
+            f"state must be a dict mapping names to modules, optimizers, tensors or values, "
+            f"got {type(state).__name__}"
+        )
+    modules = list(_modules_in(state))
+    out = Resolved()
+    seen: dict[str, tuple[PathPart, ...]] = {}
+    _walk(state, (), out, modules, seen, strict, _no_set)
+    return out
+
+
+def _no_set(_value: object) -> None:
+    return None
+
+
+def _modules_in(node: object) -> Iterator[torch.nn.Module]:
+    if isinstance(node, torch.nn.Module):
+        yield node
+    elif isinstance(node, Mapping):
+        for v in node.values():
+            yield from _modules_in(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            yield from _modules_in(v)
+
+
+def _pair_optimizer(
+    optim: torch.optim.Optimizer, modules: list[torch.nn.Module], path: tuple[PathPart, ...]
+) -> torch.nn.Module:
+    wanted = {id(p) for g in optim.param_groups for p in g["params"]}
+    owners = [m for m in modules if wanted & {id(p) for p in m.parameters()}]
+    hint = f"wrap it explicitly: state[{flat_key(path)!r}] = dckpt.OptimizerState(model, optimizer)"
+    if not owners:
+        raise UnsupportedStateError(
+            f"the optimizer at key {flat_key(path)!r} has no module in the same state owning its "
+            f"parameters, so its state cannot be keyed by parameter name; add the module to the "
+            f"state or {hint}"
+        )
+    # Prefer the outermost module: nested modules in the state share parameters with it.
+    owners.sort(key=lambda m: -sum(1 for _ in m.parameters()))
+    top = owners[0]
+    top_params = {id(p) for p in top.parameters()}
+    if any(not ({id(p) for p in m.parameters()} <= top_params) for m in owners[1:]):
+        raise UnsupportedStateError(
+            f"the optimizer at key {flat_key(path)!r} holds parameters of several modules in the "
+            f"state, so it is ambiguous which one names them; {hint}"
+        )
+    if not wanted <= top_params:
+        raise UnsupportedStateError(
+            f"the optimizer at key {flat_key(path)!r} holds parameters that the module in the "
+            f"state does not own; {hint}"
+        )
+    return top
+
+
+def _finisher(obj: Any, sd: dict[str, Any]) -> Callable[[], None]:
+    def finish() -> None:
+        obj.load_state_dict(sd)
+
+    return finish
+
+
+def _has_leaf_tensor(node: object) -> bool:
+    if isinstance(node, torch.Tensor) or _is_stateful(node):
+        return True
+    if isinstance(node, Mapping):
+        return any(_has_leaf_tensor(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_has_leaf_tensor(v) for v in node)
+    return False
+
+
+def _is_stateful(node: object) -> bool:
+    return (
+        isinstance(node, (torch.nn.Module, torch.optim.Optimizer, OptimizerState))
+        or (
+            callable(getattr(node, "state_dict", None))
+            and callable(getattr(node, "load_state_dict", None))
+        )
+    ) and not isinstance(node, (type, torch.Tensor))
+
+
+def _walk(
+    node: object,
+    path: tuple[PathPart, ...],
+    out: Resolved,
+    modules: list[torch.nn.Module],
+    seen: dict[str, tuple[PathPart, ...]],
+    strict: bool,
+    setter: Callable[[object], None],
+) -> None:
+    if isinstance(node, torch.Tensor):
+        out.tensors.append(TensorLeaf(_claim(path, seen), path, node))
+        return
+    if _is_stateful(node):
+        obj: Any
+        if isinstance(node, torch.nn.Module):
+            obj = _ModuleState(node, strict)
+        elif isinstance(node, torch.optim.Optimizer):
+            obj = OptimizerState(_pair_optimizer(node, modules, path), node)
+        else:
+            obj = node
+        sd = obj.state_dict()
+        if not isinstance(sd, Mapping):
+            raise UnsupportedStateError(
+                f"state_dict() of {type(node).__name__} at key {flat_key(path)!r} returned "
+                f"{type(sd).__name__}, expected a dict"
+            )
+        sd = dict(sd)
+        _walk_mapping(sd, path, out, modules, seen, strict)
+        out.finish.append(_finisher(obj, sd))
+        return
+    if isinstance(node, Mapping) and _has_leaf_tensor(node):
+        _walk_mapping(node, path, out, modules, seen, strict)
+        return
+    if isinstance(node, list) and _has_leaf_tensor(node):
+        for i, v in enumerate(node):
+            _walk(v, (*path, i), out, modules, seen, strict, _list_setter(node, i))
+        return
+    if isinstance(node, tuple) and _has_leaf_tensor(node):
+        # Tuples cannot be updated in place: their tensors still load in place.
+        for i, v in enumerate(node):
+            _walk(v, (*path, i), out, modules, seen, strict, _no_set)
+        return
+    if isinstance(node, Mapping) and node and all(isinstance(k, str) for k in node):
+        # A dict of plain values: one leaf per entry, so keys line up with DCP's flattening.
+        _walk_mapping(node, path, out, modules, seen, strict)
+        return
+    if not path:
+        raise UnsupportedStateError("state must be a dict")
+    out.values.append(ValueLeaf(_claim(path, seen), path, node, setter))
+
+
+def _walk_mapping(
+    node: Mapping[Any, Any],
+    path: tuple[PathPart, ...],
+    out: Resolved,
+    modules: list[torch.nn.Module],
+    seen: dict[str, tuple[PathPart, ...]],
+    strict: bool,
+) -> None:
+    for k, v in node.items():
+        if not isinstance(k, (str, int)) or isinstance(k, bool):
+            raise UnsupportedStateError(
+                f"key {k!r} under {flat_key(path) or 'the state'!r} is a {type(k).__name__}; "
+                "state dict keys must be strings (or integers)"
+            )
+        _walk(v, (*path, str(k)), out, modules, seen, strict, _dict_setter(node, k))
+
+
+def _dict_setter(node: Mapping[Any, Any], k: object) -> Callable[[object], None]:
+    if isinstance(node, dict):
+
+        def set_item(value: object) -> None:
+            node[k] = value
+
+        return set_item
+    return _no_set
+
+
+def _list_setter(node: list[Any], i: int) -> Callable[[object], None]:
+    def set_item(value: object) -> None:
+        node[i] = value
+
+    return set_item
+
+
+def _claim(path: tuple[PathPart, ...], seen: dict[str, tuple[PathPart, ...]]) -> str:
+    key = flat_key(path)
+    prior = seen.setdefault(key, path)
+    if prior is not path:
+        raise UnsupportedStateError(
+            f"two entries flatten to the same key {key!r} ({list(prior)} and {list(path)}); "
+            "rename one of them"
+        )
+    return key
