@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from dckpt._async import AsyncSaveHandle, async_save, wait
 from dckpt._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -27,6 +28,7 @@ from dckpt._save import save
 from dckpt._state import OptimizerState, Stateful
 
 __all__ = [
+    "AsyncSaveHandle",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
@@ -42,6 +44,8 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedStateError",
     "__version__",
+    "async_save",
     "load",
     "save",
+    "wait",
 ]

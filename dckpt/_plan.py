@@ -68,7 +68,6 @@ class WriteItem:
     box: Box
     offset: int
     nbytes: int
-    crc: tuple[int, ...] | None
     per_rank: bool = False
 
 
@@ -144,7 +143,7 @@ def plan_save(
                 boxes.setdefault(c.box, []).append((offer.rank, c.crc))
 
     # Unique chunks with their candidate writers.
-    jobs: list[tuple[int, str, Box, tuple[int, ...], tuple[int, ...] | None, bool]] = []
+    jobs: list[tuple[int, str, Box, tuple[int, ...], bool]] = []
     for key, boxes in holders.items():
         meta = tensors[key]
         itemsize = DTYPE_ITEMSIZE[meta.dtype]
@@ -156,21 +155,19 @@ def plan_save(
         for box, hs in boxes.items():
             nbytes = box.numel * itemsize
             if divergent:
-                for rank, crc in hs:
-                    jobs.append((nbytes, key, box, (rank,), crc, True))
+                for rank, _crc in hs:
+                    jobs.append((nbytes, key, box, (rank,), True))
             else:
-                jobs.append((nbytes, key, box, tuple(r for r, _ in hs), hs[0][1], False))
+                jobs.append((nbytes, key, box, tuple(r for r, _ in hs), False))
 
     # Greedy balance by bytes: largest first, to the least-loaded holder.
     jobs.sort(key=lambda j: (-j[0], j[1], j[2].offsets))
     load = [0] * world
-    assigned: list[list[tuple[str, Box, int, tuple[int, ...] | None, bool]]] = [
-        [] for _ in range(world)
-    ]
-    for nbytes, key, box, cands, crc, per_rank in jobs:
+    assigned: list[list[tuple[str, Box, int, bool]]] = [[] for _ in range(world)]
+    for nbytes, key, box, cands, per_rank in jobs:
         writer = min(cands, key=lambda r: (load[r], r))
         load[writer] += nbytes
-        assigned[writer].append((key, box, nbytes, crc, per_rank))
+        assigned[writer].append((key, box, nbytes, per_rank))
 
     ranks = tuple(_layout_rank(save_id, r, assigned[r], max_files_per_rank) for r in range(world))
     values = _plan_values(offers)
@@ -184,16 +181,14 @@ def plan_save(
 def _layout_rank(
     save_id: str,
     rank: int,
-    items: list[tuple[str, Box, int, tuple[int, ...] | None, bool]],
+    items: list[tuple[str, Box, int, bool]],
     max_files: int,
 ) -> RankPlan:
     total = sum(i[2] for i in items)
     nfiles = max(1, min(max_files, -(-total // FILE_TARGET_BYTES)))
     # items arrive largest first: spread them over the files, least-filled first
     heap = [(0, f) for f in range(nfiles)]
-    per_file: list[list[tuple[str, Box, int, tuple[int, ...] | None, bool]]] = [
-        [] for _ in range(nfiles)
-    ]
+    per_file: list[list[tuple[str, Box, int, bool]]] = [[] for _ in range(nfiles)]
     for item in items:
         size, f = heapq.heappop(heap)
         per_file[f].append(item)
@@ -205,12 +200,53 @@ def _layout_rank(
         group.sort(key=lambda i: (i[0], i[1].offsets))  # key order: neighbours load together
         pos = 0
         out: list[WriteItem] = []
-        for key, box, nbytes, crc, per_rank in group:
+        for key, box, nbytes, per_rank in group:
             pos = align(pos)
-            out.append(WriteItem(key, box, pos, nbytes, crc, per_rank))
+            out.append(WriteItem(key, box, pos, nbytes, per_rank))
             pos += nbytes
         files.append(FilePlan(f"{data_dir(save_id)}/r{rank}-{f}.bin", tuple(out), pos))
     return RankPlan(save_id, rank, tuple(files))
+
+
+def structure_key(offer: RankOffer) -> bytes:
+    """A digest of what a rank holds, ignoring contents: equal digests, reusable plan."""
+    import hashlib
+    import pickle
+
+    shape = tuple(
+        (t.key, t.dtype, t.shape, t.sharded, tuple(c.box for c in t.chunks)) for t in offer.tensors
+    )
+    return hashlib.blake2b(pickle.dumps(shape, protocol=5), digest_size=16).digest()
+
+
+def divergent_keys(offers: Sequence[RankOffer]) -> frozenset[str]:
+    """Plain-tensor keys whose holders disagree on contents (stored per rank)."""
+    crcs: dict[tuple[str, Box], tuple[int, ...] | None] = {}
+    out: set[str] = set()
+    for offer in offers:
+        for t in offer.tensors:
+            if t.sharded:
+                continue
+            for c in t.chunks:
+                prior = crcs.setdefault((t.key, c.box), c.crc)
+                if prior != c.crc:
+                    out.add(t.key)
+    return frozenset(out)
+
+
+def with_save_id(plan: SavePlan, save_id: str, offers: Sequence[RankOffer]) -> SavePlan:
+    """A cached plan under a new save id, with this save's (fresh) values."""
+    old = data_dir(plan.save_id) + "/"
+    new = data_dir(save_id) + "/"
+    ranks = tuple(
+        RankPlan(
+            save_id,
+            r.rank,
+            tuple(FilePlan(new + f.name.removeprefix(old), f.items, f.size) for f in r.files),
+        )
+        for r in plan.ranks
+    )
+    return SavePlan(save_id, plan.world_size, ranks, plan.tensors, _plan_values(offers))
 
 
 def _plan_values(offers: Sequence[RankOffer]) -> dict[str, ValueEntry]:

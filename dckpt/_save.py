@@ -1,13 +1,22 @@
-"""``save``: plan -> write -> commit, collectively over the ranks of a process group."""
+"""``save``: plan -> write -> commit, collectively over the ranks of a process group.
+
+Planning sends rank 0 what each rank holds; when a rank's structure is the same as at
+its previous save, it sends only a digest plus the few things that change between
+saves (checksums of plain tensors, non-tensor values), and rank 0 reuses the plan it
+cached. That makes the per-save coordination one small exchange instead of a gather of
+every chunk.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import secrets
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,13 +40,16 @@ from dckpt._plan import (
     TensorOffer,
     ValueOffer,
     build_manifest,
+    divergent_keys,
     plan_save,
+    structure_key,
+    with_save_id,
 )
 from dckpt._reshard import Box
-from dckpt._state import Resolved, resolve
+from dckpt._state import resolve
 from dckpt._storage import Storage, open_storage
 from dckpt._values import encode_value
-from dckpt._write import SourceMap, write_rank
+from dckpt._write import KnownCrcs, SourceMap, write_rank
 
 DEFAULT_TIMEOUT = 600.0
 _clock = time.time  # replaced by the golden-format tests for byte-identical output
@@ -54,27 +66,21 @@ def new_save_id() -> str:
     return f"{time.time_ns():x}{secrets.token_hex(4)}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Staged:
-    """One rank's state, flattened, with the tensors each planned chunk comes from."""
+    """One rank's state, flattened: what it offers and the tensors each chunk comes from."""
 
     offer: RankOffer
     sources: SourceMap
-    resolved: Resolved
 
 
-def stage(
-    state: Mapping[str, Any], rank: int, *, allow_pickle: bool, check_replicas: bool
-) -> Staged:
-    resolved = resolve(state)
-    return offer_for(resolved, rank, allow_pickle=allow_pickle, check_replicas=check_replicas)
-
-
-def offer_for(resolved: Resolved, rank: int, *, allow_pickle: bool, check_replicas: bool) -> Staged:
+def stage(state: Mapping[str, Any], rank: int, *, allow_pickle: bool) -> Staged:
+    """Resolve Stateful objects now and describe every chunk (no checksums yet)."""
     from torch.distributed.tensor import DTensor
 
     from dckpt._dtensor import dtensor_chunks
 
+    resolved = resolve(state)
     tensors: list[TensorOffer] = []
     sources: dict[tuple[str, Box], torch.Tensor] = {}
     for leaf in resolved.tensors:
@@ -90,40 +96,120 @@ def offer_for(resolved: Resolved, rank: int, *, allow_pickle: bool, check_replic
         shape = tuple(t.shape)
         if isinstance(t, DTensor):
             pieces = dtensor_chunks(t)
-            chunks = tuple(ChunkOffer(box) for box, _ in pieces)
             for box, view in pieces:
                 sources[(leaf.key, box)] = view
+            chunks = tuple(ChunkOffer(box) for box, _ in pieces)
             tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, True, chunks))
             continue
         box = Box((0,) * len(shape), shape)
-        crc = None
-        if check_replicas and box.numel:
-            crc = block_crcs(host_bytes(t), DEFAULT_BLOCK_BYTES)
         if box.numel:
             sources[(leaf.key, box)] = t
-        chunks = (ChunkOffer(box, crc),) if box.numel else ()
+        chunks = (ChunkOffer(box),) if box.numel else ()
         tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, chunks))
     values = []
     for v in resolved.values:
         data = encode_value(v.value, v.key, allow_pickle=allow_pickle)
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         values.append(ValueOffer(v.key, v.path, data, text))
-    offer = RankOffer(rank, tuple(tensors), tuple(values))
-    return Staged(offer, sources, resolved)
+    return Staged(RankOffer(rank, tuple(tensors), tuple(values)), sources)
 
 
-def _manifest_digest(storage: Storage) -> bytes | None:
-    return storage.read_file(MANIFEST_NAME)
+def checksum_plain(staged: Staged) -> tuple[RankOffer, KnownCrcs]:
+    """Checksum plain tensors up front: ranks holding equal bytes share one stored copy."""
+    known: dict[tuple[str, Box], tuple[int, ...]] = {}
+    tensors = []
+    for t in staged.offer.tensors:
+        if t.sharded or not t.chunks:
+            tensors.append(t)
+            continue
+        box = t.chunks[0].box
+        crc = block_crcs(host_bytes(staged.sources[(t.key, box)]), DEFAULT_BLOCK_BYTES)
+        known[(t.key, box)] = crc
+        tensors.append(replace(t, chunks=(ChunkOffer(box, crc),)))
+    return replace(staged.offer, tensors=tuple(tensors)), known
 
 
-def _previous_save_id(raw: bytes | None) -> str | None:
-    if raw is None:
+# ----------------------------------------------------------------------------- plan cache
+
+
+@dataclass(frozen=True, slots=True)
+class _Brief:
+    """A rank's plan message when its structure is unchanged since its last save."""
+
+    rank: int
+    key: bytes
+    crcs: tuple[tuple[int, ...] | None, ...]  # per tensor offer, in order
+    values: tuple[ValueOffer, ...]
+
+
+_RESEND = "resend"
+
+
+@dataclass
+class _PlanCache:
+    """Rank 0's memory of recent offers and plans; every rank's memory of its last key."""
+
+    offers: dict[int, RankOffer] = field(default_factory=dict)
+    offer_keys: dict[int, bytes] = field(default_factory=dict)
+    plans: OrderedDict[tuple[tuple[bytes, ...], frozenset[str]], SavePlan] = field(
+        default_factory=OrderedDict
+    )
+    my_last_key: bytes | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_caches: dict[str, _PlanCache] = {}
+_caches_lock = threading.Lock()
+_MAX_PLANS = 4
+
+
+def _cache_for(namespace: str, group: Any) -> _PlanCache:
+    name = f"{namespace}/{getattr(group, 'group_name', 'default')}"
+    with _caches_lock:
+        return _caches.setdefault(name, _PlanCache())
+
+
+def _expand(cache: _PlanCache, brief: _Brief) -> RankOffer | None:
+    base = cache.offers.get(brief.rank)
+    if base is None or cache.offer_keys.get(brief.rank) != brief.key:
         return None
-    with contextlib.suppress(Exception):
-        sid = json.loads(raw)["save_id"]
-        if isinstance(sid, str) and sid.isalnum():
-            return sid
-    return None
+    tensors = tuple(
+        t if crc is None else replace(t, chunks=(ChunkOffer(t.chunks[0].box, crc),))
+        for t, crc in zip(base.tensors, brief.crcs, strict=True)
+    )
+    return RankOffer(brief.rank, tensors, brief.values)
+
+
+def _plan_from(
+    cache: _PlanCache, messages: list[RankOffer | _Brief], max_files: int
+) -> SavePlan | None:
+    offers: list[RankOffer] = []
+    keys: list[bytes] = []
+    for m in messages:
+        if isinstance(m, _Brief):
+            offer = _expand(cache, m)
+            if offer is None:
+                return None
+            keys.append(m.key)
+        else:
+            offer = m
+            keys.append(structure_key(m))
+            cache.offers[m.rank] = m
+            cache.offer_keys[m.rank] = keys[-1]
+        offers.append(offer)
+    cache_key = (tuple(keys), divergent_keys(offers))
+    cached = cache.plans.get(cache_key)
+    if cached is not None:
+        cache.plans.move_to_end(cache_key)
+        return with_save_id(cached, new_save_id(), offers)
+    plan = plan_save(offers, new_save_id(), max_files_per_rank=max_files)
+    cache.plans[cache_key] = plan
+    while len(cache.plans) > _MAX_PLANS:
+        cache.plans.popitem(last=False)
+    return plan
+
+
+# ----------------------------------------------------------------------------- the save
 
 
 @dataclass
@@ -134,56 +220,80 @@ class _Leader:
     previous: bytes | None = None
 
 
-def save(
-    state: Mapping[str, Any],
-    path: Any,
-    *,
-    process_group: Any = None,
-    overwrite: bool = False,
-    durable: bool = True,
-    timeout: float = DEFAULT_TIMEOUT,
-    allow_pickle: bool = False,
-    storage_options: dict[str, Any] | None = None,
+@dataclass(frozen=True)
+class SaveOptions:
+    overwrite: bool = False
+    durable: bool = True
+    max_files_per_rank: int = 4
+
+
+def run_save(
+    coord: Any,
+    storage: Storage,
+    prepare: Callable[[], Staged],
+    options: SaveOptions,
+    cache: _PlanCache,
 ) -> None:
-    coord = coordinator_for(process_group, timeout=timeout)
+    """The collective part of a save, shared by ``save`` and the async writer thread."""
     multi = coord.world_size > 1
-    storage = open_storage(path, storage_options)
+    local: dict[str, Any] = {}
     leader = _Leader()
-    staged: list[Staged] = []
 
-    def local_plan() -> RankOffer:
-        s = stage(state, coord.rank, allow_pickle=allow_pickle, check_replicas=multi)
-        staged.append(s)
-        return s.offer
+    def offer(full: bool) -> RankOffer | _Brief:
+        if "staged" not in local:
+            staged = prepare()
+            offer, known = checksum_plain(staged) if multi else (staged.offer, {})
+            local.update(staged=staged, offer=offer, known=known, key=structure_key(offer))
+        offer = local["offer"]
+        if not full and multi and cache.my_last_key == local["key"]:
+            crcs = tuple(
+                None if t.sharded or not t.chunks else t.chunks[0].crc for t in offer.tensors
+            )
+            return _Brief(offer.rank, local["key"], crcs, offer.values)
+        return offer
 
-    def reduce_plan(offers: list[RankOffer]) -> list[RankPlan]:
-        leader.previous = _manifest_digest(storage)
-        if leader.previous is not None and not overwrite:
+    def reduce_plan(messages: list[RankOffer | _Brief]) -> list[RankPlan] | list[str]:
+        with cache.lock:
+            plan = _plan_from(cache, messages, options.max_files_per_rank)
+        if plan is None:
+            return [_RESEND] * len(messages)
+        leader.previous = storage.read_file(MANIFEST_NAME)
+        if leader.previous is not None and not options.overwrite:
             raise CheckpointExistsError(
                 f"{storage.location} already holds a committed checkpoint; pass overwrite=True "
                 "to replace it (the old one stays loadable until the new one commits), or save "
                 "to a new path"
             )
-        leader.plan = plan_save(offers, new_save_id())
-        return list(leader.plan.ranks)
+        leader.plan = plan
+        return list(plan.ranks)
 
-    rank_plan = coord.exchange("plan", local_plan, reduce_plan, scatter=True)
+    rank_plan = coord.exchange("plan", lambda: offer(False), reduce_plan, scatter=True)
+    if rank_plan == _RESEND:
+        rank_plan = coord.exchange("plan-full", lambda: offer(True), reduce_plan, scatter=True)
     assert isinstance(rank_plan, RankPlan)
-    write_and_commit(coord, storage, rank_plan, staged[0].sources, leader, durable=durable)
+    _write_and_commit(
+        coord, storage, rank_plan, local["staged"].sources, local["known"], leader, options
+    )
+    cache.my_last_key = local["key"]
 
 
-def write_and_commit(
+def _write_and_commit(
     coord: Any,
     storage: Storage,
     rank_plan: RankPlan,
     sources: SourceMap,
+    known: KnownCrcs,
     leader: _Leader,
-    *,
-    durable: bool,
+    options: SaveOptions,
 ) -> None:
     def local_write() -> list[FileResult]:
         return write_rank(
-            storage, rank_plan, sources, durable=durable, block_bytes=DEFAULT_BLOCK_BYTES
+            storage,
+            rank_plan,
+            sources,
+            durable=options.durable,
+            block_bytes=DEFAULT_BLOCK_BYTES,
+            known_crcs=known,
         )
 
     def reduce_commit(results: list[list[FileResult]]) -> None:
@@ -195,10 +305,10 @@ def write_and_commit(
             block_bytes=DEFAULT_BLOCK_BYTES,
             library=_library_version(),
         )
-        if durable:
+        if options.durable:
             storage.sync_dir(data_dir(rank_plan.save_id))
             storage.sync_dir("data")
-        commit(storage, manifest_to_bytes(manifest), leader.previous, durable=durable)
+        commit(storage, manifest_to_bytes(manifest), leader.previous, durable=options.durable)
 
     try:
         coord.exchange("write", local_write, reduce_commit)
@@ -212,6 +322,32 @@ def write_and_commit(
         raise
 
 
+def save(
+    state: Mapping[str, Any],
+    path: Any,
+    *,
+    process_group: Any = None,
+    overwrite: bool = False,
+    durable: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+    allow_pickle: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Save ``state`` to ``path``; collective over ``process_group`` (or one process)."""
+    from dckpt._async import drain
+
+    drain()  # one save at a time per process; surfaces an unobserved async failure
+    coord = coordinator_for(process_group, timeout=timeout)
+    storage = open_storage(path, storage_options)
+    run_save(
+        coord,
+        storage,
+        lambda: stage(state, coord.rank, allow_pickle=allow_pickle),
+        SaveOptions(overwrite=overwrite, durable=durable),
+        _cache_for("sync", process_group),
+    )
+
+
 def commit(storage: Storage, manifest: bytes, previous: bytes | None, *, durable: bool) -> None:
     """Publish the manifest unless another job committed since we planned, then tidy up."""
     with storage.commit_lock():
@@ -223,7 +359,17 @@ def commit(storage: Storage, manifest: bytes, previous: bytes | None, *, durable
                 "different paths."
             )
         storage.commit(MANIFEST_NAME, manifest, durable=durable)
-    old = _previous_save_id(previous)
-    if old is not None and old != _previous_save_id(manifest):
+    old = _save_id_of(previous)
+    if old is not None and old != _save_id_of(manifest):
         with contextlib.suppress(Exception):
             storage.delete_prefix(data_dir(old))
+
+
+def _save_id_of(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    with contextlib.suppress(Exception):
+        sid = json.loads(raw)["save_id"]
+        if isinstance(sid, str) and sid.isalnum():
+            return sid
+    return None

@@ -19,6 +19,8 @@ _BATCH_BYTES = 8 << 20
 _BATCH_BUFFERS = 256
 
 SourceMap = Mapping[tuple[str, Box], torch.Tensor]
+#: Checksums a rank already computed for some of its chunks (plain tensors, at planning).
+KnownCrcs = Mapping[tuple[str, Box], tuple[int, ...]]
 
 
 def write_rank(
@@ -28,24 +30,34 @@ def write_rank(
     *,
     durable: bool,
     block_bytes: int,
+    known_crcs: KnownCrcs | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[FileResult]:
     """Write every file of ``plan``; on any failure remove what was written and re-raise."""
     if not plan.files:
         return []
+    known = known_crcs or {}
     writers: list[Writer] = []
     try:
         if len(plan.files) == 1:
             results = [
                 _write_file(
-                    storage, plan.files[0], sources, durable, block_bytes, writers, progress
+                    storage, plan.files[0], sources, known, durable, block_bytes, writers, progress
                 )
             ]
         else:
             with ThreadPoolExecutor(len(plan.files), thread_name_prefix="dckpt-write") as pool:
                 futures = [
                     pool.submit(
-                        _write_file, storage, f, sources, durable, block_bytes, writers, progress
+                        _write_file,
+                        storage,
+                        f,
+                        sources,
+                        known,
+                        durable,
+                        block_bytes,
+                        writers,
+                        progress,
                     )
                     for f in plan.files
                 ]
@@ -61,6 +73,7 @@ def _write_file(
     storage: Storage,
     fp: FilePlan,
     sources: SourceMap,
+    known: KnownCrcs,
     durable: bool,
     block_bytes: int,
     writers: list[Writer],
@@ -82,7 +95,8 @@ def _write_file(
             raise RuntimeError(
                 f"key {item.key!r}: planned {item.nbytes} bytes, found {data.nbytes}"
             )
-        crcs.append(item.crc if item.crc is not None else block_crcs(data, block_bytes))
+        crc = known.get((item.key, item.box))
+        crcs.append(crc if crc is not None else block_crcs(data, block_bytes))
         keep.append(data)
         batch.append(as_memoryview(data))
         pos += item.nbytes

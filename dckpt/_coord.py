@@ -1,0 +1,614 @@
+"""Cross-rank coordination for collective save/load, with timeouts that name missing ranks.
+
+Control messages travel through the c10d key-value store rather than process-group
+collectives: a collective hangs forever when a peer dies and can deadlock with training's
+own collectives, while every store operation takes a timeout, so a missing rank can be
+named instead of waited for.
+
+Protocol of one :meth:`Coordinator.exchange` (rank 0 leads)::
+
+    follower r: run local -> set  <call>/<seq>/<phase>/in/<r>  -> wait for out (or out/<r>)
+    leader:     run local -> wait for every in/<r> (timeout) -> read + delete them
+                -> reduce -> set out (or out/<r> per rank with scatter=True)
+
+Failures and missing ranks are published in place of the result, so every rank raises the
+same error.  Result keys are deleted by the last follower to read them (an ``add`` count),
+so thousands of saves do not grow the store.
+
+Payloads are pickled.  This is the control plane inside one training job, between
+processes that already trust each other; it is never used for checkpoint files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import pickle
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, TypeVar, overload
+
+import torch.distributed as dist
+
+from dckpt._errors import CheckpointTimeoutError, RankFailureError, RemoteError
+
+T = TypeVar("T")
+R = TypeVar("R")
+S = TypeVar("S")
+
+# Followers wait for the leader's answer: the leader's wait for the slowest rank (timeout),
+# plus its reduce (bounded by another timeout), plus slack for the store round trips.
+_FOLLOWER_SLACK_S = 5.0
+# Remote tracebacks attached as notes to the raised error; more would drown the message.
+_MAX_TRACEBACK_NOTES = 3
+_OK = "ok"
+_FAIL = "fail"
+
+_state_lock = threading.Lock()
+_epoch = "0"
+_calls: dict[tuple[str, str], int] = {}
+
+
+def _set_epoch(epoch: str) -> None:
+    """Start a fresh key space and reset the per-group call counters (test harness hook).
+
+    Every rank must call it with the same value; a test that leaves ranks out of step
+    (one never arrives) then cannot poison the next test.
+    """
+    global _epoch
+    with _state_lock:
+        _epoch = epoch
+        _calls.clear()
+
+
+def _next_call(group_name: str, namespace: str) -> tuple[str, int]:
+    with _state_lock:
+        key = (group_name, namespace)
+        call = _calls.get(key, 0)
+        _calls[key] = call + 1
+        return _epoch, call
+
+
+def _default_store() -> dist.Store:
+    # The only private c10d APIs we use: the store the default group was built on, and the
+    # raw TCPStore under its PrefixStore wrappers (to open our own connection to it).
+    return dist.distributed_c10d._get_default_store()
+
+
+# One dedicated client per thread and server, reused across calls: every new connection
+# costs reverse-DNS lookups on both ends (c10d names its peers), which can stall for seconds.
+_clients = threading.local()
+
+
+def _open_store(prefix: str, timeout: float) -> dist.Store:
+    """Open the store for one call, on this thread's own connection to the default store.
+
+    A TCPStore client serialises its operations, so sharing training's connection would let a
+    long ``wait`` here (possibly from an async-save thread) stall training's own store calls;
+    and ``set_timeout`` on it would change training's timeouts.  Our own client avoids both
+    and carries our bound (connecting to a dead server gives up after about 1.7x timeout).
+    """
+    base = _default_store()
+    raw = (
+        base
+        if isinstance(base, dist.TCPStore)
+        else getattr(base, "_underlying_non_prefix_store", None)
+    )
+    if not isinstance(raw, dist.TCPStore):
+        # Other stores (FileStore, HashStore, custom): share it; every wait below passes its
+        # own timeout and reads only keys known to exist, so its default never applies.
+        return dist.PrefixStore(prefix, base)
+    cache: dict[tuple[str, int], dist.TCPStore] = _clients.__dict__.setdefault("by_addr", {})
+    client = cache.get((raw.host, raw.port))
+    if client is None:
+        client = dist.TCPStore(
+            raw.host,
+            raw.port,
+            None,
+            False,
+            timedelta(seconds=timeout),
+            wait_for_workers=False,
+            use_libuv=getattr(raw, "libuvBackend", True),
+        )
+        cache[(raw.host, raw.port)] = client
+    client.set_timeout(timedelta(seconds=timeout))
+    return dist.PrefixStore(prefix, client)
+
+
+def _forget_clients() -> None:
+    """Drop this thread's connections after a store failure; the next call reconnects."""
+    _clients.__dict__.pop("by_addr", None)
+
+
+def coordinator_for(
+    process_group: dist.ProcessGroup | None, *, timeout: float, namespace: str = "sync"
+) -> Coordinator | LocalCoordinator:
+    """Return the coordinator for one collective save or load on ``process_group``.
+
+    Collective: every rank of the group must call it, once per save/load and in the same
+    order, because each call allocates the next key space from an in-process counter.
+    """
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return LocalCoordinator(timeout=timeout)
+        group = dist.group.WORLD
+        assert group is not None
+    else:
+        group = process_group
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the given process group")
+    if world_size == 1:
+        return LocalCoordinator(timeout=timeout)
+    epoch, call = _next_call(group.group_name, namespace)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    # The restart count keeps a restarted job that shares the store from reading stale keys.
+    prefix = f"dckpt/{namespace}/{group.group_name}/r{restart}.{epoch}/{call}"
+    connect = functools.partial(_open_store, prefix, timeout)
+    return Coordinator(connect, rank=rank, world_size=world_size, timeout=timeout)
+
+
+class _ExchangeAPI:
+    """The interface shared by :class:`Coordinator` and :class:`LocalCoordinator`."""
+
+    rank: int
+    world_size: int
+    timeout: float
+
+    @overload
+    def exchange(
+        self,
+        phase: str,
+        local: Callable[[], T],
+        reduce: None = None,
+        *,
+        scatter: Literal[False] = False,
+    ) -> list[T]: ...
+
+    @overload
+    def exchange(
+        self,
+        phase: str,
+        local: Callable[[], T],
+        reduce: Callable[[list[T]], R],
+        *,
+        scatter: Literal[False] = False,
+    ) -> R: ...
+
+    @overload
+    def exchange(
+        self,
+        phase: str,
+        local: Callable[[], T],
+        reduce: Callable[[list[T]], Sequence[S]],
+        *,
+        scatter: Literal[True],
+    ) -> S: ...
+
+    @overload
+    def exchange(
+        self,
+        phase: str,
+        local: Callable[[], T],
+        reduce: Callable[[list[T]], Any] | None = None,
+        *,
+        scatter: bool,
+    ) -> Any: ...
+
+    def exchange(
+        self,
+        phase: str,
+        local: Callable[[], Any],
+        reduce: Callable[[list[Any]], Any] | None = None,
+        *,
+        scatter: bool = False,
+    ) -> Any:
+        """Run ``local`` on every rank, ``reduce`` the values (ordered by rank) on rank 0.
+
+        Every rank returns the reduced result (the list of values when ``reduce`` is None);
+        with ``scatter=True`` the result must be a sequence of ``world_size`` items and rank
+        r gets item r.  A failure anywhere raises on every rank.
+        """
+        return self._exchange(phase, local, reduce, scatter)
+
+    def _exchange(
+        self,
+        phase: str,
+        local: Callable[[], Any],
+        reduce: Callable[[list[Any]], Any] | None,
+        scatter: bool,
+    ) -> Any:
+        raise NotImplementedError
+
+
+def _scattered(result: Any, world_size: int) -> list[Any]:
+    items = list(result)
+    if len(items) != world_size:
+        raise ValueError(
+            f"a scatter reduce must return {world_size} items (one per rank), got {len(items)}"
+        )
+    return items
+
+
+class LocalCoordinator(_ExchangeAPI):
+    """Single process: no store, and errors propagate as their original type."""
+
+    def __init__(self, *, timeout: float = 0.0) -> None:
+        self.rank = 0
+        self.world_size = 1
+        self.timeout = timeout
+
+    def _exchange(
+        self,
+        phase: str,
+        local: Callable[[], Any],
+        reduce: Callable[[list[Any]], Any] | None,
+        scatter: bool,
+    ) -> Any:
+        values = [local()]
+        result = values if reduce is None else reduce(values)
+        return _scattered(result, 1)[0] if scatter else result
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An exception as it travels: the object if it pickles, and text that always does."""
+
+    type_name: str
+    message: str
+    traceback_text: str
+    pickled: bytes | None
+
+    @classmethod
+    def of(cls, exc: BaseException, context: str = "") -> _Failure:
+        try:
+            pickled: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pickled = None
+        message = f"{context}: {exc}" if context else str(exc)
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(type(exc).__name__, message, text, pickled)
+
+    def describe(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+    def to_exception(self) -> BaseException:
+        if self.pickled is not None:
+            try:
+                exc = pickle.loads(self.pickled)
+            except Exception:
+                pass
+            else:
+                if isinstance(exc, BaseException):
+                    return exc
+        return RemoteError(self.type_name, self.message, self.traceback_text)
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What the leader publishes instead of a result when the exchange failed."""
+
+    phase: str
+    failures: dict[int, _Failure]
+    missing: tuple[int, ...]
+    timeout: float
+
+
+class _StoreLost(Exception):
+    """Internal: a store operation failed other than by a timeout we asked for."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _KV:
+    """Typed access to a c10d store; any failure but a requested timeout is ``_StoreLost``.
+
+    When the store's server dies (it lives in rank 0's process under ``init_process_group``),
+    operations raise ``DistNetworkError`` (a ``RuntimeError``) at once; c10d's stubs also
+    type values as ``str`` though bytes are accepted, hence ``Any`` inside.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self._store, method)(*args)
+        except RuntimeError as exc:  # DistNetworkError / DistStoreError derive from it
+            raise _StoreLost(exc) from exc
+
+    def wait(self, keys: list[str], timeout: float) -> bool:
+        """Wait up to ``timeout`` s for all keys; False if some are still absent."""
+        if not keys:
+            return True
+        try:
+            self._store.wait(keys, timedelta(seconds=timeout))
+            return True
+        except RuntimeError:
+            pass  # timed out, or the store is gone: check() tells which
+        return self.check(keys)
+
+    def check(self, keys: list[str]) -> bool:
+        return bool(self._call("check", keys))
+
+    def set(self, key: str, value: bytes) -> None:
+        self._call("set", key, value)
+
+    def get(self, key: str) -> bytes:
+        return bytes(self._call("get", key))
+
+    def set_many(self, keys: list[str], values: list[bytes]) -> None:
+        if keys and self._store.has_extended_api():
+            self._call("multi_set", keys, values)
+            return
+        for key, value in zip(keys, values, strict=True):
+            self.set(key, value)
+
+    def get_many(self, keys: list[str]) -> list[bytes]:
+        if keys and self._store.has_extended_api():
+            return [bytes(v) for v in self._call("multi_get", keys)]
+        return [self.get(key) for key in keys]
+
+    def add(self, key: str, amount: int) -> int:
+        return int(self._call("add", key, amount))
+
+    def delete(self, key: str) -> None:
+        self._call("delete_key", key)
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def _failure_message(
+    phase: str, described: dict[int, str], missing: tuple[int, ...], timeout: float
+) -> str:
+    parts = []
+    if missing:
+        parts.append(
+            f"{_ranks_text(missing)} did not reach {phase!r} within {timeout:.1f} s "
+            "(dead, hung, or not calling save/load)"
+        )
+    if len(described) == 1 and not missing:
+        ((rank, text),) = described.items()
+        parts.append(f"{phase!r} failed on rank {rank}: {text}")
+    elif described:
+        lines = [f"{phase!r} failed on {_ranks_text(sorted(described))}:"]
+        lines += [f"  rank {r}: {described[r]}" for r in sorted(described)]
+        parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+def _note(err: BaseException, text: str) -> None:
+    add_note = getattr(err, "add_note", None)  # Python >= 3.11
+    if add_note is not None:
+        add_note(text)
+
+
+class Coordinator(_ExchangeAPI):
+    """Coordinates one collective save or load across the ranks of a group.
+
+    Create it with :func:`coordinator_for` on the calling thread; it may then be used from
+    another thread (async save), by one thread at a time.
+    """
+
+    def __init__(
+        self, connect: Callable[[], dist.Store], *, rank: int, world_size: int, timeout: float
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = timeout
+        self._connect = connect
+        self._kv: _KV | None = None
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def _store(self) -> _KV:
+        with self._lock:
+            if self._kv is None:
+                try:
+                    self._kv = _KV(self._connect())
+                except RuntimeError as exc:
+                    raise _StoreLost(exc) from exc
+            return self._kv
+
+    def _next_seq(self) -> int:
+        with self._lock:
+            seq = self._seq
+            self._seq += 1
+            return seq
+
+    def _exchange(
+        self,
+        phase: str,
+        local: Callable[[], Any],
+        reduce: Callable[[list[Any]], Any] | None,
+        scatter: bool,
+    ) -> Any:
+        base = f"{self._next_seq()}/{phase}"
+        value: Any = None
+        local_exc: BaseException | None = None
+        try:
+            value = local()
+        except BaseException as exc:  # published first; interrupts are re-raised after
+            local_exc = exc
+        try:
+            if self.rank == 0:
+                return self._lead(base, phase, value, local_exc, reduce, scatter)
+            return self._follow(base, phase, value, local_exc, scatter)
+        except _StoreLost as lost:
+            _forget_clients()
+            err = CheckpointTimeoutError(
+                f"lost contact with the coordination store during {phase!r} (rank 0, which "
+                f"usually hosts it, may have died): {type(lost.cause).__name__}: {lost.cause}",
+                () if self.rank == 0 else (0,),
+                {} if local_exc is None else {self.rank: local_exc},
+            )
+            raise err from (lost.cause if local_exc is None else local_exc)
+
+    # -- rank 0 -----------------------------------------------------------------------
+
+    def _lead(
+        self,
+        base: str,
+        phase: str,
+        value: Any,
+        local_exc: BaseException | None,
+        reduce: Callable[[list[Any]], Any] | None,
+        scatter: bool,
+    ) -> Any:
+        kv = self._store()
+        failures: dict[int, _Failure] = {}
+        if local_exc is not None:
+            failures[0] = _Failure.of(local_exc)
+            if not isinstance(local_exc, Exception):  # interrupt: tell the others, then go
+                with contextlib.suppress(_StoreLost):
+                    record = _Record(phase, failures, (), self.timeout)
+                    self._publish(kv, base, _encode(_FAIL, record), scatter)
+                raise local_exc
+        values: list[Any] = [value] + [None] * (self.world_size - 1)
+        outcomes, missing = self._gather(kv, base)
+        for rank, blob in outcomes.items():
+            try:
+                kind, payload = pickle.loads(blob)
+            except Exception as exc:
+                failures[rank] = _Failure.of(exc, f"rank {rank}'s outcome did not unpickle")
+                continue
+            if kind == _OK:
+                values[rank] = payload
+            else:
+                failures[rank] = payload
+        if not failures and not missing:
+            try:
+                result = values if reduce is None else reduce(values)
+                if scatter:
+                    items = _scattered(result, self.world_size)
+                    self._publish(kv, base, [_encode(_OK, item) for item in items[1:]], True)
+                    return items[0]
+                self._publish(kv, base, _encode(_OK, result), False)
+                return result
+            except _StoreLost:
+                raise
+            except BaseException as exc:  # reduce (or encoding its result) failed on rank 0
+                failures[0] = _Failure.of(exc)
+                local_exc = exc
+        record = _Record(phase, failures, missing, self.timeout)
+        self._publish(kv, base, _encode(_FAIL, record), scatter)
+        if local_exc is not None and not isinstance(local_exc, Exception):
+            raise local_exc
+        raise self._error(record, local_exc) from local_exc
+
+    def _gather(self, kv: _KV, base: str) -> tuple[dict[int, bytes], tuple[int, ...]]:
+        """Wait up to ``timeout`` for the followers' outcomes; read and delete them."""
+        keys = {r: f"{base}/in/{r}" for r in range(1, self.world_size)}
+        if kv.wait(list(keys.values()), self.timeout):
+            present = list(keys)
+        else:
+            present = [r for r, key in keys.items() if kv.check([key])]
+        missing = tuple(r for r in keys if r not in present)
+        blobs = kv.get_many([keys[r] for r in present])
+        for r in present:
+            kv.delete(keys[r])
+        return dict(zip(present, blobs, strict=True)), missing
+
+    def _publish(self, kv: _KV, base: str, blob: bytes | list[bytes], scatter: bool) -> None:
+        """Publish one blob for all (``out``) or, with scatter, one per follower (``out/<r>``)."""
+        if not scatter:
+            assert isinstance(blob, bytes)
+            kv.set(f"{base}/out", blob)
+            return
+        blobs = blob if isinstance(blob, list) else [blob] * (self.world_size - 1)
+        kv.set_many([f"{base}/out/{r}" for r in range(1, self.world_size)], blobs)
+
+    # -- other ranks ------------------------------------------------------------------
+
+    def _follow(
+        self,
+        base: str,
+        phase: str,
+        value: Any,
+        local_exc: BaseException | None,
+        scatter: bool,
+    ) -> Any:
+        blob = b""
+        if local_exc is None:
+            try:
+                blob = _encode(_OK, value)
+            except Exception as exc:  # an unpicklable value is this rank's failure
+                local_exc = exc
+        if local_exc is not None:
+            blob = _encode(_FAIL, _Failure.of(local_exc))
+        kv = self._store()
+        kv.set(f"{base}/in/{self.rank}", blob)
+        if local_exc is not None and not isinstance(local_exc, Exception):
+            raise local_exc
+        key = f"{base}/out/{self.rank}" if scatter else f"{base}/out"
+        bound = 2 * self.timeout + _FOLLOWER_SLACK_S
+        if not kv.wait([key], bound):
+            err = CheckpointTimeoutError(
+                f"rank 0 did not publish the outcome of {phase!r} within {bound:.1f} s "
+                "(dead, hung, or not calling save/load)",
+                (0,),
+                {} if local_exc is None else {self.rank: local_exc},
+            )
+            raise err from local_exc
+        raw = kv.get(key)
+        self._release(kv, base, key, scatter)
+        try:
+            kind, payload = pickle.loads(raw)
+        except Exception as exc:
+            raise RankFailureError(
+                f"the outcome of {phase!r} from rank 0 did not unpickle on rank {self.rank}: "
+                f"{type(exc).__name__}: {exc}",
+                {self.rank: exc},
+            ) from exc
+        if kind == _OK:
+            if local_exc is None:
+                return payload
+            # Cannot happen (the leader saw our failure), but never drop a failure silently.
+            payload = _Record(phase, {}, (), self.timeout)
+        assert isinstance(payload, _Record)
+        if self.rank in payload.missing:  # we came late: nobody else will read our outcome
+            kv.delete(f"{base}/in/{self.rank}")
+        raise self._error(payload, local_exc) from local_exc
+
+    def _release(self, kv: _KV, base: str, key: str, scatter: bool) -> None:
+        """Delete a result key once no follower needs it any more."""
+        if scatter:  # out/<rank> is ours alone
+            kv.delete(key)
+            return
+        if kv.add(f"{base}/ack", 1) == self.world_size - 1:  # the last reader cleans up
+            kv.delete(key)
+            kv.delete(f"{base}/ack")
+
+    def _error(self, record: _Record, local_exc: BaseException | None) -> RankFailureError:
+        """Build the error every rank raises; the local exception stays the original object."""
+        failures = {r: f.to_exception() for r, f in record.failures.items()}
+        described = {r: f.describe() for r, f in record.failures.items()}
+        if local_exc is not None:
+            failures[self.rank] = local_exc
+            described.setdefault(self.rank, _Failure.of(local_exc).describe())
+        message = _failure_message(record.phase, described, record.missing, record.timeout)
+        failures = dict(sorted(failures.items()))
+        err: RankFailureError
+        if record.missing:
+            err = CheckpointTimeoutError(message, record.missing, failures)
+        else:
+            err = RankFailureError(message, failures)
+        remote = [r for r in sorted(record.failures) if r != self.rank]
+        for r in remote[:_MAX_TRACEBACK_NOTES]:
+            _note(err, f"--- traceback on rank {r} ---\n{record.failures[r].traceback_text}")
+        return err
+
+
+def _encode(kind: str, payload: Any) -> bytes:
+    return pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)

@@ -1,0 +1,222 @@
+"""Which global boxes of a DTensor a mesh coordinate holds.
+
+DTensor placements apply left to right over mesh dims, each chunking the index list the
+previous ones left for its tensor dim. ``_StridedShard`` (FSDP2 on top of TP) makes that
+list non-contiguous, so one rank can hold several disjoint boxes. We simulate the index
+lists as runs of global indices rather than trusting offset helpers that report only the
+first index.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from dckpt._errors import UnsupportedStateError
+from dckpt._reshard import Box
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["PlacementSpec", "dtensor_chunks", "local_boxes", "local_shape", "placement_specs"]
+
+PlacementKind = Literal["shard", "strided_shard", "replicate", "partial"]
+
+# A dim's held global indices, in local order, as [start, stop) runs.
+_Runs = list[tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementSpec:
+    """A torch placement reduced to what the index math needs."""
+
+    kind: PlacementKind
+    dim: int = -1
+    split_factor: int = 1
+
+
+def placement_specs(placements: Sequence[object]) -> tuple[PlacementSpec, ...]:
+    """Convert torch placement objects; raises UnsupportedStateError for unknown kinds."""
+    from torch.distributed.tensor.placement_types import (
+        Partial,
+        Replicate,
+        Shard,
+        _StridedShard,
+    )
+
+    out: list[PlacementSpec] = []
+    for p in placements:
+        # _StridedShard subclassed Shard in older torch; test it first.
+        if isinstance(p, _StridedShard):
+            out.append(PlacementSpec("strided_shard", int(p.dim), int(p.split_factor)))
+        elif isinstance(p, Shard):
+            out.append(PlacementSpec("shard", int(p.dim)))
+        elif isinstance(p, Replicate):
+            out.append(PlacementSpec("replicate"))
+        elif isinstance(p, Partial):
+            out.append(PlacementSpec("partial"))
+        else:
+            raise UnsupportedStateError(
+                f"DTensor placement {p!r} ({type(p).__name__}) is not supported; "
+                "redistribute to Shard or Replicate placements before saving"
+            )
+    return tuple(out)
+
+
+def _take(runs: _Runs, start: int, stop: int) -> _Runs:
+    """Local positions ``[start, stop)`` of a run list, as runs of global indices."""
+    out: _Runs = []
+    pos = 0
+    for a, b in runs:
+        n = b - a
+        lo, hi = max(start, pos), min(stop, pos + n)
+        if lo < hi:
+            out.append((a + lo - pos, a + hi - pos))
+        pos += n
+        if pos >= stop:
+            break
+    return out
+
+
+def _chunk_range(length: int, num_chunks: int, index: int) -> tuple[int, int]:
+    """Positions ``torch.chunk`` gives chunk ``index`` (empty past the last real chunk)."""
+    size = -(-length // num_chunks)
+    start = min(index * size, length)
+    return start, min(start + size, length)
+
+
+def _apply(runs: _Runs, spec: PlacementSpec, mesh_size: int, coord: int) -> _Runs:
+    length = sum(b - a for a, b in runs)
+    if spec.kind == "shard":
+        return _take(runs, *_chunk_range(length, mesh_size, coord))
+    # _StridedShard: chunk into split_factor pieces, chunk each piece over the mesh dim,
+    # and keep this coordinate's chunk of every piece, in piece order.
+    out: _Runs = []
+    for j in range(spec.split_factor):
+        p0, p1 = _chunk_range(length, spec.split_factor, j)
+        c0, c1 = _chunk_range(p1 - p0, mesh_size, coord)
+        out.extend(_take(runs, p0 + c0, p0 + c1))
+    return _merge(out)
+
+
+def _merge(runs: _Runs) -> _Runs:
+    out: _Runs = []
+    for a, b in runs:
+        if a == b:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def _held_runs(
+    global_shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    coordinate: tuple[int, ...],
+    placements: Sequence[PlacementSpec],
+) -> list[_Runs]:
+    ndim = len(global_shape)
+    if not len(mesh_shape) == len(coordinate) == len(placements):
+        raise ValueError(
+            f"mesh shape {mesh_shape}, coordinate {coordinate} and placements "
+            f"{tuple(placements)} must have one entry per mesh dim"
+        )
+    for i, (n, c) in enumerate(zip(mesh_shape, coordinate, strict=True)):
+        if n < 1 or not 0 <= c < n:
+            raise ValueError(f"coordinate {c} outside mesh dim {i} of size {n}")
+    runs: list[_Runs] = [[(0, n)] if n > 0 else [] for n in global_shape]
+    for i, spec in enumerate(placements):
+        if spec.kind == "replicate":
+            continue
+        if spec.kind == "partial":
+            raise ValueError(
+                f"mesh dim {i} has a Partial placement: reduce it "
+                "(e.g. redistribute to Replicate) before saving"
+            )
+        if spec.kind not in ("shard", "strided_shard"):
+            raise ValueError(f"unknown placement kind {spec.kind!r}")
+        if spec.split_factor < 1:
+            raise ValueError(f"split_factor must be >= 1, got {spec.split_factor}")
+        dim = spec.dim + ndim if spec.dim < 0 else spec.dim
+        if not 0 <= dim < ndim:
+            raise ValueError(f"mesh dim {i} shards dim {spec.dim} of a {ndim}-d tensor")
+        runs[dim] = _apply(runs[dim], spec, mesh_shape[i], coordinate[i])
+    return runs
+
+
+def local_shape(
+    global_shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    coordinate: tuple[int, ...],
+    placements: Sequence[PlacementSpec],
+) -> tuple[int, ...]:
+    """The local tensor shape the placements predict at ``coordinate``."""
+    runs = _held_runs(global_shape, mesh_shape, coordinate, placements)
+    return tuple(sum(b - a for a, b in r) for r in runs)
+
+
+def local_boxes(
+    global_shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    coordinate: tuple[int, ...],
+    placements: Sequence[PlacementSpec],
+) -> list[tuple[Box, tuple[slice, ...]]]:
+    """Global boxes held at ``coordinate``, each with the slices picking it from the local tensor.
+
+    Empty when the coordinate holds no element (uneven sharding, or a zero-size dim).
+    """
+    return _boxes(_held_runs(global_shape, mesh_shape, coordinate, placements))
+
+
+def _boxes(runs: list[_Runs]) -> list[tuple[Box, tuple[slice, ...]]]:
+    per_dim: list[list[tuple[int, int, int]]] = []  # (global start, size, local start)
+    for dim_runs in runs:
+        placed: list[tuple[int, int, int]] = []
+        pos = 0
+        for a, b in dim_runs:
+            placed.append((a, b - a, pos))
+            pos += b - a
+        if not placed:
+            return []
+        per_dim.append(placed)
+    out: list[tuple[Box, tuple[slice, ...]]] = []
+    for combo in itertools.product(*per_dim):
+        box = Box(tuple(a for a, _, _ in combo), tuple(n for _, n, _ in combo))
+        out.append((box, tuple(slice(p, p + n) for _, n, p in combo)))
+    return out
+
+
+def dtensor_chunks(dt: Any) -> list[tuple[Box, torch.Tensor]]:
+    """(global box, view of the local tensor) pairs this rank holds of DTensor ``dt``."""
+    mesh = dt.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return []
+    specs = placement_specs(dt.placements)
+    global_shape = tuple(int(n) for n in dt.shape)
+    mesh_shape = tuple(int(n) for n in mesh.shape)
+    coord = tuple(int(c) for c in coordinate)
+    try:
+        runs = _held_runs(global_shape, mesh_shape, coord, specs)
+    except ValueError as e:
+        raise UnsupportedStateError(
+            f"cannot save DTensor with placements {tuple(dt.placements)} on mesh {mesh_shape}: {e}"
+        ) from e
+    expected = tuple(sum(b - a for a, b in r) for r in runs)
+    local = dt.to_local()
+    actual = tuple(int(n) for n in local.shape)
+    if actual != expected:
+        raise UnsupportedStateError(
+            f"DTensor with global shape {global_shape} and placements {tuple(dt.placements)} "
+            f"on mesh {mesh_shape} at coordinate {coord} should hold a local tensor of shape "
+            f"{expected} (torch.chunk semantics) but holds {actual}, so its placements do not "
+            "say which rows it holds. FSDP2 over tensor parallelism does this when a sharded "
+            "dim is not divisible by the product of the mesh dims sharding it: pad that dim "
+            "to a multiple of it, or build the DTensor with distribute_tensor / "
+            "DTensor.from_local using torch.chunk-sized local tensors"
+        )
+    return [(box, local[slices]) for box, slices in _boxes(runs)]
