@@ -1,0 +1,138 @@
+"""async_save: snapshot semantics, failure reporting, reuse of buffers and plans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dckpt
+from dckpt import _async, _plan
+from tests._dist import RankPool
+
+Pools = Callable[[int], RankPool]
+
+
+def test_mutating_after_return_does_not_change_the_checkpoint(tmp_path: Path) -> None:
+    state = {"w": torch.ones(1000), "step": 1, "nested": {"b": torch.arange(10)}}
+    handle = dckpt.async_save(state, tmp_path / "ck")
+    state["w"].mul_(5)
+    state["nested"]["b"].zero_()  # type: ignore[index]
+    state["step"] = 99
+    handle.result()
+    assert handle.done()
+    out = {"w": torch.zeros(1000), "step": 0, "nested": {"b": torch.zeros(10, dtype=torch.int64)}}
+    dckpt.load(out, tmp_path / "ck")
+    assert torch.equal(out["w"], torch.ones(1000))
+    assert torch.equal(out["nested"]["b"], torch.arange(10))  # type: ignore[index]
+    assert out["step"] == 1
+
+
+def test_staging_buffers_are_reused_across_saves(tmp_path: Path) -> None:
+    state = {"w": torch.randn(256, 256), "b": torch.randn(256)}
+    dckpt.async_save(state, tmp_path / "a").result()
+    first = {cid: buf.data_ptr() for cid, buf in _async._saver.pool._buffers.items()}
+    state["w"].add_(1)
+    dckpt.async_save(state, tmp_path / "b").result()
+    second = {cid: buf.data_ptr() for cid, buf in _async._saver.pool._buffers.items()}
+    assert first == second and len(first) == 2
+    out = {"w": torch.zeros(256, 256), "b": torch.zeros(256)}
+    dckpt.load(out, tmp_path / "b")
+    assert torch.equal(out["w"], state["w"])
+
+
+def test_a_background_failure_surfaces_with_its_type_from_result_and_next_call(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    handle = dckpt.async_save({"w": torch.ones(4)}, blocker / "ck")
+    with pytest.raises(dckpt.StorageError, match="file"):
+        handle.result()
+    # nobody saw this one: the next call raises it
+    dckpt.async_save({"w": torch.ones(4)}, blocker / "ck2")
+    with pytest.raises(dckpt.StorageError):
+        dckpt.async_save({"w": torch.ones(4)}, tmp_path / "ok")
+    dckpt.async_save({"w": torch.ones(4)}, blocker / "ck3")
+    with pytest.raises(dckpt.StorageError):
+        dckpt.wait()
+    dckpt.wait()  # reported once, then clear
+
+
+def test_staging_limit_is_enforced(tmp_path: Path) -> None:
+    with pytest.raises(dckpt.CheckpointError, match="staging"):
+        dckpt.async_save({"w": torch.ones(1000)}, tmp_path / "ck", staging_bytes=100)
+    _async._saver.pool.capacity = None
+    dckpt.wait()
+
+
+def _w_back_to_back(root: str) -> list[bool]:
+    rank = dist.get_rank()
+    calls = []
+    real = _plan.plan_save
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    _plan.plan_save = counting  # type: ignore[assignment]
+    import dckpt._save as s
+
+    s.plan_save = counting  # type: ignore[assignment]
+    try:
+        w = torch.zeros(64, 64)
+        for i in range(10):
+            w.fill_(float(i))
+            handle = dckpt.async_save({"w": w, "r": torch.full((8,), float(rank)), "i": i}, f"{root}/s{i}")
+            w.fill_(-1.0)  # the save holds the value at the call
+        handle.result()
+    finally:
+        _plan.plan_save = real
+        s.plan_save = real
+    ok = []
+    for i in range(10):
+        state = {"w": torch.zeros(64, 64), "r": torch.zeros(8), "i": -1}
+        dckpt.load(state, f"{root}/s{i}")
+        ok.append(torch.equal(state["w"], torch.full((64, 64), float(i))) and state["i"] == i and torch.equal(state["r"], torch.full((8,), float(rank))))
+    if rank == 0:
+        assert len(calls) == 1, f"planned {len(calls)} times; repeated saves must reuse the plan"
+    return ok
+
+
+def test_ten_back_to_back_async_saves_on_two_ranks_commit_and_load(rank_pool: Pools, tmp_path: Path) -> None:
+    results = rank_pool(2).run(_w_back_to_back, str(tmp_path), timeout=120)
+    assert results == [[True] * 10, [True] * 10]
+
+
+def test_exit_without_wait_leaves_a_committed_checkpoint_or_none(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import torch, dckpt
+        dckpt.async_save({{"w": torch.full((1 << 20,), 3.0)}}, {str(tmp_path / "ck")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    if (tmp_path / "ck" / "manifest.json").exists():
+        state = {"w": torch.zeros(1 << 20)}
+        dckpt.load(state, tmp_path / "ck")
+        assert torch.equal(state["w"], torch.full((1 << 20,), 3.0))
+    else:
+        with pytest.raises(dckpt.CheckpointNotFoundError):
+            dckpt.load({"w": torch.zeros(1 << 20)}, tmp_path / "ck")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sources_stage_through_pinned_memory(tmp_path: Path) -> None:
+    w = torch.randn(1024, 1024, device="cuda")
+    expected = w.cpu()
+    handle = dckpt.async_save({"w": w}, tmp_path / "ck")
+    w.zero_()
+    handle.result()
+    assert all(b.is_pinned() for b in _async._saver.pool._buffers.values())
+    out = {"w": torch.zeros(1024, 1024, device="cuda")}
+    dckpt.load(out, tmp_path / "ck")
+    assert torch.equal(out["w"].cpu(), expected)
