@@ -47,7 +47,9 @@ def test_staging_buffers_are_reused_across_saves(tmp_path: Path) -> None:
     assert torch.equal(out["w"], state["w"])
 
 
-def test_a_background_failure_surfaces_with_its_type_from_result_and_next_call(tmp_path: Path) -> None:
+def test_a_background_failure_surfaces_with_its_type_from_result_and_next_call(
+    tmp_path: Path,
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     handle = dckpt.async_save({"w": torch.ones(4)}, blocker / "ck")
@@ -87,7 +89,9 @@ def _w_back_to_back(root: str) -> list[bool]:
         w = torch.zeros(64, 64)
         for i in range(10):
             w.fill_(float(i))
-            handle = dckpt.async_save({"w": w, "r": torch.full((8,), float(rank)), "i": i}, f"{root}/s{i}")
+            handle = dckpt.async_save(
+                {"w": w, "r": torch.full((8,), float(rank)), "i": i}, f"{root}/s{i}"
+            )
             w.fill_(-1.0)  # the save holds the value at the call
         handle.result()
     finally:
@@ -97,13 +101,19 @@ def _w_back_to_back(root: str) -> list[bool]:
     for i in range(10):
         state = {"w": torch.zeros(64, 64), "r": torch.zeros(8), "i": -1}
         dckpt.load(state, f"{root}/s{i}")
-        ok.append(torch.equal(state["w"], torch.full((64, 64), float(i))) and state["i"] == i and torch.equal(state["r"], torch.full((8,), float(rank))))
+        ok.append(
+            torch.equal(state["w"], torch.full((64, 64), float(i)))
+            and state["i"] == i
+            and torch.equal(state["r"], torch.full((8,), float(rank)))
+        )
     if rank == 0:
         assert len(calls) == 1, f"planned {len(calls)} times; repeated saves must reuse the plan"
     return ok
 
 
-def test_ten_back_to_back_async_saves_on_two_ranks_commit_and_load(rank_pool: Pools, tmp_path: Path) -> None:
+def test_ten_back_to_back_async_saves_on_two_ranks_commit_and_load(
+    rank_pool: Pools, tmp_path: Path
+) -> None:
     results = rank_pool(2).run(_w_back_to_back, str(tmp_path), timeout=120)
     assert results == [[True] * 10, [True] * 10]
 

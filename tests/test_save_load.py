@@ -33,7 +33,9 @@ class Net(nn.Module):
         self.net3 = nn.Linear(33, 5)
 
 
-def build(fsdp: bool, mesh_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(
+    fsdp: bool, mesh_shape: tuple[int, ...] | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = Net()
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
@@ -61,7 +63,10 @@ def train(model: nn.Module, optim: torch.optim.Optimizer, steps: int) -> torch.T
 
 def full_state(model: nn.Module, optim: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Every tensor of model + optimizer as full plain tensors, keyed like dckpt."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
     from torch.distributed.tensor import DTensor
 
     out = {}
@@ -135,7 +140,9 @@ def test_fsdp2_two_ranks_loads_on_three_ranks_and_in_one_plain_process(
 # ----------------------------------------------------------------------------- resharding DTensors
 
 
-def _make_dtensor(full: torch.Tensor, mesh_shape: tuple[int, ...], placements: list[str]) -> torch.Tensor:
+def _make_dtensor(
+    full: torch.Tensor, mesh_shape: tuple[int, ...], placements: list[str]
+) -> torch.Tensor:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -144,13 +151,17 @@ def _make_dtensor(full: torch.Tensor, mesh_shape: tuple[int, ...], placements: l
     return distribute_tensor(full, mesh, pl)
 
 
-def _w_reshard_save(path: str, shape: tuple[int, ...], mesh: tuple[int, ...] | None, pl: list[str]) -> None:
+def _w_reshard_save(
+    path: str, shape: tuple[int, ...], mesh: tuple[int, ...] | None, pl: list[str]
+) -> None:
     full = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.float32).reshape(shape)
     t = full.clone() if mesh is None else _make_dtensor(full, mesh, pl)
     dckpt.save({"t": t, "plain": full[0].clone() if full.ndim else full.clone()}, path)
 
 
-def _w_reshard_load(path: str, shape: tuple[int, ...], mesh: tuple[int, ...] | None, pl: list[str]) -> bool:
+def _w_reshard_load(
+    path: str, shape: tuple[int, ...], mesh: tuple[int, ...] | None, pl: list[str]
+) -> bool:
     from torch.distributed.tensor import DTensor
 
     full = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.float32).reshape(shape)
@@ -184,14 +195,20 @@ layouts = st.sampled_from(
     dst=layouts,
 )
 def test_any_layout_loads_under_any_other(
-    rank_pool: Pools, tmp_path_factory: pytest.TempPathFactory, shape: tuple[int, ...], src: tuple, dst: tuple
+    rank_pool: Pools,
+    tmp_path_factory: pytest.TempPathFactory,
+    shape: tuple[int, ...],
+    src: tuple,
+    dst: tuple,
 ) -> None:
     path = str(tmp_path_factory.mktemp("reshard") / "ck")
     _run_layout(rank_pool, _w_reshard_save, src, path, shape)
     assert all(_run_layout(rank_pool, _w_reshard_load, dst, path, shape))
 
 
-def _run_layout(pools: Pools, fn: Callable[..., object], layout: tuple, path: str, shape: tuple[int, ...]) -> list:
+def _run_layout(
+    pools: Pools, fn: Callable[..., object], layout: tuple, path: str, shape: tuple[int, ...]
+) -> list:
     world, mesh, pl = layout
     if world == 1:
         return [fn(path, shape, None, [])]
@@ -216,9 +233,17 @@ def _w_per_rank_load(path: str) -> tuple[int, int, bool]:
     rank = dist.get_rank()
     torch.manual_seed(100 + rank)
     expected_rng = torch.get_rng_state()
-    state = {"loader": {"position": -1, "epoch": -1}, "rng": torch.zeros_like(expected_rng), "shared": torch.zeros(3)}
+    state = {
+        "loader": {"position": -1, "epoch": -1},
+        "rng": torch.zeros_like(expected_rng),
+        "shared": torch.zeros(3),
+    }
     dckpt.load(state, path)
-    return state["loader"]["position"], state["loader"]["epoch"], torch.equal(state["rng"], expected_rng)
+    return (
+        state["loader"]["position"],
+        state["loader"]["epoch"],
+        torch.equal(state["rng"], expected_rng),
+    )
 
 
 def _w_per_rank_load_elsewhere(path: str) -> str:
@@ -247,7 +272,9 @@ def _w_replicated(path: str) -> None:
     dckpt.save(state, path)
 
 
-def test_replicated_tensors_are_written_once_spread_over_ranks(rank_pool: Pools, tmp_path: Path) -> None:
+def test_replicated_tensors_are_written_once_spread_over_ranks(
+    rank_pool: Pools, tmp_path: Path
+) -> None:
     path = str(tmp_path / "ck")
     rank_pool(2).run(_w_replicated, path)
     sizes = {os.path.basename(f)[:2]: os.path.getsize(f) for f in glob.glob(f"{path}/data/*/*.bin")}
@@ -270,7 +297,9 @@ def test_strict_and_non_strict_loads(tmp_path: Path) -> None:
     assert "'c'" in msg and "'b': saved float32[3], requested float32[4]" in msg
     state = {"a": torch.zeros(2), "b": torch.zeros(4, dtype=torch.float64), "c": torch.zeros(1)}
     result = dckpt.load(state, path, strict=False)
-    assert result == dckpt.LoadResult(missing_keys=("c",), unexpected_keys=("n",), mismatched_keys=("b",))
+    assert result == dckpt.LoadResult(
+        missing_keys=("c",), unexpected_keys=("n",), mismatched_keys=("b",)
+    )
     assert torch.equal(state["a"], torch.ones(2)) and not state["b"].any()
 
 
@@ -419,3 +448,75 @@ def test_a_rank_killed_mid_save_leaves_old_checkpoints_loadable(tmp_path: Path) 
         state = {"w": torch.zeros(1000)}
         dckpt.load(state, path)
         assert torch.equal(state["w"], torch.full((1000,), 1.0))
+
+
+# ----------------------------------------------------------------------------- DDP, TP, FSDP2+TP
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def _parallel_mlp(kind: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    model: nn.Module = Mlp()
+    world = dist.get_world_size()
+    plan = {"up": ColwiseParallel(), "down": RowwiseParallel()}
+    if kind == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
+    elif kind == "tp":
+        parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
+    elif kind == "fsdp+tp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], plan)
+        fully_shard(model, mesh=mesh["dp"])
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def _w_save_parallel(path: str, kind: str) -> None:
+    model, optim = _parallel_mlp(kind)
+    torch.manual_seed(5)
+    model(torch.rand(4, 8)).sum().backward()
+    optim.step()
+    dckpt.save({"model": model, "optim": optim}, path)
+
+
+def _reference_mlp() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = Mlp()
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    torch.manual_seed(5)
+    model(torch.rand(4, 8)).sum().backward()
+    optim.step()
+    return model, optim
+
+
+@pytest.mark.parametrize(("kind", "world"), [("ddp", 2), ("tp", 2), ("fsdp+tp", 4)])
+def test_ddp_tp_and_fsdp_tp_models_load_into_one_plain_process(
+    rank_pool: Pools, tmp_path: Path, kind: str, world: int
+) -> None:
+    path = str(tmp_path / "ck")
+    rank_pool(world).run(_w_save_parallel, path, kind)
+    model, optim = Mlp(), None
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    dckpt.load({"model": model, "optim": optim}, path)
+    ref_model, ref_optim = _reference_mlp()
+    for (k, a), b in zip(model.state_dict().items(), ref_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    got = optim.state_dict()["state"]
+    want = ref_optim.state_dict()["state"]
+    for i in want:
+        torch.testing.assert_close(got[i]["exp_avg"], want[i]["exp_avg"], rtol=1e-5, atol=1e-6)
