@@ -191,6 +191,18 @@ def load(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> LoadResult:
     coord = coordinator_for(process_group, timeout=timeout)
+    from dckpt._dcp import is_dcp_checkpoint, load_dcp  # a torch DCP directory
+
+    if is_dcp_checkpoint(path, storage_options):
+        return load_dcp(
+            state,
+            path,
+            coord,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            storage_options=storage_options,
+            memory_budget=memory_budget,
+        )
     ctx: dict[str, Any] = {}
 
     def local_prepare() -> int:

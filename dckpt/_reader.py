@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from dckpt._read import ReadTask, execute_reads
 from dckpt._reshard import Box, ChunkIndex
 from dckpt._storage import Storage, open_storage
 from dckpt._values import decode_value
+
+if TYPE_CHECKING:
+    from dckpt._dcp import DcpReader
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +125,13 @@ class CheckpointReader:
             yield key, self.read_tensor(key)
 
 
-def open_checkpoint(path: Any, storage_options: dict[str, Any] | None = None) -> CheckpointReader:
+def open_checkpoint(
+    path: Any, storage_options: dict[str, Any] | None = None
+) -> CheckpointReader | DcpReader:
     storage = open_storage(path, storage_options)
+    from dckpt._dcp import DcpReader, is_dcp_checkpoint  # a torch DCP directory
+
+    if is_dcp_checkpoint(storage):
+        return DcpReader.open(storage)
     manifest, _raw = read_manifest(storage)
     return CheckpointReader(storage, manifest)

@@ -1,0 +1,790 @@
+"""Reading torch DCP checkpoints (``torch.distributed.checkpoint``) without trusting them.
+
+A DCP checkpoint is a ``.metadata`` pickle plus ``__<rank>_<i>.distcp`` files in which every
+tensor chunk and every non-tensor value is a complete ``torch.save`` archive at a recorded
+(offset, length). Plain ``pickle.load`` of ``.metadata`` would run whatever the file asks,
+so it goes through an unpickler that can build only the handful of classes DCP metadata is
+made of; chunks and values are decoded with ``torch.load(weights_only=True)``. Loads reshard
+like dckpt's own: each rank reads only the chunks that overlap what it holds.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+import torch
+
+from dckpt._bytes import dtype_name
+from dckpt._errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    UnsafeCheckpointError,
+)
+from dckpt._format import MANIFEST_NAME, PathPart, check_file_name
+from dckpt._load import LoadPlan, LoadResult, _mismatch_message, _read_threads
+from dckpt._read import DEFAULT_MEMORY_BUDGET
+from dckpt._reader import KeyInfo
+from dckpt._reshard import Box, ChunkIndex
+from dckpt._state import TensorLeaf, ValueLeaf, flat_key, resolve
+from dckpt._storage import Storage, open_storage
+
+__all__ = ["DCP_METADATA", "DcpMetadata", "DcpReader", "is_dcp_checkpoint", "load_dcp"]
+
+DCP_METADATA = ".metadata"
+_RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+
+# -- the data model, detached from torch's classes -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DcpItem:
+    """Where one ``torch.save`` archive lives: a byte range of one data file."""
+
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class DcpChunk:
+    box: Box
+    item: DcpItem
+
+
+@dataclass(frozen=True, slots=True)
+class DcpTensor:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: tuple[DcpChunk, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return Box((0,) * len(self.shape), self.shape).numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class DcpMetadata:
+    """What ``.metadata`` says, validated; ``paths`` is DCP's flatten mapping when recorded."""
+
+    tensors: dict[str, DcpTensor]
+    values: dict[str, DcpItem]
+    paths: dict[str, tuple[PathPart, ...]]
+    version: str | None = None
+
+    def keys(self) -> list[str]:
+        return sorted([*self.tensors, *self.values])
+
+    def path(self, key: str) -> tuple[PathPart, ...]:
+        return self.paths.get(key) or (key,)
+
+
+# -- safe metadata --------------------------------------------------------------------------
+#
+# The unpickler never builds torch's classes: every DCP metadata class resolves to an inert
+# stand-in that only records what the pickle sets, and _convert reads those records. So no
+# constructor or __setstate__ from torch runs, and since every stand-in defines __setstate__,
+# a pickle cannot reach setattr on a class object to alter it for later loads.
+
+
+class _Inert:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args  # REDUCE-style construction, e.g. an enum member by value
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}  # (dict, slot state)
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state  # TensorProperties pickles a tuple: (dtype, layout, ...)
+
+
+class _Layout(_Inert):
+    """Stands in for ``torch.serialization._get_layout``: a lookup, never a call into torch."""
+
+    def __new__(cls, name: object) -> Any:
+        for v in vars(torch).values():
+            if isinstance(v, torch.layout) and str(v) == name:
+                return v
+        raise CorruptCheckpointError(f"unknown tensor layout {name!r} in DCP metadata")
+
+
+class _PathText(_Inert):
+    """StorageMeta.checkpoint_id may be a pathlib path; it becomes inert text."""
+
+    def __new__(cls, *parts: object) -> Any:
+        return "/".join(p for p in parts if isinstance(p, str))
+
+
+_METADATA_CLASSES = [
+    "Metadata",
+    "MetadataIndex",
+    "StorageMeta",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "TensorProperties",
+    "_MEM_FORMAT_ENCODING",
+    "_StorageInfo",
+]
+_STAND_INS: dict[str, type[_Inert]] = {n: type(n, (_Inert,), {}) for n in _METADATA_CLASSES}
+_MODULES = {
+    "torch.distributed.checkpoint.metadata": set(_METADATA_CLASSES) - {"_StorageInfo"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    # torch < 2.2 pickled TensorProperties from its sharded-tensor home.
+    "torch.distributed._shard.sharded_tensor.metadata": {"TensorProperties"},
+}
+_OTHERS: dict[tuple[str, str], Any] = {
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): _Layout,
+    ("collections", "OrderedDict"): OrderedDict,
+    **{("pathlib", n): _PathText for n in ("PosixPath", "WindowsPath", "PurePosixPath", "Path")},
+    ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"): _STAND_INS[
+        "_MEM_FORMAT_ENCODING"
+    ],
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _MODULES.get(module, ()):
+            return _STAND_INS[name]
+        if module == "torch":
+            # vars(), not getattr: torch's module __getattr__ imports submodules by name.
+            dtype = vars(torch).get(name)
+            if isinstance(dtype, torch.dtype):
+                return dtype
+        found = _OTHERS.get((module, name))
+        if found is None:
+            raise UnsafeCheckpointError(
+                f"the DCP metadata asks for {module}.{name}, which DCP metadata never needs; "
+                "refusing to unpickle it (nothing from the file was run)"
+            )
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError("the DCP metadata uses pickle persistent ids; refusing it")
+
+
+def parse_metadata(data: bytes, *, source: str) -> DcpMetadata:
+    """Unpickle ``.metadata`` into inert records, then check every field."""
+    try:
+        md = _MetadataUnpickler(io.BytesIO(data)).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # truncated or garbled pickle; nothing but the stand-ins ran
+        raise CorruptCheckpointError(
+            f"{source} is not a readable DCP metadata pickle ({type(exc).__name__}: {exc})"
+        ) from None
+    try:
+        return _convert(md, source)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CorruptCheckpointError(f"{source} holds malformed DCP metadata: {exc}") from None
+
+
+def _bad(source: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{source}: {what}; the DCP metadata is damaged")
+
+
+def _is(obj: object, name: str) -> bool:
+    return type(obj) is _STAND_INS[name]
+
+
+def _ints(x: object, what: str, source: str) -> tuple[int, ...]:
+    if type(x) is torch.Size:  # the common case, and its items are ints already
+        t = tuple(x)
+        if not t or min(t) >= 0:
+            return t
+    elif isinstance(x, (tuple, list)) and all(
+        type(i) is int and i >= 0  # bool is not a size
+        for i in x
+    ):
+        return tuple(x)
+    raise _bad(source, f"{what} is {x!r}, not a tuple of non-negative integers")
+
+
+def _dtype_of(props: object) -> object:
+    state = getattr(props, "state", None)
+    if isinstance(state, tuple) and state:
+        return state[0]
+    return getattr(props, "dtype", None)
+
+
+def _convert(md: object, source: str) -> DcpMetadata:
+    if not _is(md, "Metadata"):
+        raise _bad(source, f"it holds a {type(md).__name__}, not DCP Metadata")
+    sdm, storage = getattr(md, "state_dict_metadata", None), getattr(md, "storage_data", None)
+    if not isinstance(sdm, dict) or not isinstance(storage, dict):
+        raise _bad(source, "state_dict_metadata or storage_data is not a dict")
+    items: dict[tuple[str, tuple[int, ...] | None], DcpItem] = {}
+    names: dict[object, str] = {}  # few distinct files: check each name once
+    for index, info in storage.items():
+        fqn, offset = getattr(index, "fqn", None), getattr(index, "offset", None)
+        if not _is(index, "MetadataIndex") or not _is(info, "_StorageInfo") or type(fqn) is not str:
+            raise _bad(source, f"storage entry {index!r} -> {info!r} has unexpected types")
+        offsets = None if offset is None else _ints(offset, f"{fqn!r} offset", source)
+        transforms = getattr(info, "transform_descriptors", None)
+        if transforms:
+            raise CheckpointError(
+                f"{source}: {fqn!r} was written through DCP stream transforms {transforms!r} "
+                "(e.g. compression), which dckpt does not support; load this checkpoint with "
+                "torch.distributed.checkpoint"
+            )
+        name = getattr(info, "relative_path", None)
+        file = names.get(name) or names.setdefault(name, check_file_name(name))
+        where = (getattr(info, "offset", None), getattr(info, "length", None))
+        start, length = _ints(where, f"{fqn!r} byte range", source)
+        items[(fqn, offsets)] = DcpItem(file, start, length)
+    tensors: dict[str, DcpTensor] = {}
+    values: dict[str, DcpItem] = {}
+    for key, entry in sdm.items():
+        if not isinstance(key, str):
+            raise _bad(source, f"key {key!r} is not a string")
+        if _is(entry, "BytesStorageMetadata"):
+            if (key, None) not in items:
+                raise _bad(source, f"value {key!r} has no storage entry")
+            values[key] = items[(key, None)]
+            continue
+        if not _is(entry, "TensorStorageMetadata"):
+            raise _bad(source, f"key {key!r} has entry type {type(entry).__name__}")
+        props = getattr(entry, "properties", None)
+        dtype = _dtype_of(props) if _is(props, "TensorProperties") else None
+        if not isinstance(dtype, torch.dtype):
+            raise _bad(source, f"tensor {key!r} has dtype {dtype!r}")
+        shape = _ints(getattr(entry, "size", None), f"{key!r} size", source)
+        chunks: list[DcpChunk] = []
+        for c in getattr(entry, "chunks", None) or ():
+            if not _is(c, "ChunkStorageMetadata"):
+                raise _bad(source, f"tensor {key!r} has a chunk of type {type(c).__name__}")
+            offs = _ints(getattr(c, "offsets", None), f"{key!r} chunk offsets", source)
+            box = Box(offs, _ints(getattr(c, "sizes", None), f"{key!r} chunk sizes", source))
+            if len(offs) != len(shape) or any(map(int.__gt__, box.stops, shape)):
+                raise _bad(source, f"tensor {key!r} of shape {list(shape)} has chunk {box}")
+            if (key, offs) not in items:
+                raise _bad(source, f"chunk {box} of tensor {key!r} has no storage entry")
+            chunks.append(DcpChunk(box, items[(key, offs)]))
+        tensors[key] = DcpTensor(key, dtype, shape, tuple(chunks))
+    version = getattr(md, "version", None)
+    paths = _flatten_paths(getattr(md, "planner_data", None), sdm)
+    return DcpMetadata(tensors, values, paths, version if isinstance(version, str) else None)
+
+
+def _flatten_paths(
+    planner_data: object, keys: Mapping[str, Any]
+) -> dict[str, tuple[PathPart, ...]]:
+    """DCP's default planner records each flat key's path; keep the entries that check out."""
+    out: dict[str, tuple[PathPart, ...]] = {}
+    if not isinstance(planner_data, dict):
+        return out
+    for key, path in planner_data.items():
+        if (
+            key in keys
+            and isinstance(path, tuple)
+            and path
+            and all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in path)
+            and ".".join(map(str, path)) == key
+        ):
+            out[key] = path
+    return out
+
+
+def read_metadata(storage: Storage) -> tuple[DcpMetadata, bytes]:
+    raw = storage.read_file(DCP_METADATA)
+    if raw is None:
+        raise CorruptCheckpointError(f"{storage.location} has no DCP {DCP_METADATA} file")
+    return parse_metadata(raw, source=f"{storage.location}/{DCP_METADATA}"), raw
+
+
+def is_dcp_checkpoint(path: Any, storage_options: dict[str, Any] | None = None) -> bool:
+    """True for a directory with DCP's ``.metadata`` and no dckpt manifest; never raises."""
+    try:
+        storage = open_storage(path, storage_options)
+        return storage.size(MANIFEST_NAME) is None and storage.size(DCP_METADATA) is not None
+    except Exception:  # let the ordinary load path report it, collectively
+        return False
+
+
+# -- reading archives -----------------------------------------------------------------------
+
+
+class _Files:
+    """Checks each data file once: present, and long enough for every range read from it."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._sizes: dict[str, int] = {}
+
+    def require(self, item: DcpItem) -> None:
+        size = self._sizes.get(item.file)
+        if size is None:
+            got = self.storage.size(item.file)
+            if got is None:
+                raise CorruptCheckpointError(
+                    f"data file {self.storage.location}/{item.file} is missing; "
+                    "the checkpoint is damaged"
+                )
+            size = self._sizes[item.file] = got
+        if item.offset + item.length > size:
+            raise CorruptCheckpointError(
+                f"data file {self.storage.location}/{item.file} has {size} bytes but the "
+                f"metadata places an item at byte {item.offset} of length {item.length}; "
+                "it was truncated"
+            )
+
+    def read(self, item: DcpItem) -> bytes:
+        self.require(item)
+        buf = bytearray(item.length)
+        self.storage.read_into(item.file, item.offset, memoryview(buf))
+        return bytes(buf)
+
+
+def _check_archive(data: bytes, what: str) -> None:
+    """torch's zip reader ignores the CRC-32 each archive member carries; DCP has no other."""
+    try:
+        bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"{what} is not a torch.save archive ({type(exc).__name__}: {exc})"
+        ) from None
+    if bad is not None:
+        raise CorruptCheckpointError(f"{what} fails the CRC check of its member {bad!r}")
+
+
+def decode(data: bytes, what: str, *, allow_pickle: bool = False) -> Any:
+    """One ``torch.save`` archive, via ``weights_only`` unless the caller opted in to pickle."""
+    _check_archive(data, what)
+    for weights_only in (True, False):
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+        except pickle.UnpicklingError as exc:
+            if not weights_only or _WEIGHTS_ONLY_REFUSAL not in str(exc):
+                raise CorruptCheckpointError(f"{what} cannot be unpickled: {exc}") from None
+            if not allow_pickle:
+                raise UnsafeCheckpointError(
+                    f"{what} holds objects that torch.load(weights_only=True) refuses; it needs "
+                    "an unsafe unpickle, which could run code from the checkpoint, and dckpt "
+                    "refuses that. Pass allow_pickle=True only if you trust this checkpoint."
+                ) from None
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise CorruptCheckpointError(
+                f"{what} is not a readable torch.save archive ({type(exc).__name__}: {first})"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def decode_tensor(data: bytes, what: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Any:
+    """A chunk as a CPU tensor, checked against the metadata's dtype and shape."""
+    try:
+        obj = decode(data, what)
+    except UnsafeCheckpointError:
+        raise UnsafeCheckpointError(
+            f"{what} holds objects that torch.load(weights_only=True) refuses; a tensor chunk "
+            "never needs them, so dckpt refuses to unpickle it"
+        ) from None
+    if type(obj) is not torch.Tensor:
+        raise CorruptCheckpointError(f"{what} holds a {type(obj).__name__}, not a tensor")
+    if obj.dtype != dtype or tuple(obj.shape) != shape:
+        raise CorruptCheckpointError(
+            f"{what} holds {dtype_name(obj.dtype)}{list(obj.shape)}, the metadata promises "
+            f"{dtype_name(dtype)}{list(shape)}"
+        )
+    return obj
+
+
+@dataclass(frozen=True, slots=True)
+class _Dest:
+    overlap: Box
+    dest: torch.Tensor
+    dest_box: Box
+
+
+@dataclass
+class _Job:
+    """One chunk to decode once, and every destination region it fills on this rank."""
+
+    tensor: DcpTensor
+    chunk: DcpChunk
+    dests: list[_Dest] = field(default_factory=list)
+
+
+def _add_copies(
+    jobs: dict[tuple[str, int], _Job], saved: DcpTensor, dests: list[tuple[Box, torch.Tensor]]
+) -> None:
+    index = ChunkIndex([c.box for c in saved.chunks])
+    for want, dest in dests:
+        if want.numel == 0:
+            continue
+        try:
+            copies = index.plan_copies(want, saved.dtype.itemsize)
+        except ValueError as exc:
+            raise CorruptCheckpointError(
+                f"key {saved.key!r}: the DCP checkpoint does not hold the region {want} ({exc})"
+            ) from None
+        for cp in copies:
+            chunk = saved.chunks[cp.source]
+            job = jobs.setdefault((chunk.item.file, chunk.item.offset), _Job(saved, chunk))
+            job.dests.append(_Dest(cp.overlap, dest, want))
+
+
+def _run_job(files: _Files, job: _Job) -> None:
+    t, c = job.tensor, job.chunk
+    what = f"chunk {c.box} of {t.key!r} ({files.storage.location}/{c.item.file} @{c.item.offset})"
+    src = decode_tensor(files.read(c.item), what, t.dtype, c.box.sizes)
+    for d in job.dests:
+        d.dest[d.overlap.relative_to(d.dest_box)].copy_(src[d.overlap.relative_to(c.box)])
+
+
+def _run_jobs(files: _Files, jobs: list[_Job], *, memory_budget: int, threads: int) -> None:
+    """Decode each chunk once, copy it out, drop it; waves keep decoded bytes near the budget."""
+    jobs = sorted(jobs, key=lambda j: (j.chunk.item.file, j.chunk.item.offset))
+    limit = max(1, memory_budget // 2)  # an archive and its decoded tensor live together
+    waves: list[list[_Job]] = []
+    used = limit
+    for job in jobs:
+        if used + job.chunk.item.length > limit:
+            waves.append([])
+            used = 0
+        waves[-1].append(job)
+        used += job.chunk.item.length
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="dckpt-dcp") as pool:
+        for wave in waves:
+            list(pool.map(lambda j: _run_job(files, j), wave))
+
+
+def read_whole(files: _Files, saved: DcpTensor) -> torch.Tensor:
+    out = torch.empty(saved.shape, dtype=saved.dtype)
+    jobs: dict[tuple[str, int], _Job] = {}
+    _add_copies(jobs, saved, [(Box((0,) * out.ndim, saved.shape), out)])
+    for job in jobs.values():
+        _run_job(files, job)
+    return out
+
+
+# -- loading into a state -------------------------------------------------------------------
+
+
+@dataclass
+class _DcpPlan:
+    lp: LoadPlan = field(default_factory=LoadPlan)
+    jobs: dict[tuple[str, int], _Job] = field(default_factory=dict)
+    consumed: set[str] = field(default_factory=set)
+
+
+class _Planner:
+    def __init__(self, files: _Files, md: DcpMetadata, allow_pickle: bool) -> None:
+        self.files = files
+        self.md = md
+        self.allow_pickle = allow_pickle
+        self.plan = _DcpPlan()
+        self._below: dict[str, list[tuple[str, tuple[PathPart, ...]]]] | None = None
+        self._decoded: dict[str, Any] = {}
+
+    def tensor(self, leaf: TensorLeaf) -> None:
+        from torch.distributed.tensor import DTensor
+
+        from dckpt._dtensor import dtensor_chunks
+
+        lp, key, t = self.plan.lp, leaf.key, leaf.tensor
+        saved = self.md.tensors.get(key)
+        if saved is None:
+            holder = key if key in self.md.values else self._ancestor(leaf.path)[0]
+            if holder is None:
+                lp.missing.append(key)
+                return
+            self.plan.consumed.add(holder)
+            lp.mismatched.append(key)
+            lp.problems.append(
+                f"{key!r}: saved as a non-tensor value, requested a tensor"
+                if holder == key
+                else f"{key!r}: saved inside the non-tensor value {holder!r} (a DCP save "
+                "without flatten_state_dict); dckpt cannot load tensors from inside it"
+            )
+            return
+        self.plan.consumed.add(key)
+        if saved.dtype != t.dtype or saved.shape != tuple(t.shape):
+            lp.mismatched.append(key)
+            lp.problems.append(
+                f"{key!r}: saved {dtype_name(saved.dtype)}{list(saved.shape)}, requested "
+                f"{dtype_name(t.dtype)}{list(t.shape)}"
+            )
+            return
+        if isinstance(t, DTensor):
+            dests = dtensor_chunks(t)
+        else:
+            dests = [(Box((0,) * t.ndim, tuple(t.shape)), t)]
+        _add_copies(self.plan.jobs, saved, dests)
+
+    def value(self, leaf: ValueLeaf) -> None:
+        lp, key, md = self.plan.lp, leaf.key, self.md
+        if key in md.values:
+            self.plan.consumed.add(key)
+            lp.values.append((leaf.set, self._decode(key)))
+            return
+        if key in md.tensors:
+            self.plan.consumed.add(key)
+            lp.mismatched.append(key)
+            lp.problems.append(f"{key!r}: saved as a tensor, requested a non-tensor value")
+            return
+        below = self._descendants().get(key)
+        if below:
+            # DCP flattens lists of dicts (optimizer param_groups) into one key per leaf.
+            self.plan.consumed.update(k for k, _ in below)
+            parts = [(rel, self._whole(k)) for k, rel in below]
+            lp.values.append((leaf.set, _assemble(key, parts)))
+            return
+        holder, depth = self._ancestor(leaf.path)
+        if holder is not None:
+            self.plan.consumed.add(holder)
+            found, value = _descend(self._decode(holder), leaf.path[depth:])
+            if found:
+                lp.values.append((leaf.set, value))
+                return
+        elif isinstance(leaf.value, Mapping) and not leaf.value:
+            return  # DCP's flattening stores nothing for an empty dict
+        lp.missing.append(key)
+
+    def _decode(self, key: str) -> Any:
+        if key not in self._decoded:
+            data = self.files.read(self.md.values[key])
+            self._decoded[key] = decode(
+                data, f"the DCP value {key!r}", allow_pickle=self.allow_pickle
+            )
+        return self._decoded[key]
+
+    def _whole(self, key: str) -> Any:
+        saved = self.md.tensors.get(key)
+        return self._decode(key) if saved is None else read_whole(self.files, saved)
+
+    def _ancestor(self, path: tuple[PathPart, ...]) -> tuple[str | None, int]:
+        """The saved value holding ``path`` whole (DCP saves without flattening), if any."""
+        for n in range(len(path) - 1, 0, -1):
+            k = flat_key(path[:n])
+            if k in self.md.values:
+                return k, n
+        return None, 0
+
+    def _descendants(self) -> dict[str, list[tuple[str, tuple[PathPart, ...]]]]:
+        """Flat key of every proper path prefix -> (saved key, path below that prefix)."""
+        if self._below is None:
+            self._below = {}
+            for key in [*self.md.values, *self.md.tensors]:
+                path = self.md.path(key)
+                for n in range(1, len(path)):
+                    self._below.setdefault(flat_key(path[:n]), []).append((key, path[n:]))
+        return self._below
+
+
+class _Branch(dict[PathPart, Any]):
+    """A container being rebuilt from flattened keys (as opposed to a dict value read back)."""
+
+
+def _assemble(key: str, parts: list[tuple[tuple[PathPart, ...], Any]]) -> Any:
+    root = _Branch()
+    for rel, value in parts:
+        node = root
+        for p in rel[:-1]:
+            node = node.setdefault(p, _Branch())
+            if not isinstance(node, _Branch):
+                raise CorruptCheckpointError(f"DCP keys under {key!r} overlap at {p!r}")
+        if rel[-1] in node:
+            raise CorruptCheckpointError(f"DCP keys under {key!r} repeat {rel!r}")
+        node[rel[-1]] = value
+    return _unbranch(key, root)
+
+
+def _unbranch(key: str, node: Any) -> Any:
+    if not isinstance(node, _Branch):
+        return node
+    items = {k: _unbranch(key, v) for k, v in node.items()}
+    ints = [isinstance(k, int) for k in items]
+    if not any(ints):
+        return items
+    if all(ints) and sorted(items) == list(range(len(items))):
+        return [items[i] for i in range(len(items))]
+    raise CorruptCheckpointError(f"the list under {key!r} has missing or mixed indices")
+
+
+def _descend(value: Any, rel: tuple[PathPart, ...]) -> tuple[bool, Any]:
+    for p in rel:
+        if isinstance(value, Mapping):
+            if p in value:
+                value = value[p]
+            elif str(p).isdigit() and int(p) in value:
+                value = value[int(p)]
+            else:
+                return False, None
+        elif isinstance(value, (list, tuple)) and str(p).isdigit() and int(p) < len(value):
+            value = value[int(p)]
+        else:
+            return False, None
+    return True, value
+
+
+def load_dcp(
+    state: Mapping[str, Any],
+    path: Any,
+    coord: Any,
+    *,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> LoadResult:
+    """``dckpt.load`` for a DCP checkpoint: collective over ``coord``'s ranks, resharding."""
+    ctx: dict[str, Any] = {}
+
+    def local_prepare() -> int:
+        storage = open_storage(path, storage_options)
+        md, raw = read_metadata(storage)
+        files = _Files(storage)
+        resolved = resolve(state, strict=strict)
+        planner = _Planner(files, md, allow_pickle)  # collects problems; decodes values now
+        for t in resolved.tensors:
+            planner.tensor(t)
+        for v in resolved.values:
+            planner.value(v)
+        plan, lp = planner.plan, planner.plan.lp
+        if strict and (lp.missing or lp.problems):
+            raise StateMismatchError(_mismatch_message(storage.location, lp))
+        for job in plan.jobs.values():
+            files.require(job.chunk.item)
+        unexpected = sorted(set(md.keys()) - plan.consumed)
+        ctx.update(files=files, plan=plan, resolved=resolved)
+        ctx["result"] = LoadResult(
+            tuple(sorted(lp.missing)), tuple(unexpected), tuple(sorted(lp.mismatched))
+        )
+        return int(crc32c.crc32c(raw))
+
+    def same_metadata(digests: list[int]) -> None:
+        if len(set(digests)) > 1:
+            raise CorruptCheckpointError(
+                f"ranks read different DCP metadata at {path!s}: the checkpoint was replaced "
+                "during the load; load again"
+            )
+
+    coord.exchange("dcp-load-plan", local_prepare, same_metadata)
+
+    def local_read() -> None:
+        plan: _DcpPlan = ctx["plan"]
+        _run_jobs(
+            ctx["files"],
+            list(plan.jobs.values()),
+            memory_budget=memory_budget,
+            threads=_read_threads(),
+        )
+        for setter, value in plan.lp.values:
+            setter(value)
+        for finish in ctx["resolved"].finish:
+            finish()
+
+    coord.exchange("dcp-load-read", local_read)
+    result: LoadResult = ctx["result"]
+    return result
+
+
+# -- random access, for tools -----------------------------------------------------------------
+
+
+class DcpReader:
+    """``CheckpointReader``'s interface over a DCP checkpoint.
+
+    ``has_checksums`` is False: DCP's metadata records none (see :meth:`verify`).
+    """
+
+    format = "dcp"
+    has_checksums = False
+
+    def __init__(self, storage: Storage, metadata: DcpMetadata) -> None:
+        self.storage = storage
+        self.metadata = metadata
+        self._files = _Files(storage)
+        names = {i.file for i in metadata.values.values()}
+        names |= {c.item.file for t in metadata.tensors.values() for c in t.chunks}
+        names |= {n for n in storage.list() if "/" not in n}
+        ranks = {int(m.group(1)) for n in names if (m := _RANK_FILE.match(n))}
+        self.world_size = max(1, len(ranks))
+
+    @classmethod
+    def open(cls, path: Any, storage_options: dict[str, Any] | None = None) -> DcpReader:
+        storage = open_storage(path, storage_options)
+        return cls(storage, read_metadata(storage)[0])
+
+    @property
+    def location(self) -> str:
+        return self.storage.location
+
+    def infos(self) -> list[KeyInfo]:
+        md = self.metadata
+        out = [
+            KeyInfo(k, md.path(k), "tensor", dtype_name(t.dtype), t.shape, t.nbytes, len(t.chunks))
+            for k, t in md.tensors.items()
+        ]
+        out += [KeyInfo(k, md.path(k), "value") for k in md.values]
+        return sorted(out, key=lambda i: i.key)
+
+    def keys(self) -> list[str]:
+        return self.metadata.keys()
+
+    def read_tensor(self, key: str, *, rank: int = 0) -> torch.Tensor:
+        """The whole tensor (``rank`` is accepted for interface parity: DCP has no per-rank)."""
+        saved = self.metadata.tensors.get(key)
+        if saved is None:
+            raise CheckpointError(f"{self.location} has no tensor {key!r}")
+        return read_whole(self._files, saved)
+
+    def read_value(self, key: str, *, rank: int = 0, allow_pickle: bool = False) -> Any:
+        item = self.metadata.values.get(key)
+        if item is None:
+            raise CheckpointError(f"{self.location} has no value {key!r}")
+        return decode(self._files.read(item), f"the DCP value {key!r}", allow_pickle=allow_pickle)
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Every file long enough, every archive intact and as the metadata describes it.
+
+        DCP's metadata records no checksums; what is checked is the CRC-32 that each
+        ``torch.save`` archive keeps per member, so a damaged ``.metadata`` that still
+        parses, or a consistent rewrite of an archive, goes unnoticed.
+        """
+        problems: list[str] = []
+        for key, saved in sorted(self.metadata.tensors.items()):
+            try:
+                ChunkIndex([c.box for c in saved.chunks]).plan_copies(
+                    Box((0,) * len(saved.shape), saved.shape), saved.dtype.itemsize
+                )
+            except ValueError as exc:
+                problems.append(f"tensor {key!r} is incomplete: {exc}")
+            for c in saved.chunks:
+                try:
+                    _run_job(self._files, _Job(saved, c))
+                except CheckpointError as exc:
+                    problems.append(str(exc))
+                if progress is not None:
+                    progress(c.item.length)
+        for key, item in sorted(self.metadata.values.items()):
+            try:
+                self.read_value(key)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+            if progress is not None:
+                progress(item.length)
+        return problems
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in sorted(self.metadata.tensors):
+            yield key, self.read_tensor(key)
