@@ -18,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from dckpt._coord import coordinator_for
-from dckpt._errors import CheckpointTimeoutError
+from dckpt._errors import CheckpointError, CheckpointTimeoutError
 from dckpt._save import DEFAULT_TIMEOUT, SaveOptions, Staged, _cache_for, run_save, stage
 from dckpt._staging import StagingPool
 from dckpt._storage import open_storage
@@ -39,6 +39,8 @@ class AsyncSaveHandle:
         """Wait for the commit; re-raises the save's error (the original exception)."""
         try:
             self._future.result(timeout)
+        except CheckpointError:
+            raise  # the save's own error (a CheckpointTimeoutError is a TimeoutError too)
         except FutureTimeout:
             raise CheckpointTimeoutError(
                 f"async save to {self.path} did not finish within {timeout} s"
