@@ -23,7 +23,9 @@ from dckpt._errors import (
     UnsafeCheckpointError,
     UnsupportedStateError,
 )
+from dckpt._convert import ConvertReport, convert
 from dckpt._load import LoadResult, load
+from dckpt._manager import CheckpointManager
 from dckpt._save import save
 from dckpt._state import OptimizerState, Stateful
 
@@ -31,8 +33,10 @@ __all__ = [
     "AsyncSaveHandle",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointTimeoutError",
+    "ConvertReport",
     "CorruptCheckpointError",
     "LoadResult",
     "OptimizerState",
@@ -45,6 +49,7 @@ __all__ = [
     "UnsupportedStateError",
     "__version__",
     "async_save",
+    "convert",
     "load",
     "save",
     "wait",

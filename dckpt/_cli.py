@@ -1,0 +1,531 @@
+"""The ``dckpt`` command line: inspect, verify, ls, convert and diff checkpoints.
+
+A thin shell over the library. Output is a readable table, or JSON with ``--json``.
+Progress bars appear only when stderr is a terminal (never with ``--json``). Errors are
+one ``dckpt: error: ...`` line and exit status 1 (2 for usage errors, as click does);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import click
+import torch
+
+from dckpt import __version__
+from dckpt._convert import FORMATS, Entry, Source, convert, open_source, parse_size, read_checked
+from dckpt._errors import CheckpointError, CheckpointNotFoundError
+
+Progress = Callable[[int], None]
+
+
+class _Failed(click.ClickException):
+    """Any error from the library, shown as one line (exit status 1)."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"dckpt: error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            message = str(exc) or type(exc).__name__
+            if not isinstance(exc, (CheckpointError, OSError, ValueError)):
+                message = f"{type(exc).__name__}: {message} (run with --debug for the traceback)"
+            raise _Failed(message) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.version_option(__version__, prog_name="dckpt")
+def cli(debug: bool) -> None:
+    """Inspect, verify, list, convert and compare PyTorch checkpoints (dckpt and DCP)."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``dckpt = dckpt._cli:main``)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="dckpt")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def human(n: int | None) -> str:
+    """Bytes in binary units: ``1.5 MiB``."""
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def want_progress(as_json: bool, stream: Any = None) -> bool:
+    """Bars only for a person watching: stderr is a terminal and the output is not JSON."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return not as_json and callable(isatty) and bool(isatty())
+
+
+@contextlib.contextmanager
+def _bar(enabled: bool, total: int | None, desc: str) -> Iterator[Progress | None]:
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False
+    ) as bar:
+        yield bar.update
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "-" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _open(path: str) -> Any:
+    from dckpt._reader import open_checkpoint
+
+    return open_checkpoint(path)
+
+
+def _preview(reader: Any, key: str) -> str:
+    try:
+        text = repr(reader.read_value(key))
+    except Exception as exc:  # pickled or unreadable: say so, never unpickle
+        return f"<not shown: {type(exc).__name__}>"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(path: str, as_json: bool) -> None:
+    """Show keys, dtypes, shapes, sizes and chunks.
+
+    Works on dckpt and torch DCP checkpoints; shapes are global (as saved, all ranks).
+    """
+    reader = _open(path)
+    infos = reader.infos()
+    manifest = getattr(reader, "manifest", None)
+    tensors = [i for i in infos if i.kind == "tensor"]
+    totals = {
+        "keys": len(infos),
+        "tensors": len(tensors),
+        "values": len(infos) - len(tensors),
+        "tensor_bytes": sum(i.nbytes for i in tensors),
+        "files": len(manifest.files) if manifest is not None else None,
+        "file_bytes": manifest.total_bytes if manifest is not None else None,
+    }
+    meta = {
+        "path": reader.location,
+        "format": reader.format,
+        "world_size": reader.world_size,
+        "created": manifest.created if manifest is not None else None,
+        "library": manifest.library if manifest is not None else None,
+    }
+    if as_json:
+        keys = [
+            {**asdict(i), "path": list(i.path), "shape": None if i.shape is None else list(i.shape)}
+            for i in infos
+        ]
+        for k in keys:
+            if k["kind"] == "value":
+                k["value"] = _preview(reader, k["key"])
+        _emit_json({**meta, "keys": keys, "totals": totals})
+        return
+    click.echo(
+        f"{reader.location}: {reader.format} checkpoint saved by {reader.world_size} rank(s)"
+    )
+    if manifest is not None:
+        click.echo(f"created {_when(manifest.created)} by {manifest.library or 'unknown'}")
+    rows = [
+        [
+            i.key + (" (per rank)" if i.per_rank else ""),
+            i.kind,
+            i.dtype or "-",
+            _shape(i.shape),
+            human(i.nbytes) if i.kind == "tensor" else _preview(reader, i.key),
+            str(i.chunks) if i.kind == "tensor" else "-",
+        ]
+        for i in infos
+    ]
+    _table(rows, ["KEY", "KIND", "DTYPE", "SHAPE", "SIZE/VALUE", "CHUNKS"])
+    files = "" if totals["files"] is None else f" in {totals['files']} file(s)"
+    click.echo(
+        f"{totals['keys']} keys: {totals['tensors']} tensors ({human(totals['tensor_bytes'])})"
+        f"{files}, {totals['values']} values"
+    )
+
+
+# --------------------------------------------------------------------------- verify
+
+_DCP_NOTE = (
+    "DCP checkpoints carry no checksums: checked that every data file is present and long "
+    "enough and that every tensor and value decodes with the dtype and shape the metadata "
+    "gives; flipped bits inside tensor data cannot be detected"
+)
+
+
+def _damage(reader: Any, problems: list[str]) -> tuple[list[str], list[str]]:
+    """The keys and files the problem messages name. A problem naming a key (a checksum
+    mismatch) damages that key; one naming only a file (missing, truncated) damages every
+    key stored in it."""
+    all_keys = [i.key for i in reader.infos()]
+    manifest = getattr(reader, "manifest", None)
+    names = [f.name for f in manifest.files] if manifest is not None else []
+    keys: set[str] = set()
+    files: set[str] = set()
+    for p in problems:
+        named_files = {n for n in names if n in p}
+        files |= named_files
+        named_keys = {k for k in all_keys if repr(k) in p}
+        if not named_keys and manifest is not None:
+            named_keys = {
+                k
+                for k, t in manifest.tensors.items()
+                if any(c.file in named_files for c in t.chunks)
+            }
+        keys |= named_keys
+    return sorted(keys), sorted(files)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify(path: str, as_json: bool) -> None:
+    """Re-read every byte, check every checksum.
+
+    Exit status 0 when intact, 1 with the damaged keys and files listed otherwise.
+    """
+    reader = _open(path)
+    infos = reader.infos()
+    total = sum(i.nbytes for i in infos)
+    manifest = getattr(reader, "manifest", None)
+    if manifest is not None:  # per-rank tensors are stored once per rank
+        total = sum(c.nbytes for t in manifest.tensors.values() for c in t.chunks)
+    with _bar(want_progress(as_json), total, "verify") as progress:
+        problems = reader.verify(progress)
+    keys, files = _damage(reader, problems)
+    checked = {
+        "tensors": sum(1 for i in infos if i.kind == "tensor"),
+        "values": sum(1 for i in infos if i.kind == "value"),
+        "bytes": total,
+        "checksums": reader.format == "dckpt",
+    }
+    note = _DCP_NOTE if reader.format == "dcp" else ""
+    if as_json:
+        _emit_json(
+            {
+                "path": reader.location,
+                "format": reader.format,
+                "ok": not problems,
+                "checked": checked,
+                "problems": problems,
+                "damaged_keys": keys,
+                "damaged_files": files,
+                "note": note,
+            }
+        )
+    elif not problems:
+        what = note or "every byte re-read, every crc32c matched"
+        click.echo(
+            f"OK: {reader.location}: {checked['tensors']} tensors ({human(total)}), "
+            f"{checked['values']} value(s); {what}"
+        )
+    else:
+        click.echo(f"DAMAGED: {reader.location}: {len(problems)} problem(s)")
+        for p in problems:
+            click.echo(f"  - {p}")
+        if files:
+            click.echo("damaged files: " + ", ".join(files))
+        if keys:
+            click.echo("damaged keys: " + ", ".join(keys))
+        if note:
+            click.echo(f"note: {note}")
+    if problems:
+        raise click.exceptions.Exit(1)
+
+
+# --------------------------------------------------------------------------- ls
+
+
+@cli.command(name="ls")
+@click.argument("root")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ls(root: str, as_json: bool) -> None:
+    """List the steps under a CheckpointManager root.
+
+    Shows size, creation time and whether each step committed; leftovers of saves
+    that never finished are listed too, marked uncommitted.
+    """
+    from dckpt._manager import scan_root
+    from dckpt._storage import open_storage
+
+    if not open_storage(root).exists():
+        raise CheckpointNotFoundError(f"{root} does not exist")
+    entries = scan_root(root, sizes=True)
+    if as_json:
+        _emit_json(
+            [
+                {
+                    "step": e.step,
+                    "name": e.name,
+                    "status": e.status,
+                    "committed": e.committed,
+                    "size": e.size,
+                    "created": e.created,
+                    "error": e.error or None,
+                }
+                for e in entries
+            ]
+        )
+        return
+    if not entries:
+        click.echo(f"no step-<n> checkpoints under {root}")
+        return
+    rows = [
+        [
+            str(e.step),
+            "yes" if e.committed else f"no ({e.status})",
+            human(e.size),
+            _when(e.created),
+            e.name,
+        ]
+        for e in entries
+    ]
+    _table(rows, ["STEP", "COMMITTED", "SIZE", "CREATED", "DIR"])
+    leftovers = [e for e in entries if not e.committed]
+    if leftovers:
+        click.echo(
+            f"{len(leftovers)} uncommitted dir(s): leftovers of saves that did not finish "
+            "(removed by the manager's next save) or damaged manifests"
+        )
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _size_param(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command(name="convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--to", "to", type=click.Choice(FORMATS), help="Output format (default: by suffix).")
+@click.option("--prefix", help="Keep only keys under this prefix, and strip it (e.g. model.).")
+@click.option(
+    "--shard-size", default="5GB", callback=_size_param, help="hf shard size, e.g. 5GB, 500MB."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def convert_cmd(
+    src: str, dst: str, to: str | None, prefix: str | None, shard_size: int, as_json: bool
+) -> None:
+    """Convert between checkpoint formats, streaming.
+
+    Sources: dckpt, DCP, .safetensors, hf directories, .pt/.bin. Formats to write:
+    dckpt (a directory), safetensors, hf (sharded safetensors + index) and pt.
+    """
+    with _bar(want_progress(as_json), None, "convert") as progress:
+        report = convert(src, dst, to=to, prefix=prefix, shard_size=shard_size, progress=progress)
+    if as_json:
+        _emit_json(asdict(report))
+        return
+    click.echo(
+        f"converted {report.tensors} tensors ({human(report.nbytes)}) and {report.values} "
+        f"values: {report.src} ({report.src_format}) -> {report.dst} ({report.dst_format})"
+    )
+    if report.skipped:
+        click.echo(
+            f"skipped {len(report.skipped)} non-tensor value(s) ({report.dst_format} holds "
+            "tensors only): " + ", ".join(report.skipped)
+        )
+    for note in report.notes:
+        click.echo(f"note: {note}")
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@dataclass
+class Difference:
+    key: str
+    what: str  # "kind" | "dtype" | "shape" | "values" | "value"
+    a: str = ""
+    b: str = ""
+    max_abs_diff: float | None = None
+    elements: int | None = None  # how many elements differ
+
+
+@dataclass
+class DiffReport:
+    compared: int = 0
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    different: list[Difference] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_a or self.only_b or self.different)
+
+
+def tensor_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int] | None:
+    """(max |a - b|, differing elements), or None when equal (NaNs in the same places
+    count as equal)."""
+    same = a == b
+    if a.is_floating_point() or a.is_complex():
+        same |= a.isnan() & b.isnan()
+    count = int((~same).sum())
+    if count == 0:
+        return None
+    if a.dtype == torch.bool:
+        return 1.0, count
+    if a.is_complex():
+        d = (a.to(torch.complex128) - b.to(torch.complex128)).abs()
+    elif a.is_floating_point():
+        d = (a.to(torch.float64) - b.to(torch.float64)).abs()
+    else:
+        d = (a.to(torch.int64) - b.to(torch.int64)).abs().to(torch.float64)
+    d = torch.where(same, torch.zeros((), dtype=d.dtype), d)
+    return float(d.max()), count
+
+
+def diff_sources(a: Source, b: Source, progress: Progress | None = None) -> DiffReport:
+    """Compare key by key, holding one tensor of each side at a time."""
+    ea: dict[str, Entry] = {e.key: e for e in a.entries()}
+    eb: dict[str, Entry] = {e.key: e for e in b.entries()}
+    report = DiffReport(only_a=sorted(set(ea) - set(eb)), only_b=sorted(set(eb) - set(ea)))
+    for key in sorted(set(ea) & set(eb)):
+        x, y = ea[key], eb[key]
+        report.compared += 1
+        if x.kind != y.kind:
+            report.different.append(Difference(key, "kind", x.kind, y.kind))
+        elif x.kind == "value":
+            va, vb = a.value(key), b.value(key)
+            if not _equal_values(va, vb):
+                report.different.append(Difference(key, "value", _short(va), _short(vb)))
+        elif x.dtype != y.dtype:
+            report.different.append(Difference(key, "dtype", str(x.dtype), str(y.dtype)))
+        elif x.shape != y.shape:
+            report.different.append(Difference(key, "shape", _shape(x.shape), _shape(y.shape)))
+        else:
+            delta = tensor_difference(read_checked(a, x), read_checked(b, y))
+            if delta is not None:
+                report.different.append(
+                    Difference(key, "values", max_abs_diff=delta[0], elements=delta[1])
+                )
+            if progress is not None:
+                progress(x.nbytes)
+    return report
+
+
+def _equal_values(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) or (
+            isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+        )
+    except Exception:
+        return False
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def diff(a: str, b: str, as_json: bool) -> None:
+    """Compare two checkpoints key by key.
+
+    Lists keys only in one side and keys whose kind, dtype, shape or values differ
+    (with the max absolute difference). Exit status 0 when identical, 1 when they
+    differ, as diff(1).
+    """
+    sa = open_source(a)
+    try:
+        sb = open_source(b)
+        try:
+            total = sum(e.nbytes for e in sa.entries())
+            with _bar(want_progress(as_json), total, "diff") as progress:
+                report = diff_sources(sa, sb, progress)
+        finally:
+            sb.close()
+    finally:
+        sa.close()
+    if as_json:
+        _emit_json(
+            {
+                "a": a,
+                "b": b,
+                "identical": report.identical,
+                "compared": report.compared,
+                "only_in_a": report.only_a,
+                "only_in_b": report.only_b,
+                "different": [asdict(d) for d in report.different],
+            }
+        )
+    else:
+        for k in report.only_a:
+            click.echo(f"only in A: {k}")
+        for k in report.only_b:
+            click.echo(f"only in B: {k}")
+        for d in report.different:
+            if d.what == "values":
+                click.echo(
+                    f"values differ: {d.key}: max abs diff {d.max_abs_diff:.6g} "
+                    f"({d.elements} element(s))"
+                )
+            else:
+                click.echo(f"{d.what} differs: {d.key}: {d.a} vs {d.b}")
+        verdict = "identical" if report.identical else "different"
+        click.echo(
+            f"{verdict}: {report.compared} common key(s) compared, {len(report.different)} "
+            f"differ, {len(report.only_a)} only in A, {len(report.only_b)} only in B"
+        )
+    if not report.identical:
+        raise click.exceptions.Exit(1)
