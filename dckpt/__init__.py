@@ -10,6 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from dckpt._async import AsyncSaveHandle, async_save, wait
+from dckpt._convert import ConvertReport, convert
 from dckpt._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -23,7 +24,6 @@ from dckpt._errors import (
     UnsafeCheckpointError,
     UnsupportedStateError,
 )
-from dckpt._convert import ConvertReport, convert
 from dckpt._load import LoadResult, load
 from dckpt._manager import CheckpointManager
 from dckpt._save import save
