@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import pickle
 import threading
@@ -73,10 +74,16 @@ def _next_call(group_name: str, namespace: str) -> tuple[str, int]:
         return _epoch, call
 
 
-def _default_store() -> dist.Store:
-    # The only private c10d APIs we use: the store the default group was built on, and the
-    # raw TCPStore under its PrefixStore wrappers (to open our own connection to it).
-    return dist.distributed_c10d._get_default_store()
+def _default_store() -> tuple[dist.Store, dist.TCPStore | None]:
+    """The default group's store, and the TCPStore under its PrefixStore wrappers if any."""
+    # The only private c10d APIs dckpt uses; both are stable since torch 2.0.
+    base = dist.distributed_c10d._get_default_store()
+    raw = (
+        base
+        if isinstance(base, dist.TCPStore)
+        else getattr(base, "_underlying_non_prefix_store", None)
+    )
+    return base, raw if isinstance(raw, dist.TCPStore) else None
 
 
 # One dedicated client per thread and server, reused across calls: every new connection
@@ -92,18 +99,14 @@ def _open_store(prefix: str, timeout: float) -> dist.Store:
     and ``set_timeout`` on it would change training's timeouts.  Our own client avoids both
     and carries our bound (connecting to a dead server gives up after about 1.7x timeout).
     """
-    base = _default_store()
-    raw = (
-        base
-        if isinstance(base, dist.TCPStore)
-        else getattr(base, "_underlying_non_prefix_store", None)
-    )
-    if not isinstance(raw, dist.TCPStore):
+    base, raw = _default_store()
+    if raw is None:
         # Other stores (FileStore, HashStore, custom): share it; every wait below passes its
         # own timeout and reads only keys known to exist, so its default never applies.
         return dist.PrefixStore(prefix, base)
-    cache: dict[tuple[str, int], dist.TCPStore] = _clients.__dict__.setdefault("by_addr", {})
-    client = cache.get((raw.host, raw.port))
+    cache: dict[tuple[int, str, int], dist.TCPStore] = _clients.__dict__.setdefault("by_addr", {})
+    key = (os.getpid(), raw.host, raw.port)  # a forked child must not reuse our socket
+    client = cache.get(key)
     if client is None:
         client = dist.TCPStore(
             raw.host,
@@ -114,7 +117,7 @@ def _open_store(prefix: str, timeout: float) -> dist.Store:
             wait_for_workers=False,
             use_libuv=getattr(raw, "libuvBackend", True),
         )
-        cache[(raw.host, raw.port)] = client
+        cache[key] = client
     client.set_timeout(timedelta(seconds=timeout))
     return dist.PrefixStore(prefix, client)
 
@@ -302,11 +305,7 @@ class _Record:
 
 
 class _StoreLost(Exception):
-    """Internal: a store operation failed other than by a timeout we asked for."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
+    """Internal: a store operation failed other than by a timeout we asked for (the cause)."""
 
 
 class _KV:
@@ -324,7 +323,7 @@ class _KV:
         try:
             return getattr(self._store, method)(*args)
         except RuntimeError as exc:  # DistNetworkError / DistStoreError derive from it
-            raise _StoreLost(exc) from exc
+            raise _StoreLost from exc
 
     def wait(self, keys: list[str], timeout: float) -> bool:
         """Wait up to ``timeout`` s for all keys; False if some are still absent."""
@@ -388,12 +387,6 @@ def _failure_message(
     return "\n".join(parts)
 
 
-def _note(err: BaseException, text: str) -> None:
-    add_note = getattr(err, "add_note", None)  # Python >= 3.11
-    if add_note is not None:
-        add_note(text)
-
-
 class Coordinator(_ExchangeAPI):
     """Coordinates one collective save or load across the ranks of a group.
 
@@ -409,7 +402,7 @@ class Coordinator(_ExchangeAPI):
         self.timeout = timeout
         self._connect = connect
         self._kv: _KV | None = None
-        self._seq = 0
+        self._seq = itertools.count()  # next() on it is atomic
         self._lock = threading.Lock()
 
     def _store(self) -> _KV:
@@ -418,14 +411,8 @@ class Coordinator(_ExchangeAPI):
                 try:
                     self._kv = _KV(self._connect())
                 except RuntimeError as exc:
-                    raise _StoreLost(exc) from exc
+                    raise _StoreLost from exc
             return self._kv
-
-    def _next_seq(self) -> int:
-        with self._lock:
-            seq = self._seq
-            self._seq += 1
-            return seq
 
     def _exchange(
         self,
@@ -434,7 +421,7 @@ class Coordinator(_ExchangeAPI):
         reduce: Callable[[list[Any]], Any] | None,
         scatter: bool,
     ) -> Any:
-        base = f"{self._next_seq()}/{phase}"
+        base = f"{next(self._seq)}/{phase}"
         value: Any = None
         local_exc: BaseException | None = None
         try:
@@ -447,13 +434,14 @@ class Coordinator(_ExchangeAPI):
             return self._follow(base, phase, value, local_exc, scatter)
         except _StoreLost as lost:
             _forget_clients()
+            cause = lost.__cause__
             err = CheckpointTimeoutError(
                 f"lost contact with the coordination store during {phase!r} (rank 0, which "
-                f"usually hosts it, may have died): {type(lost.cause).__name__}: {lost.cause}",
+                f"usually hosts it, may have died): {type(cause).__name__}: {cause}",
                 () if self.rank == 0 else (0,),
                 {} if local_exc is None else {self.rank: local_exc},
             )
-            raise err from (lost.cause if local_exc is None else local_exc)
+            raise err from (cause if local_exc is None else local_exc)
 
     # -- rank 0 -----------------------------------------------------------------------
 
@@ -605,8 +593,11 @@ class Coordinator(_ExchangeAPI):
         else:
             err = RankFailureError(message, failures)
         remote = [r for r in sorted(record.failures) if r != self.rank]
-        for r in remote[:_MAX_TRACEBACK_NOTES]:
-            _note(err, f"--- traceback on rank {r} ---\n{record.failures[r].traceback_text}")
+        if hasattr(err, "add_note"):  # Python 3.11+
+            for r in remote[:_MAX_TRACEBACK_NOTES]:
+                err.add_note(
+                    f"--- traceback on rank {r} ---\n{record.failures[r].traceback_text.rstrip()}"
+                )
         return err
 
 

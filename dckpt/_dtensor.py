@@ -10,6 +10,7 @@ first index.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -188,6 +189,13 @@ def _boxes(runs: list[_Runs]) -> list[tuple[Box, tuple[slice, ...]]]:
         box = Box(tuple(a for a, _, _ in combo), tuple(n for _, n, _ in combo))
         out.append((box, tuple(slice(p, p + n) for _, n, p in combo)))
     return out
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor, without importing DTensor support (half a second) when
+    nothing in this process could have made one."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def dtensor_chunks(dt: Any) -> list[tuple[Box, torch.Tensor]]:

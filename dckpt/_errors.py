@@ -79,6 +79,10 @@ class StorageError(CheckpointError, OSError):
     def is_disk_full(self) -> bool:
         return self.errno in (_errno.ENOSPC, _errno.EDQUOT)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors travel between ranks pickled; keep errno (an OSError slot, not in __dict__).
+        return (_rebuild_storage_error, (type(self), str(self), self.errno))
+
 
 class RankFailureError(CheckpointError):
     """A collective save or load failed on one or more ranks.
@@ -90,6 +94,9 @@ class RankFailureError(CheckpointError):
     def __init__(self, message: str, failures: Mapping[int, BaseException] | None = None) -> None:
         super().__init__(message)
         self.failures: dict[int, BaseException] = dict(failures or {})
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.failures))
 
 
 class CheckpointTimeoutError(RankFailureError, TimeoutError):
@@ -104,6 +111,9 @@ class CheckpointTimeoutError(RankFailureError, TimeoutError):
         RankFailureError.__init__(self, message, failures)
         self.missing_ranks = missing_ranks
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.missing_ranks, self.failures))
+
 
 class RemoteError(CheckpointError):
     """Stands in for another rank's exception that could not be transported as itself."""
@@ -113,3 +123,12 @@ class RemoteError(CheckpointError):
         self.type_name = type_name
         self.remote_message = message
         self.traceback_text = traceback_text
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.type_name, self.remote_message, self.traceback_text))
+
+
+def _rebuild_storage_error(
+    cls: type[StorageError], message: str, errno: int | None
+) -> StorageError:
+    return cls(message, errno=errno)

@@ -12,6 +12,7 @@ import torch
 
 from dckpt._bytes import dtype_name, torch_dtype
 from dckpt._coord import coordinator_for
+from dckpt._dtensor import dtensor_chunks, is_dtensor
 from dckpt._errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -73,10 +74,6 @@ def plan_load(
     manifest: Manifest, resolved: Resolved, rank: int, world_size: int, *, allow_pickle: bool
 ) -> LoadPlan:
     """Match requested leaves to saved chunks; collects problems rather than stopping."""
-    from torch.distributed.tensor import DTensor
-
-    from dckpt._dtensor import dtensor_chunks
-
     lp = LoadPlan()
     for leaf in resolved.tensors:
         entry = manifest.tensors.get(leaf.key)
@@ -103,7 +100,7 @@ def plan_load(
                 lp.problems.append(_per_rank_message(leaf.key, manifest.world_size, world_size))
                 continue
             chunks = tuple(c for c in chunks if c.rank == rank)
-        if isinstance(t, DTensor):
+        if is_dtensor(t):
             dests = dtensor_chunks(t)
         else:
             dests = [(Box((0,) * len(want_shape), want_shape), t)]

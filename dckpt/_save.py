@@ -23,6 +23,7 @@ import torch
 
 from dckpt._bytes import block_crcs, dtype_name, host_bytes
 from dckpt._coord import coordinator_for
+from dckpt._dtensor import dtensor_chunks, is_dtensor
 from dckpt._errors import CheckpointExistsError, UnsupportedStateError
 from dckpt._format import (
     DEFAULT_BLOCK_BYTES,
@@ -76,10 +77,6 @@ class Staged:
 
 def stage(state: Mapping[str, Any], rank: int, *, allow_pickle: bool) -> Staged:
     """Resolve Stateful objects now and describe every chunk (no checksums yet)."""
-    from torch.distributed.tensor import DTensor
-
-    from dckpt._dtensor import dtensor_chunks
-
     resolved = resolve(state)
     tensors: list[TensorOffer] = []
     sources: dict[tuple[str, Box], torch.Tensor] = {}
@@ -94,7 +91,7 @@ def stage(state: Mapping[str, Any], rank: int, *, allow_pickle: bool) -> Staged:
                 "convert it to a dense tensor first"
             )
         shape = tuple(t.shape)
-        if isinstance(t, DTensor):
+        if is_dtensor(t):
             pieces = dtensor_chunks(t)
             for box, view in pieces:
                 sources[(leaf.key, box)] = view

@@ -38,6 +38,7 @@ class OptimizerState:
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
+        # torch's helpers import DTensor support (half a second): only when first needed.
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return dict(get_optimizer_state_dict(self.model, self.optimizer))
@@ -59,10 +60,7 @@ class _ModuleState:
         return dict(get_model_state_dict(self.model))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=self.strict))
 

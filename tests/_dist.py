@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
+from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -91,14 +92,14 @@ class RankPool:
     def start(self) -> None:
         if self.started:
             return
-        ctx = get_context("spawn")
+        ctx = _context()
         self._logdir = tempfile.mkdtemp(prefix=f"dckpt-ranks{self.world_size}-")
         _live.add(self)
         for rank in range(self.world_size):
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker.main,
-                args=(rank, self.world_size, child_end, self._log_path(rank)),
+                args=(rank, self.world_size, child_end, self._log_path(rank), dict(os.environ)),
                 name=f"dckpt-rank{rank}",
                 daemon=True,
             )
@@ -181,7 +182,7 @@ class RankPool:
         task_id = f"t{os.getpid()}.{next(_task_ids)}"
         offsets = [_size(self._log_path(r)) for r in range(self.world_size)]
         for conn in self._conns:
-            conn.send(("task", task_id, module, qualname, args, kwargs))
+            conn.send(("task", task_id, module, qualname, args, kwargs, dict(os.environ)))
         results: dict[int, Outcome] = {}
         deadline = time.monotonic() + timeout
         while len(results) < self.world_size:
@@ -204,7 +205,8 @@ class RankPool:
         if hung:
             self._dump_stacks(hung)
         for r in hung:
-            text = f"did not finish within the timeout; stacks and output:\n{self._tail(r, offsets[r])}"
+            tail = self._tail(r, offsets[r])
+            text = f"did not finish within the timeout; stacks and output:\n{tail}"
             results[r] = Outcome(r, False, error_text=text, timed_out=True)
         broken = bool(hung) or any(o.exitcode is not None for o in results.values())
         return [results[r] for r in range(self.world_size)], broken
@@ -230,9 +232,24 @@ class RankPool:
 
     def _dump_stacks(self, ranks: list[int]) -> None:
         for r in ranks:
-            if self._procs[r].is_alive() and self._procs[r].pid is not None:
-                os.kill(self._procs[r].pid, signal.SIGUSR1)
+            pid = self._procs[r].pid
+            if self._procs[r].is_alive() and pid is not None:
+                os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)  # let faulthandler write
+
+
+def _context() -> ForkServerContext:
+    """Fork workers from a clean server process that has already imported torch.
+
+    Not ``fork`` (the pytest process has threads and state), and not plain ``spawn``: a
+    spawned worker pays the torch import (~2 s of CPU) every time, the forkserver once.
+    Workers take the test process's environment at start and again with every task, so
+    a fixture's ``setenv`` reaches them even when the pool was started before it.
+    """
+    ctx = get_context("forkserver")
+    assert isinstance(ctx, ForkServerContext)
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "tests._worker"])
+    return ctx
 
 
 def run_fresh(

@@ -1,8 +1,8 @@
 """The process side of the multi-rank test harness (see ``tests/_dist.py``).
 
 Each worker joins a gloo group once, then runs task after task sent by the parent, so the
-suite pays the torch import and group setup once per pool instead of once per test.
-Nothing here imports torch at module level: the worker sets its environment first.
+suite pays the group setup once per pool instead of once per test.  Workers are forked
+from a server process that imported torch once (see ``tests/_dist.py``).
 """
 
 from __future__ import annotations
@@ -23,16 +23,14 @@ from typing import Any
 STORE_TIMEOUT = timedelta(seconds=60)
 
 
-def main(rank: int, world_size: int, conn: Connection, log_path: str) -> None:
+def main(rank: int, world_size: int, conn: Connection, log_path: str, env: dict[str, str]) -> None:
     """Entry point of one rank: join the group, then serve tasks until told to exit."""
+    _sync_env(env)  # the test process's, not the forkserver's (started earlier)
     log = _redirect_output(log_path)
     # SIGUSR1 dumps every thread's stack into the log: the parent sends it before killing
     # a hung task, so the timeout error shows where each rank was stuck.
     faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
     _exit_with_parent()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
     import torch
     import torch.distributed as dist
@@ -58,7 +56,8 @@ def main(rank: int, world_size: int, conn: Connection, log_path: str) -> None:
             break
         if message[0] == "exit":
             break
-        _, task_id, module, qualname, args, kwargs = message
+        _, task_id, module, qualname, args, kwargs, env = message
+        _sync_env(env)
         _run_task(conn, task_id, module, qualname, args, kwargs)
     os._exit(0)  # skip interpreter teardown: a broken group can hang in its destructors
 
@@ -89,11 +88,20 @@ def _run_task(
         conn.send(("done", task_id, False, None, traceback.format_exc()))
 
 
+def _sync_env(env: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if sys.platform.startswith("linux"):
+        # Loopback for every gloo group (new_group too), without resolving the host name.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 def _resolve(module: str, qualname: str) -> Callable[..., Any]:
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def _redirect_output(path: str) -> Any:

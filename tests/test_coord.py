@@ -29,6 +29,10 @@ def _coord(timeout: float = 10.0) -> Coordinator:
     return coord
 
 
+def _total(values: list[int]) -> int:
+    return sum(values)
+
+
 def _summary(err: RankFailureError) -> dict[str, Any]:
     """What a rank saw, in a form that travels back to the test process."""
     return {
@@ -69,18 +73,26 @@ def test_harness_reports_failing_rank_and_stays_usable(rank_pool: Pools) -> None
     assert pool.run(_w_rank) == [0, 1]
 
 
-def test_harness_kills_a_hung_pool_and_recovers() -> None:
-    pool = RankPool(2)
-    try:
-        start = time.monotonic()
-        with pytest.raises(RankTimeoutError) as info:
-            pool.run(_w_hang_on_rank1, timeout=2)
-        assert time.monotonic() - start < HANG_GUARD_S
-        assert "_w_hang_on_rank1" in str(info.value)  # the stack dump names where it hung
-        assert not pool.started
-        assert pool.run(_w_rank) == [0, 1]
-    finally:
-        pool.close()
+def test_harness_kills_a_hung_pool_and_recovers(rank_pool: Pools) -> None:
+    pool = rank_pool(2)  # the shared pool: it restarts on the next run, as any test's would
+    start = time.monotonic()
+    with pytest.raises(RankTimeoutError) as info:
+        pool.run(_w_hang_on_rank1, timeout=2)
+    assert time.monotonic() - start < HANG_GUARD_S
+    assert "_w_hang_on_rank1" in str(info.value)  # the stack dump names where it hung
+    assert not pool.started
+    assert pool.run(_w_rank) == [0, 1]
+
+
+def _w_env() -> str | None:
+    return os.environ.get("DCKPT_TEST_MARKER")
+
+
+def test_harness_workers_see_the_test_environment(
+    rank_pool: Pools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DCKPT_TEST_MARKER", "set-after-pool-start")
+    assert rank_pool(2).run(_w_env) == ["set-after-pool-start"] * 2
 
 
 # -- successful exchanges -------------------------------------------------------------
@@ -90,8 +102,8 @@ def _w_roundtrip() -> tuple[Any, ...]:
     rank = dist.get_rank()
     coord = _coord()
     values = coord.exchange("gather", lambda: rank * 10)
-    total = coord.exchange("sum", lambda: rank, sum)
-    again = coord.exchange("sum", lambda: rank + 1, sum)  # a phase name may repeat
+    total = coord.exchange("sum", lambda: rank, _total)
+    again = coord.exchange("sum", lambda: rank + 1, _total)  # a phase name may repeat
     mine = coord.exchange(
         "plan", lambda: rank, lambda vs: [f"plan for {v}" for v in vs], scatter=True
     )
@@ -109,7 +121,7 @@ def _w_background_thread() -> Any:
     coord = _coord()  # allocated on the calling thread, used from another (async save)
     box: dict[str, Any] = {}
     thread = threading.Thread(
-        target=lambda: box.update(out=coord.exchange("bg", lambda: rank, sum)), daemon=True
+        target=lambda: box.update(out=coord.exchange("bg", lambda: rank, _total)), daemon=True
     )
     thread.start()
     tensor = torch.ones(4)
@@ -139,8 +151,10 @@ def test_subgroups_and_world_size_one(rank_pool: Pools) -> None:
     assert rank_pool(3).run(_w_groups) == [(["solo"],), (0, 2, [1, 2]), (1, 2, [1, 2])]
 
 
-def test_local_coordinator_propagates_the_original_exception() -> None:
-    assert not dist.is_initialized()
+def test_local_coordinator_propagates_the_original_exception(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # whatever other tests did
     coord = coordinator_for(None, timeout=1)
     assert isinstance(coord, LocalCoordinator)
     assert (coord.rank, coord.world_size) == (0, 1)
@@ -171,10 +185,10 @@ def _w_local_failure_on_rank1() -> tuple[Any, ...]:
         return rank
 
     try:
-        coord.exchange("write", local, sum)
+        coord.exchange("write", local, _total)
     except RankFailureError as err:
         same = err.failures[1] is mine and err.__cause__ is mine
-        after = coord.exchange("after", lambda: rank, sum)  # the coordinator stays usable
+        after = coord.exchange("after", lambda: rank, _total)  # the coordinator stays usable
         return _summary(err), isinstance(err.failures[1], OSError), same, after
     raise AssertionError("no error raised")
 
@@ -355,9 +369,11 @@ def _w_killed(victim: int, when: str) -> Any:
     raise AssertionError("no error raised")
 
 
-@pytest.mark.parametrize(("victim", "when"), [(2, "before"), (0, "before"), (0, "during")], ids=str)
-def test_killed_rank_is_named_without_a_hang(victim: int, when: str) -> None:
-    outcomes = run_fresh(3, _w_killed, victim, when, timeout=40)
+@pytest.mark.parametrize(
+    ("world_size", "victim", "when"), [(3, 2, "before"), (2, 0, "before"), (2, 0, "during")]
+)
+def test_killed_rank_is_named_without_a_hang(world_size: int, victim: int, when: str) -> None:
+    outcomes = run_fresh(world_size, _w_killed, victim, when, timeout=40)
     assert outcomes[victim].exitcode == -signal.SIGKILL
     for o in outcomes:
         if o.rank == victim:
