@@ -219,21 +219,6 @@ def structure_key(offer: RankOffer) -> bytes:
     return hashlib.blake2b(pickle.dumps(shape, protocol=5), digest_size=16).digest()
 
 
-def divergent_keys(offers: Sequence[RankOffer]) -> frozenset[str]:
-    """Plain-tensor keys whose holders disagree on contents (stored per rank)."""
-    crcs: dict[tuple[str, Box], tuple[int, ...] | None] = {}
-    out: set[str] = set()
-    for offer in offers:
-        for t in offer.tensors:
-            if t.sharded:
-                continue
-            for c in t.chunks:
-                prior = crcs.setdefault((t.key, c.box), c.crc)
-                if prior != c.crc:
-                    out.add(t.key)
-    return frozenset(out)
-
-
 def with_save_id(plan: SavePlan, save_id: str, offers: Sequence[RankOffer]) -> SavePlan:
     """A cached plan under a new save id, with this save's (fresh) values."""
     old = data_dir(plan.save_id) + "/"

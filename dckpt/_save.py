@@ -41,7 +41,6 @@ from dckpt._plan import (
     TensorOffer,
     ValueOffer,
     build_manifest,
-    divergent_keys,
     plan_save,
     structure_key,
     with_save_id,
@@ -166,39 +165,68 @@ def _cache_for(namespace: str, group: Any) -> _PlanCache:
         return _caches.setdefault(name, _PlanCache())
 
 
-def _expand(cache: _PlanCache, brief: _Brief) -> RankOffer | None:
-    base = cache.offers.get(brief.rank)
-    if base is None or cache.offer_keys.get(brief.rank) != brief.key:
-        return None
+def _crcs(offer: RankOffer) -> tuple[tuple[int, ...] | None, ...]:
+    return tuple(None if t.sharded or not t.chunks else t.chunks[0].crc for t in offer.tensors)
+
+
+def _divergent(
+    bases: list[RankOffer], crcs: list[tuple[tuple[int, ...] | None, ...]]
+) -> frozenset[str]:
+    """Plain-tensor keys whose holders disagree this time (a plain tensor is one chunk)."""
+    seen: dict[str, tuple[int, ...]] = {}
+    out: set[str] = set()
+    for base, cs in zip(bases, crcs, strict=True):
+        for t, c in zip(base.tensors, cs, strict=True):
+            if c is not None and seen.setdefault(t.key, c) != c:
+                out.add(t.key)
+    return frozenset(out)
+
+
+def _with_crcs(base: RankOffer, crcs: tuple[tuple[int, ...] | None, ...]) -> RankOffer:
     tensors = tuple(
-        t if crc is None else replace(t, chunks=(ChunkOffer(t.chunks[0].box, crc),))
-        for t, crc in zip(base.tensors, brief.crcs, strict=True)
+        t
+        if c is None
+        else TensorOffer(t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(t.chunks[0].box, c),))
+        for t, c in zip(base.tensors, crcs, strict=True)
     )
-    return RankOffer(brief.rank, tensors, brief.values)
+    return RankOffer(base.rank, tensors, base.values)
 
 
 def _plan_from(
     cache: _PlanCache, messages: list[RankOffer | _Brief], max_files: int
 ) -> SavePlan | None:
-    offers: list[RankOffer] = []
+    """The save plan, reusing a cached one when every rank's structure and the replica
+    pattern are unchanged; None when a brief refers to an offer rank 0 no longer has."""
+    bases: list[RankOffer] = []
+    crcs: list[tuple[tuple[int, ...] | None, ...]] = []
+    values: list[RankOffer] = []
     keys: list[bytes] = []
     for m in messages:
         if isinstance(m, _Brief):
-            offer = _expand(cache, m)
-            if offer is None:
+            base = cache.offers.get(m.rank)
+            if base is None or cache.offer_keys.get(m.rank) != m.key:
                 return None
+            bases.append(base)
+            crcs.append(m.crcs)
             keys.append(m.key)
+            values.append(RankOffer(m.rank, (), m.values))
         else:
-            offer = m
             keys.append(structure_key(m))
             cache.offers[m.rank] = m
             cache.offer_keys[m.rank] = keys[-1]
-        offers.append(offer)
-    cache_key = (tuple(keys), divergent_keys(offers))
+            bases.append(m)
+            crcs.append(_crcs(m))
+            values.append(m)
+    cache_key = (tuple(keys), _divergent(bases, crcs))
     cached = cache.plans.get(cache_key)
     if cached is not None:
         cache.plans.move_to_end(cache_key)
-        return with_save_id(cached, new_save_id(), offers)
+        return with_save_id(cached, new_save_id(), values)
+    offers = [
+        _with_crcs(b, c) if isinstance(m, _Brief) else b
+        for b, c, m in zip(bases, crcs, messages, strict=True)
+    ]
+    offers = [RankOffer(o.rank, o.tensors, v.values) for o, v in zip(offers, values, strict=True)]
     plan = plan_save(offers, new_save_id(), max_files_per_rank=max_files)
     cache.plans[cache_key] = plan
     while len(cache.plans) > _MAX_PLANS:
