@@ -369,6 +369,14 @@ def test_damage_is_detected(tmp_path: Path, how: str, error: type[Exception], wo
         dckpt.load({"w": torch.zeros(300_000)}, path)
 
 
+def test_a_chunk_of_many_checksum_blocks_round_trips(tmp_path: Path) -> None:
+    big = torch.randn(70 << 18)  # 70 MiB: 70 checksum blocks in one chunk
+    dckpt.save({"big": big}, tmp_path / "ck", durable=False)
+    out = {"big": torch.empty_like(big)}
+    dckpt.load(out, tmp_path / "ck")
+    assert torch.equal(out["big"], big)
+
+
 def test_existing_checkpoint_needs_overwrite_and_survives_until_commit(tmp_path: Path) -> None:
     path = tmp_path / "ck"
     dckpt.save({"w": torch.ones(4)}, path)
