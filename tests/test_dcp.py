@@ -16,7 +16,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import dckpt
-from dckpt._dcp import DcpReader, parse_metadata
+from dckpt._dcp import DcpReader
+from dckpt._dcp_meta import parse_metadata
 from dckpt._reader import open_checkpoint
 from tests._dist import RankPool
 
