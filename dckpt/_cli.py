@@ -21,8 +21,9 @@ import click
 import torch
 
 from dckpt import __version__
-from dckpt._convert import FORMATS, Entry, Source, convert, open_source, parse_size, read_checked
+from dckpt._convert import FORMATS, convert, parse_size
 from dckpt._errors import CheckpointError, CheckpointNotFoundError
+from dckpt._sources import Entry, Source, open_source, read_checked
 
 Progress = Callable[[int], None]
 

@@ -174,7 +174,7 @@ def test_strip_prefix_and_nest() -> None:
 
 
 def test_shard_and_sizes() -> None:
-    from dckpt._convert import Entry
+    from dckpt._sources import Entry
 
     es = [Entry(f"k{i}", (f"k{i}",), "tensor", "uint8", (n,)) for i, n in enumerate([5, 5, 20, 1])]
     assert [[e.key for e in s] for s in shard(es, 10)] == [["k0", "k1"], ["k2"], ["k3"]]
