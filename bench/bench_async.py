@@ -1,0 +1,501 @@
+#!/usr/bin/env python
+"""Async-save benchmark: dckpt.async_save against torch DCP async_save, in one run.
+
+An FSDP2 model (a stack of Linear layers, about ``--params-m`` million parameters) plus
+Adam after one training step, on 2 gloo ranks on the CPU (one compute thread per rank).
+Systems alternate (the starting one rotates each round); every figure is the median
+over ``--rounds`` rounds after a warm-up round, taken as the max over ranks.
+
+Figures
+  * first blocking  wall time of the first async_save call of the process (dckpt first,
+                    then DCP: any shared first-call cost lands on dckpt)
+  * later blocking  the same for every later save (median), next to the floor: a plain
+                    ``copy_`` of the rank's local state into preallocated buffers
+  * compute         a fixed loop of matmuls run right after async_save returns, while
+                    the write goes on; speed as a fraction of the same loop with no save
+                    running (the loop is sized to outlast the slower system's write)
+  * memory          VmRSS after each of 10 consecutive dckpt async saves (each waited
+                    for); growth from save 2 to save 10
+  * scale           coordination cost on ``--scale-ranks`` (8) gloo ranks of a save of
+                    ``--scale-count`` (20k) one-element tensors per rank: first save and
+                    repeated saves (plan caching), dckpt vs DCP (default planner, and
+                    ``DefaultSavePlanner(enable_plan_caching=True)``)
+
+DCP: ``torch.distributed.checkpoint.async_save(get_state_dict(...), checkpoint_id=...,
+process_group=<a second gloo group>)``, torch defaults otherwise (thread executor,
+default stager); its future is waited for before the next save. get_state_dict is part
+of DCP's blocking time (it is part of the user's call).
+
+    python bench/bench_async.py                           # 100M params, 5 rounds, /dev/shm
+    python bench/bench_async.py --params-m 30 --rounds 3  # quicker
+    python bench/bench_async.py --dir /var/tmp            # on disk
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+LAYERS = 24
+BATCH = 8
+MM = 384  # matmul size of the compute loop
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Stack(nn.Module):
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def width_for(params_m: float) -> int:
+    w = (params_m * 1e6 / LAYERS) ** 0.5
+    return max(64, int(round(w / 64)) * 64)
+
+
+def build(width: int, mesh: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """FSDP2 model + Adam after one real training step (so Adam state exists)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Stack(width, LAYERS)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    torch.manual_seed(1)
+    model(torch.randn(BATCH, width)).square().mean().backward()
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    return model, optim
+
+
+def local_tensors(model: nn.Module, optim: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor of the model+optimizer state as this rank holds it (local shards)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
+
+    out: list[torch.Tensor] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, DTensor):
+            out.append(node.to_local())
+        elif isinstance(node, torch.Tensor):
+            out.append(node)
+        elif isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+
+    walk(get_state_dict(model, optim))
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def vm_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def gather(value: Any, group: Any = None) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def rmtree_collective(path: str) -> None:
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
+class Compute:
+    """A fixed amount of training-like work: ``iters`` matmuls of MM x MM."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.a = torch.randn(MM, MM, generator=g) / MM**0.5
+        self.b = torch.randn(MM, MM, generator=g) / MM**0.5
+        self.c = torch.empty(MM, MM)
+        self.iters = 50
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        for _ in range(self.iters):
+            torch.mm(self.a, self.b, out=self.c)
+        return time.perf_counter() - t0
+
+    def calibrate(self, seconds: float) -> None:
+        self.iters = 200
+        per = min(self.run() for _ in range(3)) / self.iters
+        self.iters = max(50, int(seconds / per))
+
+
+# ----------------------------------------------------------------------------- 2-rank phase
+
+
+def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import dckpt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    model, optim = build(width_for(opts["params_m"]), mesh)
+    dcp_pg = dist.new_group(backend="gloo")  # DCP's background collectives go here
+    tensors = local_tensors(model, optim)
+    local_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    floor_bufs = [torch.empty_like(t) for t in tensors]
+    for b, t in zip(floor_bufs, tensors):
+        b.copy_(t)  # touch: preallocated, as in a real staging pool
+    compute = Compute()
+    seq = [0]
+
+    def new_path(tag: str) -> str:
+        seq[0] += 1
+        return os.path.join(run_dir, f"{tag}-{seq[0]}")
+
+    # Each system: start an async save; return (blocking seconds, handle-like, path).
+    def start_dckpt() -> tuple[float, Any, str]:
+        path = new_path("dckpt")
+        dist.barrier()
+        t0 = time.perf_counter()
+        h = dckpt.async_save({"model": model, "optimizer": optim}, path)
+        return time.perf_counter() - t0, h.result, path
+
+    def start_dcp() -> tuple[float, Any, str]:
+        path = new_path("dcp")
+        dist.barrier()
+        t0 = time.perf_counter()
+        msd, osd = get_state_dict(model, optim)
+        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path,
+                             process_group=dcp_pg)
+        block = time.perf_counter() - t0
+        res = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse or Future
+        return block, res.result, path
+
+    starts = {"dckpt": start_dckpt, "dcp": start_dcp}
+    R: dict[str, Any] = {"local_bytes": local_bytes, "first": {}, "first_total": {},
+                         "block": {"dckpt": [], "dcp": []}, "floor": [],
+                         "frac": {"dckpt": [], "dcp": []}, "base": [],
+                         "total": {"dckpt": [], "dcp": []}}
+
+    def log(msg: str) -> None:
+        if rank == 0 and not opts["quiet"]:
+            print(f"  [{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    # ---- first saves (dckpt first: shared first-call costs land on it)
+    for system in ("dckpt", "dcp"):
+        t0 = time.perf_counter()
+        block, wait, path = starts[system]()
+        wait()
+        total = time.perf_counter() - t0
+        R["first"][system] = max(gather(block))
+        R["first_total"][system] = max(gather(total))
+        rmtree_collective(path)
+        log(f"first {system}: blocking {R['first'][system]:.3f} s, to commit {R['first_total'][system]:.3f} s")
+
+    # ---- warm-up (second saves) and compute sizing
+    longest = 0.0
+    for system in ("dckpt", "dcp"):
+        t0 = time.perf_counter()
+        block, wait, path = starts[system]()
+        wait()
+        longest = max(longest, max(gather(time.perf_counter() - t0)))
+        rmtree_collective(path)
+    compute.calibrate(max(0.3, min(60.0, longest * opts["compute_factor"])))
+    iters = max(gather(compute.iters))
+    compute.iters = iters
+    R["compute_iters"] = iters
+    log(f"warm-up done; compute loop {iters} x mm{MM} (~{longest * opts['compute_factor']:.2f} s)")
+
+    # ---- measured rounds
+    for rnd in range(opts["rounds"]):
+        order = ["dckpt", "dcp"] if rnd % 2 == 0 else ["dcp", "dckpt"]
+        # floor: copy_ of the local state into preallocated buffers
+        dist.barrier()
+        t0 = time.perf_counter()
+        for b, t in zip(floor_bufs, tensors):
+            b.copy_(t)
+        R["floor"].append(max(gather(time.perf_counter() - t0)))
+        # baseline compute, nothing running
+        dist.barrier()
+        R["base"].append(max(gather(compute.run())))
+        for system in order:
+            t0 = time.perf_counter()
+            block, wait, path = starts[system]()
+            c = compute.run()
+            wait()
+            total = time.perf_counter() - t0
+            b_all, c_all, t_all = zip(*gather((block, c, total)))
+            R["block"][system].append(max(b_all))
+            R["frac"][system].append(min(R["base"][-1] / x for x in c_all))
+            R["total"][system].append(max(t_all))
+            rmtree_collective(path)
+        log(f"round {rnd + 1}/{opts['rounds']}: " + ", ".join(
+            f"{s} block {R['block'][s][-1]:.3f} s compute x{R['frac'][s][-1]:.2f}"
+            for s in ("dckpt", "dcp")) + f", floor {R['floor'][-1]:.3f} s")
+
+    # ---- memory: 10 consecutive dckpt async saves
+    series = []
+    for i in range(10):
+        block, wait, path = starts["dckpt"]()
+        wait()
+        rmtree_collective(path)
+        gc.collect()
+        series.append(gather(vm_rss()))
+    R["rss"] = [max(r) for r in series]
+    R["rss_growth"] = max(series[9][r] - series[1][r] for r in range(world))
+    log("memory series done")
+    dckpt.wait()
+    return R
+
+
+# ----------------------------------------------------------------------------- scale phase
+
+
+def scale(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    import dckpt
+
+    rank = dist.get_rank()
+    small = {f"r{rank}.t{i:05d}": torch.full((1,), float(i)) for i in range(opts["scale_count"])}
+    seq = [0]
+
+    def one(fn: Any) -> float:
+        seq[0] += 1
+        path = os.path.join(run_dir, f"scale-{seq[0]}")
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn(path)
+        dist.barrier()
+        t = time.perf_counter() - t0
+        rmtree_collective(path)
+        return t
+
+    systems = {
+        "dckpt save": lambda p: dckpt.save({"small": small}, p),
+        "dckpt async_save": lambda p: dckpt.async_save({"small": small}, p).result(),
+        "DCP save": lambda p: dcp.save({"small": small}, checkpoint_id=p),
+        "DCP save, plan caching": lambda p: dcp.save(
+            {"small": small}, checkpoint_id=p,
+            planner=DefaultSavePlanner(enable_plan_caching=True)),
+    }
+    out: dict[str, Any] = {}
+    for name, fn in systems.items():
+        first = one(fn)
+        rep = [one(fn) for _ in range(opts["scale_repeats"])]
+        out[name] = {"first": first, "repeat": rep}
+        if rank == 0 and not opts["quiet"]:
+            print(f"  [{time.strftime('%H:%M:%S')}] scale {name}: first {first:.3f} s, "
+                  f"repeat {statistics.median(rep):.3f} s", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def worker(rank: int, world: int, port: int, mode: str, opts: dict[str, Any], run_dir: str,
+           q: Any) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = bench(opts, run_dir) if mode == "bench" else scale(opts, run_dir)
+        if rank == 0:
+            q.put(("ok", res))
+    except BaseException:
+        q.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def launch(mode: str, world: int, opts: dict[str, Any], run_dir: str) -> Any:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=worker, args=(r, world, port, mode, opts, run_dir, q),
+                         daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        while True:
+            try:
+                kind, payload = q.get(timeout=1.0)
+            except Exception:  # queue.Empty
+                kind = None
+            if kind == "ok":
+                for p in procs:
+                    p.join(timeout=120)
+                return payload
+            if kind == "error":
+                raise RuntimeError(f"{mode} phase failed on {payload}")
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"{mode} phase: a rank exited with code {dead[0].exitcode}")
+            if all(p.exitcode == 0 for p in procs):
+                raise RuntimeError(f"{mode} phase: ranks exited without a result")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(res: dict[str, Any] | None, sc: dict[str, Any] | None, opts: dict[str, Any]) -> str:
+    L: list[str] = []
+    if res is not None:
+        mb = res["local_bytes"] / 2**20
+        L.append(f"== async save, 2 gloo ranks, {opts['params_m']:g}M params, local state "
+                 f"{mb:.0f} MiB/rank, {opts['rounds']} rounds, dir {opts['dir']} ==")
+        L.append(f"  {'figure':<40}{'dckpt':>10}{'DCP':>10}{'floor':>10}   n   (s; median, max over ranks)")
+        f, b = res["first"], res["block"]
+        L.append(f"  {'first async_save, blocking':<40}{f['dckpt']:>10.3f}{f['dcp']:>10.3f}{'':>10}   1")
+        L.append(f"  {'first async_save, to commit':<40}{res['first_total']['dckpt']:>10.3f}"
+                 f"{res['first_total']['dcp']:>10.3f}{'':>10}   1")
+        L.append(f"  {'later async_save, blocking':<40}{med(b['dckpt']):>10.3f}{med(b['dcp']):>10.3f}"
+                 f"{med(res['floor']):>10.3f}{len(b['dckpt']):>4}")
+        mm = [f"{min(x):.3f}-{max(x):.3f}" for x in (b["dckpt"], b["dcp"], res["floor"])]
+        L.append(f"  {'  later blocking, min-max':<40}dckpt {mm[0]}, DCP {mm[1]}, floor {mm[2]}")
+        L.append(f"  {'later, call to commit (with compute)':<40}{med(res['total']['dckpt']):>10.3f}"
+                 f"{med(res['total']['dcp']):>10.3f}")
+        fr = res["frac"]
+        L.append(f"  {'compute speed during the write':<40}{med(fr['dckpt']):>10.2f}{med(fr['dcp']):>10.2f}"
+                 f"{'':>10}{len(fr['dckpt']):>4}   (x of no-save speed, "
+                 f"{res['compute_iters']} mm{MM}, {med(res['base']):.2f} s alone)")
+        rss = res["rss"]
+        L.append("  VmRSS after each of 10 dckpt async saves (MiB, max over ranks): "
+                 + " ".join(f"{r / 2**20:.0f}" for r in rss))
+        growth = res["rss_growth"]
+        L.append(f"  VmRSS growth save 2 -> 10: {growth / 2**20:+.1f} MiB "
+                 f"({100 * growth / res['local_bytes']:+.2f}% of the local state)")
+        L.append("")
+        L.append("  targets (informative)")
+        r1 = f["dckpt"] / f["dcp"]
+        L.append(f"    first blocking  dckpt/DCP      {r1:6.2f}x  (<= 0.50x)  {verdict(r1 <= 0.5)}")
+        r2 = med(b["dckpt"]) / med(b["dcp"])
+        L.append(f"    later blocking  dckpt/DCP      {r2:6.2f}x  (<= 1.00x)  {verdict(r2 <= 1.0)}")
+        r3 = med(b["dckpt"]) / med(res["floor"])
+        L.append(f"    later blocking  dckpt/floor    {r3:6.2f}x  (<= 1.50x)  {verdict(r3 <= 1.5)}")
+        d, c = med(fr["dckpt"]), med(fr["dcp"])
+        L.append(f"    compute speed   dckpt vs DCP   {d:.2f} vs {c:.2f}  (dckpt >= DCP)  {verdict(d >= c)}")
+        tol = max(16 * 2**20, 0.02 * res["local_bytes"])
+        L.append(f"    VmRSS flat      growth {growth / 2**20:+.1f} MiB (<= {tol / 2**20:.0f} MiB: "
+                 f"max(16 MiB, 2% of state))  {verdict(growth <= tol)}")
+    if sc is not None:
+        L.append("")
+        L.append(f"== scale: coordination cost, {opts['scale_ranks']} gloo ranks x "
+                 f"{opts['scale_count']} one-element tensors/rank (call + barrier, s) ==")
+        L.append(f"  {'system':<28}{'first':>9}{'repeat':>9}{'min':>8}{'max':>8}  n  first/repeat")
+        for name, v in sc.items():
+            rep = v["repeat"]
+            L.append(f"  {name:<28}{v['first']:>9.3f}{med(rep):>9.3f}{min(rep):>8.3f}{max(rep):>8.3f}"
+                     f"{len(rep):>3}  {v['first'] / med(rep):6.1f}x")
+        dk, dc = sc.get("dckpt save"), sc.get("DCP save")
+        if dk and dc:
+            best = min(med(sc[k]["repeat"]) for k in sc if k.startswith("DCP"))
+            L.append(f"  dckpt save vs DCP save: first {dc['first'] / dk['first']:.1f}x faster, "
+                     f"repeat {med(dc['repeat']) / med(dk['repeat']):.1f}x faster "
+                     f"({best / med(dk['repeat']):.1f}x vs DCP's best repeat)")
+    return "\n".join(L)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="/dev/shm", help="where checkpoints go (default /dev/shm)")
+    ap.add_argument("--params-m", type=float, default=100.0, help="model size, millions of params")
+    ap.add_argument("--rounds", type=int, default=5, help="measured rounds after a warm-up")
+    ap.add_argument("--compute-factor", type=float, default=1.5,
+                    help="compute loop length as a multiple of the slower warm-up save")
+    ap.add_argument("--scale-ranks", type=int, default=8)
+    ap.add_argument("--scale-count", type=int, default=20000, help="tiny tensors per rank")
+    ap.add_argument("--scale-repeats", type=int, default=3)
+    ap.add_argument("--no-scale", action="store_true", help="skip the 8-rank scale phase")
+    ap.add_argument("--only-scale", action="store_true", help="run only the scale phase")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--quiet", action="store_true")
+    opts = vars(ap.parse_args())
+    run_dir = tempfile.mkdtemp(prefix="dckpt-bench-async-", dir=opts["dir"])
+    res = sc = None
+    try:
+        if not opts["only_scale"]:
+            res = launch("bench", 2, opts, run_dir)
+            print(report(res, None, opts), flush=True)  # before the (long) scale phase
+            dump(opts, res, sc)
+        if not opts["no_scale"]:
+            sc = launch("scale", opts["scale_ranks"], opts, run_dir)
+            print(report(None, sc, opts), flush=True)
+            dump(opts, res, sc)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def dump(opts: dict[str, Any], res: Any, sc: Any) -> None:
+    if opts["json"]:
+        with open(opts["json"], "w") as f:
+            json.dump({"opts": opts, "bench": res, "scale": sc}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

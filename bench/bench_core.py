@@ -1,0 +1,1108 @@
+#!/usr/bin/env python
+"""Core benchmark: dckpt against torch DCP, torch_checkpointing and a plain-write floor.
+
+An FSDP2 model (a stack of Linear layers, about ``--params-m`` million parameters) plus
+Adam, after one training step, on ``--world-size`` gloo ranks on the CPU. In ONE run,
+systems alternate round by round (the starting system rotates each round) after a
+warm-up round that is not counted; every figure is the median over ``--rounds`` rounds
+of the wall time of the collective call (barrier, call, barrier; measured on rank 0).
+
+Figures
+  * durable save   dckpt(durable=True) / DCP defaults (fsyncs) / torch_checkpointing
+                   (sync saver, as it is) / floor: each rank's local shard bytes written
+                   by ``--floor-threads`` threads, one file each, then fsync
+  * first load     load right after the save, into a freshly built model+optimizer
+  * warm load      a second load of the same checkpoint (page cache warm) into another
+                   freshly built model+optimizer
+  * small tensors  ``--small-count`` plain fp32 tensors of 64-256 elements per rank,
+                   keys distinct per rank (``small.r<rank>.t<i>``), every system's default
+  * non-durable    dckpt(durable=False) / DCP(sync_files=False, informative) /
+                   torch_checkpointing save (same measurement as above: it never fsyncs) /
+                   floor without fsync
+  * memory         peak RSS (VmHWM) during a load above the RSS after building the target
+                   model+optimizer, per rank, as a fraction of that rank's local state; in
+                   fresh processes (one pair per system, after the timed rounds) and, for
+                   information, inside the timed run (glibc trimmed before each baseline)
+
+    python bench/bench_core.py                       # default: 100M params, 5 rounds, /dev/shm
+    python bench/bench_core.py --params-m 10 --rounds 2 --small-count 2000   # quick
+    python bench/bench_core.py --dir /var/tmp        # on disk
+    python bench/bench_core.py --profile             # where dckpt's save/load time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+LAYERS = 24
+BATCH = 8
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Stack(nn.Module):
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def width_for(params_m: float) -> int:
+    """Width of a LAYERS-deep stack with about ``params_m`` million parameters (x64)."""
+    w = (params_m * 1e6 / LAYERS) ** 0.5
+    return max(64, round(w / 64) * 64)
+
+
+def build(width: int, mesh: Any, *, trained: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """FSDP2 model + Adam whose state exists.
+
+    ``trained``: real init and one real training step (the state that gets saved).
+    Otherwise a fresh load target: meta init, materialised and touched (filled), and Adam
+    state created by one step on zero gradients, so a load finds every tensor allocated,
+    as after a restart's first ``get_state_dict``.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if trained:
+        torch.manual_seed(0)
+        model = Stack(width, LAYERS)
+    else:
+        with torch.device("meta"):
+            model = Stack(width, LAYERS)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if not trained:
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.to_local().fill_(0.5)
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if trained:
+        torch.manual_seed(1)
+        loss = model(torch.randn(BATCH, width)).square().mean()
+        loss.backward()
+    else:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    return model, optim
+
+
+def local_tensors(model: nn.Module, optim: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Every tensor of the model+optimizer state as this rank holds it (local shards)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
+
+    msd, osd = get_state_dict(model, optim)
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, DTensor):
+            out[key] = node.to_local()
+        elif isinstance(node, torch.Tensor):
+            out[key] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{key}.{i}")
+
+    walk(msd, "model")
+    walk(osd, "optim")
+    return out
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str:
+    """'' when equal, else a short description of the first differences."""
+    if a.keys() != b.keys():
+        return f"keys differ: {sorted(a.keys() ^ b.keys())[:5]}"
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    return f"{len(bad)} tensors differ, e.g. {bad[:3]}" if bad else ""
+
+
+def small_state(rank: int, count: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + rank)
+    sizes = torch.randint(64, 257, (count,), generator=g).tolist()
+    return {f"r{rank}.t{i:05d}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+_libc = None
+
+
+def settle_memory() -> int:
+    """Collect garbage, give freed heap back to the OS, reset the peak; returns VmRSS."""
+    global _libc
+    gc.collect()
+    with contextlib.suppress(Exception):
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+    return _status()["VmRSS"]
+
+
+def peak_rss() -> int:
+    return _status()["VmHWM"]
+
+
+# ----------------------------------------------------------------------------- systems
+
+
+def _rmtree_collective(path: str) -> None:
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
+class Systems:
+    """The save/load calls of every system, over this rank's state."""
+
+    def __init__(self, opts: dict[str, Any]) -> None:
+        self.opts = opts
+        self.tc_manager: Any = None
+        self.tc_error = ""
+        if not opts["no_tc"]:
+            try:
+                self.tc_manager = self._make_tc()
+            except Exception as exc:
+                self.tc_error = f"{type(exc).__name__}: {exc}"
+
+    # -- dckpt
+    def dckpt_save(self, model: Any, optim: Any, path: str, *, durable: bool = True) -> None:
+        import dckpt
+
+        dckpt.save({"model": model, "optimizer": optim}, path, durable=durable)
+
+    def dckpt_load(self, model: Any, optim: Any, path: str) -> None:
+        import dckpt
+
+        dckpt.load({"model": model, "optimizer": optim}, path)
+
+    def dckpt_save_small(self, small: dict[str, torch.Tensor], path: str) -> None:
+        import dckpt
+
+        dckpt.save({"small": small}, path)
+
+    # -- torch DCP (defaults: FileSystemWriter, sync_files=True)
+    def dcp_save(self, model: Any, optim: Any, path: str, *, durable: bool = True) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, optim)
+        if durable:
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        else:
+            writer = dcp.FileSystemWriter(path, sync_files=False)
+            dcp.save({"model": msd, "optim": osd}, storage_writer=writer)
+
+    def dcp_load(self, model: Any, optim: Any, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(model, optim)
+        sd = {"model": msd, "optim": osd}
+        dcp.load(sd, checkpoint_id=path)
+        set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+    def dcp_save_small(self, small: dict[str, torch.Tensor], path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"small": small}, checkpoint_id=path)
+
+    # -- torch_checkpointing (sync saver; buffered I/O because O_DIRECT fails here)
+    @staticmethod
+    def _make_tc() -> Any:
+        from torch_checkpointing import CheckpointManager
+        from torch_checkpointing.config import SyncCheckpointSaverConfig
+        from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+
+        cfg = CheckpointManager.Config(
+            save=SyncCheckpointSaverConfig(),
+            storage_config=LocalFileSystemStorageConfig(use_direct_io=False),
+        )
+        return CheckpointManager(cfg)
+
+    def tc_save(self, model: Any, optim: Any, path: str) -> None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, optim)
+        self.tc_manager.save(path, {"model": msd, "optim": osd})
+
+    def tc_load(self, model: Any, optim: Any, path: str) -> None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(model, optim)
+        out = self.tc_manager.load(path, into={"model": msd, "optim": osd})
+        set_state_dict(model, optim, model_state_dict=out["model"], optim_state_dict=out["optim"])
+
+    def tc_save_small(self, small: dict[str, torch.Tensor], path: str) -> None:
+        self.tc_manager.save(path, {"small": small})
+
+    def close(self) -> None:
+        if self.tc_manager is not None:
+            with contextlib.suppress(Exception):
+                self.tc_manager.close()
+
+
+def floor_write(path: str, buffers: list[list[memoryview]], *, fsync: bool) -> None:
+    """Each buffer group to its own file from its own thread, then (optionally) fsync."""
+    os.makedirs(path, exist_ok=True)
+    rank = dist.get_rank()
+
+    def one(i: int) -> None:
+        fd = os.open(f"{path}/floor-{rank}-{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            pending = list(buffers[i])
+            while pending:
+                batch = pending[:512]
+                n = os.writev(fd, batch)
+                j = 0
+                while j < len(batch) and n >= batch[j].nbytes:
+                    n -= batch[j].nbytes
+                    j += 1
+                pending = pending[j:]
+                if n:
+                    pending[0] = pending[0][n:]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(len(buffers)) as pool:
+        list(pool.map(one, range(len(buffers))))
+
+
+def floor_buffers(tensors: dict[str, torch.Tensor], n: int) -> list[list[memoryview]]:
+    groups: list[list[memoryview]] = [[] for _ in range(n)]
+    load = [0] * n
+    for t in sorted(tensors.values(), key=lambda t: -t.nbytes):
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        i = load.index(min(load))
+        groups[i].append(memoryview(flat))
+        load[i] += t.nbytes
+    return [g for g in groups if g] or [[]]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
+def all_ok(ok: bool) -> bool:
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def gather(value: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    width = width_for(opts["params_m"])
+    orig_model, orig_optim = build(width, mesh, trained=True)
+    orig_local = local_tensors(orig_model, orig_optim)
+    local_bytes = sum(t.nbytes for t in orig_local.values())
+    n_params = sum(p.numel() for p in orig_model.parameters())
+    small = small_state(rank, opts["small_count"])
+    small_bytes = sum(t.nbytes for t in small.values())
+    buffers = floor_buffers(orig_local, opts["floor_threads"])
+    sysm = Systems(opts)
+    tc_ok = all_ok(sysm.tc_manager is not None)
+    errors: dict[str, str] = {}
+    if not tc_ok:
+        errors["torch_checkpointing"] = "could not be set up: " + (
+            sysm.tc_error or "disabled (--no-tc) or failed on another rank"
+        )
+
+    big = ["dckpt", "dcp"] + (["tc"] if tc_ok else [])
+    save_fn = {
+        "dckpt": lambda p: sysm.dckpt_save(orig_model, orig_optim, p),
+        "dcp": lambda p: sysm.dcp_save(orig_model, orig_optim, p),
+        "tc": lambda p: sysm.tc_save(orig_model, orig_optim, p),
+    }
+    load_fn = {"dckpt": sysm.dckpt_load, "dcp": sysm.dcp_load, "tc": sysm.tc_load}
+    small_fn = {
+        "dckpt": sysm.dckpt_save_small,
+        "dcp": sysm.dcp_save_small,
+        "tc": sysm.tc_save_small,
+    }
+    nd_fn = {
+        "dckpt": lambda p: sysm.dckpt_save(orig_model, orig_optim, p, durable=False),
+        "dcp": lambda p: sysm.dcp_save(orig_model, orig_optim, p, durable=False),
+        "floor": lambda p: floor_write(p, buffers, fsync=False),
+    }
+
+    times: dict[str, dict[str, list[float]]] = {
+        f: {} for f in ("save", "load_first", "load_warm", "small", "nondurable")
+    }
+    mem_inrun: dict[str, list[int]] = {}
+    verified: dict[str, str] = {}
+    keep: dict[str, str] = {}  # last round's checkpoints, for the fresh-process memory phase
+    total_rounds = opts["rounds"] + 1
+
+    def record(fig: str, system: str, rnd: int, t: float) -> None:
+        if rnd > 0:
+            times[fig].setdefault(system, []).append(t)
+
+    def log(msg: str) -> None:
+        if rank == 0 and not opts["quiet"]:
+            print(msg, flush=True)
+
+    def run_tc_guarded(fn: Callable[[], Any]) -> float | None:
+        """torch_checkpointing may not work here at all: report it and drop it."""
+        nonlocal big
+        err = ""
+        t = 0.0
+        try:
+            t = timed(fn)
+        except Exception as exc:
+            err = f"{type(exc).__name__}: {exc}"
+        if all_ok(not err):
+            return t
+        errs = [e for e in gather(err) if e]
+        errors["torch_checkpointing"] = errs[0] if errs else "failed on another rank"
+        log(f"  torch_checkpointing failed, continuing without it: {errors['torch_checkpointing']}")
+        big = [s for s in big if s != "tc"]
+        return None
+
+    for rnd in range(total_rounds):
+        last = rnd == total_rounds - 1
+        tag = "warm-up" if rnd == 0 else f"round {rnd}/{opts['rounds']}"
+        log(f"[{tag}]")
+        shift = rnd % len(big)
+        order = big[shift:] + big[:shift]
+        for s in list(order):
+            if s not in big:
+                continue
+            path = f"{run_dir}/{s}-r{rnd}"
+            if s == "tc":
+                t = run_tc_guarded(lambda p=path: save_fn["tc"](p))
+                if t is None:
+                    _rmtree_collective(path)
+                    continue
+            else:
+                t = timed(lambda p=path, s=s: save_fn[s](p))
+            record("save", s, rnd, t)
+            if s == "tc":  # it never fsyncs: its save is also its non-durable save
+                record("nondurable", "tc", rnd, t)
+            # first load, then a second (warm) one, each into a freshly built target
+            tm, to = build(width, mesh, trained=False)
+            t1 = timed(lambda f=load_fn[s], m=tm, o=to, p=path: f(m, o, p))
+            del tm, to
+            tm, to = build(width, mesh, trained=False)
+            base = settle_memory()
+            t2 = timed(lambda f=load_fn[s], m=tm, o=to, p=path: f(m, o, p))
+            deltas = gather(peak_rss() - base)
+            if rnd == 0:
+                verified[s] = same_state(local_tensors(tm, to), orig_local)
+                if verified[s] and rank == 0:
+                    print(f"  WARNING: {s} load did not restore the state: {verified[s]}")
+            del tm, to
+            record("load_first", s, rnd, t1)
+            record("load_warm", s, rnd, t2)
+            if rnd > 0:
+                mem_inrun.setdefault(s, []).append(max(deltas))
+            log(f"  {s:6s} save {t:7.3f}s  load {t1:7.3f}s  warm load {t2:7.3f}s")
+            if last and s in ("dckpt", "dcp", "tc"):
+                keep[s] = path
+            else:
+                _rmtree_collective(path)
+
+        # floor, durable (fsync) - part of the durable-save figure
+        path = f"{run_dir}/floor-r{rnd}"
+        t = timed(lambda p=path: floor_write(p, buffers, fsync=True))
+        record("save", "floor", rnd, t)
+        _rmtree_collective(path)
+
+        # non-durable saves
+        nd = ["dckpt", "dcp", "floor"]
+        nd = nd[rnd % 3 :] + nd[: rnd % 3]
+        got = {}
+        for s in nd:
+            path = f"{run_dir}/nd-{s}-r{rnd}"
+            got[s] = timed(lambda p=path, s=s: nd_fn[s](p))
+            record("nondurable", s, rnd, got[s])
+            _rmtree_collective(path)
+        log("  non-durable " + "  ".join(f"{s} {v:.3f}s" for s, v in got.items()))
+
+        # many small tensors
+        sm = [s for s in big]
+        shift = rnd % len(sm)
+        for s in sm[shift:] + sm[:shift]:
+            path = f"{run_dir}/small-{s}-r{rnd}"
+            if s == "tc":
+                t = run_tc_guarded(lambda p=path: small_fn["tc"](small, p))
+                if t is None:
+                    _rmtree_collective(path)
+                    continue
+            else:
+                t = timed(lambda p=path, s=s: small_fn[s](small, p))
+            record("small", s, rnd, t)
+            _rmtree_collective(path)
+            log(f"  small  {s:6s} {t:7.3f}s")
+
+    sysm.close()
+    return {
+        "world_size": world,
+        "params": n_params,
+        "width": width,
+        "layers": LAYERS,
+        "local_state_bytes": max(gather(local_bytes)),
+        "total_state_bytes": sum(gather(local_bytes)),
+        "small_count_per_rank": opts["small_count"],
+        "small_bytes_per_rank": small_bytes,
+        "floor_threads": len(buffers),
+        "times": times,
+        "mem_inrun": mem_inrun,
+        "verified": verified,
+        "errors": errors,
+        "keep": keep,
+        "systems": big,
+    }
+
+
+def memory_phase(opts: dict[str, Any], system: str, path: str) -> dict[str, Any]:
+    """In a fresh process: build the target, reset the peak, load once, report the rise."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    width = width_for(opts["params_m"])
+    sysm = Systems({**opts, "no_tc": system != "tc"})
+    model, optim = build(width, mesh, trained=False)
+    local = sum(t.nbytes for t in local_tensors(model, optim).values())
+    fn = {"dckpt": sysm.dckpt_load, "dcp": sysm.dcp_load, "tc": sysm.tc_load}[system]
+    base = settle_memory()
+    dist.barrier()
+    fn(model, optim, path)
+    dist.barrier()
+    rise = peak_rss() - base
+    sysm.close()
+    return {"rise": gather(rise), "local": gather(local)}
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+class Probe:
+    """Time accumulated around named functions (summed over calls and threads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.acc: dict[str, list[float]] = {}
+        self.undo: list[tuple[Any, str, Any]] = []
+        self.skipped: list[str] = []
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        orig = getattr(owner, name)
+        probe = self
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                with probe.lock:
+                    slot = probe.acc.setdefault(label, [0.0, 0])
+                    slot[0] += dt
+                    slot[1] += 1
+
+        setattr(owner, name, wrapper)
+        self.undo.append((owner, name, orig))
+
+    def reset(self) -> None:
+        self.acc = {}
+
+    def restore(self) -> None:
+        for owner, name, orig in reversed(self.undo):
+            setattr(owner, name, orig)
+
+
+def install_probes() -> Probe:
+    """Wrap the engine's stages by name; names the engine no longer has are skipped."""
+    import importlib
+
+    p = Probe()
+    specs = [
+        # save
+        ("dckpt._async", "drain", "save: drain pending async save"),
+        ("dckpt._save", "coordinator_for", "save: coordinator_for (store client)"),
+        ("dckpt._save", "stage", "save: stage (resolve + chunks)"),
+        ("dckpt._save", "resolve", "save:   resolve (get_state_dict + flatten)"),
+        ("dckpt._save", "checksum_plain", "save: checksum_plain (crc of plain tensors)"),
+        ("dckpt._save", "offer_for", "save: offer_for (chunks, replica crcs)"),
+        ("dckpt._save", "_plan_from", "save: _plan_from (rank 0, plan cache)"),
+        ("dckpt._save", "plan_save", "save:   plan_save (rank 0, cache miss)"),
+        ("dckpt._save", "structure_key", "save:   structure_key"),
+        ("dckpt._save", "divergent_keys", "save:   divergent_keys (rank 0)"),
+        ("dckpt._save", "with_save_id", "save:   with_save_id (rank 0, cache hit)"),
+        ("dckpt._coord", "_encode", "save/load: coord _encode (pickle payload)"),
+        ("dckpt._save", "write_rank", "save: write_rank (wall)"),
+        ("dckpt._write", "host_bytes", "save:   host_bytes [threads]"),
+        ("dckpt._write", "block_crcs", "save:   crc32c of written data [threads]"),
+        ("dckpt._storage._LocalWriter", "write", "save:   writev [threads]"),
+        ("dckpt._storage._LocalWriter", "close", "save:   close+fsync [threads]"),
+        ("dckpt._storage.LocalStorage", "open_writer", "save:   open_writer [threads]"),
+        ("dckpt._save", "build_manifest", "save: build_manifest (rank 0)"),
+        ("dckpt._save", "manifest_to_bytes", "save: manifest_to_bytes (rank 0)"),
+        ("dckpt._storage.LocalStorage", "sync_dir", "save/load: sync_dir"),
+        ("dckpt._save", "commit", "save: commit (rank 0)"),
+        # load
+        ("dckpt._load", "coordinator_for", "load: coordinator_for (store client)"),
+        ("dckpt._load", "read_manifest", "load: read_manifest + parse"),
+        ("dckpt._load", "resolve", "load: resolve (get_state_dict + flatten)"),
+        ("dckpt._load", "plan_load", "load: plan_load"),
+        ("dckpt._load", "check_files", "load: check_files (stat)"),
+        ("dckpt._load", "execute_reads", "load: execute_reads (wall)"),
+        ("dckpt._read._Source", "read", "load:   preadv [threads]"),
+        ("dckpt._read", "_check", "load:   crc32c verify [threads]"),
+        # both
+        ("dckpt._state._ModuleState", "state_dict", "get_model_state_dict"),
+        ("dckpt._state.OptimizerState", "state_dict", "get_optimizer_state_dict"),
+        ("dckpt._state._ModuleState", "load_state_dict", "load: set_model_state_dict"),
+        ("dckpt._state.OptimizerState", "load_state_dict", "load: set_optimizer_state_dict"),
+        ("dckpt._coord.Coordinator", "_exchange", "exchange total (local work + waits)"),
+    ]
+    for where, name, label in specs:
+        # "pkg.module" or "pkg.module.Class"
+        parts = where.split(".")
+        try:
+            if parts[-1].lstrip("_")[:1].isupper():  # a class
+                owner = getattr(importlib.import_module(".".join(parts[:-1])), parts[-1])
+            else:
+                owner = importlib.import_module(where)
+            getattr(owner, name)
+        except (ImportError, AttributeError):
+            p.skipped.append(f"{where}.{name}")
+            continue
+        p.wrap(owner, name, label)
+    return p
+
+
+def profile_phase(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """After a warm-up, per operation: a plain run, a run under probes, one under cProfile."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    width = width_for(opts["params_m"])
+    model, optim = build(width, mesh, trained=True)
+    tm, to = build(width, mesh, trained=False)
+    small = small_state(rank, opts["small_count"])
+    sysm = Systems({**opts, "no_tc": True})
+    counter = [0]
+
+    class Probes:
+        def __init__(self) -> None:
+            self.p = install_probes()
+
+        def stop(self) -> None:
+            self.p.restore()
+
+    class Profiler:
+        def __init__(self) -> None:
+            self.p = cProfile.Profile() if rank == 0 else None
+            if self.p is not None:
+                self.p.enable()
+
+        def stop(self) -> None:
+            if self.p is not None:
+                self.p.disable()
+
+    def op(what: str, tool_factory: Any = None) -> tuple[float, Any]:
+        """One dckpt call; a load's checkpoint is saved first, outside the measurement."""
+        counter[0] += 1
+        path = f"{run_dir}/prof-{counter[0]}"
+        if what == "load":
+            sysm.dckpt_save(model, optim, path)
+        dist.barrier()
+        tool = tool_factory() if tool_factory is not None else None
+        t0 = time.perf_counter()
+        if what == "save":
+            sysm.dckpt_save(model, optim, path)
+        elif what == "load":
+            sysm.dckpt_load(tm, to, path)
+        else:
+            sysm.dckpt_save_small(small, path)
+        wall = time.perf_counter() - t0
+        if tool is not None:
+            tool.stop()
+        _rmtree_collective(path)
+        return wall, tool
+
+    for what in ("save", "load", "small"):  # warm-up: imports, plan cache, thread pools
+        op(what)
+    out: dict[str, Any] = {}
+    for what in ("save", "load", "small"):
+        plain, _ = op(what)
+        probed, probes = op(what, Probes)
+        _, prof = op(what, Profiler)
+        s, s2 = io.StringIO(), io.StringIO()
+        if prof.p is not None:
+            pstats.Stats(prof.p, stream=s).sort_stats("cumulative").print_stats(35)
+            pstats.Stats(prof.p, stream=s2).sort_stats("tottime").print_stats(20)
+        out[what] = {
+            "wall": gather(plain),
+            "wall_probed": gather(probed),
+            "probes": gather({k: tuple(v) for k, v in probes.p.acc.items()}),
+            "skipped": probes.p.skipped,
+            "cprofile_cumulative": s.getvalue(),
+            "cprofile_tottime": s2.getvalue(),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def worker(
+    rank: int,
+    world: int,
+    port: int,
+    mode: str,
+    opts: dict[str, Any],
+    run_dir: str,
+    extra: Any,
+    q: Any,
+) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        if mode == "bench":
+            res = bench(opts, run_dir)
+        elif mode == "memory":
+            res = memory_phase(opts, extra[0], extra[1])
+        else:
+            res = profile_phase(opts, run_dir)
+        if rank == 0:
+            q.put(("ok", res))
+    except BaseException:
+        q.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(mode: str, opts: dict[str, Any], run_dir: str, extra: Any = None) -> Any:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    world = opts["world_size"]
+    procs = [
+        ctx.Process(
+            target=worker, args=(r, world, port, mode, opts, run_dir, extra, q), daemon=True
+        )
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    result: Any = None
+    try:
+        while True:
+            try:
+                kind, payload = q.get(timeout=1.0)
+            except Exception:  # queue.Empty
+                kind = None
+            if kind == "ok":
+                result = payload
+                break
+            if kind == "error":
+                raise RuntimeError(f"{mode} phase failed on {payload}")
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"{mode} phase: a rank exited with code {dead[0].exitcode}")
+            if all(p.exitcode == 0 for p in procs):
+                raise RuntimeError(f"{mode} phase: ranks exited without a result")
+        for p in procs:
+            p.join(timeout=120)
+        return result
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+# ----------------------------------------------------------------------------- report
+
+NAMES = {
+    "dckpt": "dckpt",
+    "dcp": "torch DCP",
+    "tc": "torch_checkpointing",
+    "floor": "floor",
+}
+
+
+def med(xs: list[float] | None) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def table(title: str, rows: list[tuple[str, list[float] | None]], nbytes: int | None) -> str:
+    lines = [
+        f"== {title} ==",
+        f"  {'system':<42}{'median s':>10}{'min s':>9}{'max s':>9}{'GB/s':>8}  n",
+    ]
+    for name, xs in rows:
+        if not xs:
+            lines.append(f"  {name:<42}{'-':>10}")
+            continue
+        m = statistics.median(xs)
+        gbs = f"{nbytes / m / 1e9:8.2f}" if nbytes else f"{'':>8}"
+        lines.append(f"  {name:<42}{m:10.3f}{min(xs):9.3f}{max(xs):9.3f}{gbs}  {len(xs)}")
+    return "\n".join(lines)
+
+
+def ratio_line(
+    label: str,
+    num: float | None,
+    den: float | None,
+    target: float | None,
+    *,
+    higher_better: bool = True,
+    unit: str = "x",
+) -> tuple[str, dict[str, Any]]:
+    if num is None or den is None or den == 0:
+        return f"  {label:<56}{'n/a':>9}", {"label": label, "value": None}
+    v = num / den
+    if target is None:
+        verdict, tgt = "", ""
+    else:
+        ok = v >= target if higher_better else v <= target
+        verdict = "PASS" if ok else "MISS"
+        tgt = f"(target {'>=' if higher_better else '<='} {target:g}{unit})"
+    text = f"  {label:<56}{v:8.2f}{unit} {tgt:<18} {verdict}"
+    return text, {
+        "label": label,
+        "value": v,
+        "target": target,
+        "pass": verdict == "PASS" if verdict else None,
+    }
+
+
+def report(
+    res: dict[str, Any], mem: dict[str, Any], opts: dict[str, Any], where: str
+) -> tuple[str, dict[str, Any]]:
+    t = res["times"]
+    total = res["total_state_bytes"]
+    local = res["local_state_bytes"]
+    out = [
+        f"dckpt core benchmark: {res['params'] / 1e6:.1f}M params ({res['layers']} x Linear({res['width']}, "
+        f"{res['width']})) + Adam, FSDP2 on {res['world_size']} gloo ranks (CPU, 1 thread each)",
+        f"state {total / 1e9:.2f} GB total, {local / 1e9:.3f} GB per rank; dir {where}; "
+        f"{opts['rounds']} rounds after 1 warm-up, systems alternating; wall time per collective call",
+    ]
+    if "loadavg" in res:
+        out.append(
+            f"machine: {os.cpu_count()} CPUs, 1-min load average {res['loadavg'][0]:.1f} at start, "
+            f"{res['loadavg'][1]:.1f} at end of the timed rounds (others' jobs add noise)"
+        )
+    for k, v in res["errors"].items():
+        out.append(f"NOTE {k}: {v}")
+    for s, v in res["verified"].items():
+        out.append(
+            f"load check ({NAMES[s]}): {'restored state equals the saved one' if not v else 'MISMATCH ' + v}"
+        )
+    out.append("")
+    ft = res["floor_threads"]
+    out.append(
+        table(
+            "durable save",
+            [
+                ("dckpt (durable=True)", t["save"].get("dckpt")),
+                ("torch DCP (defaults, fsync)", t["save"].get("dcp")),
+                ("torch_checkpointing (sync, no fsync)", t["save"].get("tc")),
+                (f"floor ({ft} threads, 1 file each + fsync)", t["save"].get("floor")),
+            ],
+            total,
+        )
+    )
+    out.append("")
+    out.append(
+        table(
+            "first load (right after the save; fresh target)",
+            [(NAMES[s], t["load_first"].get(s)) for s in ("dckpt", "dcp", "tc")],
+            total,
+        )
+    )
+    out.append("")
+    out.append(
+        table(
+            "warm load (2nd load of the same checkpoint; fresh target)",
+            [(NAMES[s], t["load_warm"].get(s)) for s in ("dckpt", "dcp", "tc")],
+            total,
+        )
+    )
+    out.append("")
+    nsmall = res["small_count_per_rank"]
+    out.append(
+        table(
+            f"small tensors: {nsmall} plain fp32 tensors of 64-256 elements per rank, "
+            f"distinct keys per rank ({res['small_bytes_per_rank'] / 1e6:.1f} MB/rank)",
+            [
+                ("dckpt (durable=True)", t["small"].get("dckpt")),
+                ("torch DCP (defaults)", t["small"].get("dcp")),
+                ("torch_checkpointing", t["small"].get("tc")),
+            ],
+            None,
+        )
+    )
+    out.append("")
+    out.append(
+        table(
+            "non-durable save",
+            [
+                ("dckpt (durable=False)", t["nondurable"].get("dckpt")),
+                ("torch DCP (sync_files=False) [info]", t["nondurable"].get("dcp")),
+                ("torch_checkpointing (= its save above)", t["nondurable"].get("tc")),
+                (f"floor ({ft} threads, no fsync)", t["nondurable"].get("floor")),
+            ],
+            total,
+        )
+    )
+    out.append("")
+    out.append(
+        "== load peak memory: VmHWM during one load above VmRSS after building the target, "
+        "max over ranks =="
+    )
+    out.append(f"  {'system':<42}{'fresh process':>22}{'in-run median':>22}")
+    for s in ("dckpt", "dcp", "tc"):
+        f = mem.get(s)
+        fr = f"{f['rise'] / 1e6:9.1f} MB {f['rise'] / f['local'] * 100:6.1f}%" if f else "-"
+        ir = res["mem_inrun"].get(s)
+        irs = f"{med(ir) / 1e6:9.1f} MB {med(ir) / local * 100:6.1f}%" if ir else "-"
+        out.append(f"  {NAMES[s]:<42}{fr:>22}{irs:>22}")
+    out.append(f"  (local state per rank: {local / 1e6:.1f} MB)")
+    out.append("")
+    ratios = []
+    m = {fig: {s: med(v) for s, v in d.items()} for fig, d in t.items()}
+    specs = [  # (label, figure, other system, target speedup or None)
+        ("durable save speed: dckpt vs DCP", "save", "dcp", 1.4),
+        ("durable save speed: dckpt vs floor", "save", "floor", 0.6),
+        ("durable save speed: dckpt vs torch_checkpointing", "save", "tc", None),
+        ("warm load speed: dckpt vs DCP", "load_warm", "dcp", 1.5),
+        ("warm load speed: dckpt vs torch_checkpointing", "load_warm", "tc", None),
+        ("small-tensor save speed: dckpt vs DCP", "small", "dcp", 10.0),
+        ("small-tensor save speed: dckpt vs torch_checkpointing", "small", "tc", None),
+        ("durable=False save speed: dckpt vs torch_checkpointing", "nondurable", "tc", None),
+        ("durable=False save speed: dckpt vs floor (no fsync)", "nondurable", "floor", None),
+    ]
+    out.append("== ratios (speed = other's median time / dckpt's median time) ==")
+    for label, fig, other, tgt in specs:
+        text, rec = ratio_line(label, m[fig].get(other), m[fig].get("dckpt"), tgt)
+        out.append(text)
+        ratios.append(rec)
+    f = mem.get("dckpt")
+    if f:
+        v = f["rise"] / f["local"] * 100
+        verdict = "PASS" if v <= 10 else "MISS"
+        out.append(
+            f"  {'dckpt load peak memory overhead (fresh process)':<56}{v:8.2f}% (target <= 10%)    {verdict}"
+        )
+        ratios.append(
+            {
+                "label": "dckpt load peak memory overhead %",
+                "value": v,
+                "target": 10,
+                "pass": v <= 10,
+            }
+        )
+    else:
+        ir = res["mem_inrun"].get("dckpt")
+        if ir:
+            v = med(ir) / local * 100
+            verdict = "PASS" if v <= 10 else "MISS"
+            out.append(
+                f"  {'dckpt load peak memory overhead (in run)':<56}{v:8.2f}% (target <= 10%)    {verdict}"
+            )
+            ratios.append(
+                {
+                    "label": "dckpt load peak memory overhead %",
+                    "value": v,
+                    "target": 10,
+                    "pass": v <= 10,
+                }
+            )
+    out.append("  (PASS/MISS are informative only)")
+    dump = {k: v for k, v in res.items() if k != "keep"}
+    dump.update(
+        memory_fresh=mem, ratios=ratios, options=opts, dir=where, medians=m, torch=torch.__version__
+    )
+    return "\n".join(out), dump
+
+
+def print_profile(prof: dict[str, Any]) -> str:
+    out = []
+    for what in ("save", "load", "small"):
+        p = prof[what]
+        label = "small-tensor save" if what == "small" else what
+        out.append(
+            f"===== dckpt {label}: wall per rank "
+            + ", ".join(f"{w:.3f}s" for w in p["wall"])
+            + " (probed run: "
+            + ", ".join(f"{w:.3f}s" for w in p["wall_probed"])
+            + ")"
+        )
+        if p.get("skipped"):
+            out.append(
+                "   (not in this engine version, not probed: " + ", ".join(p["skipped"]) + ")"
+            )
+        for r, acc in enumerate(p["probes"]):
+            out.append(f"-- rank {r}: seconds summed over calls (and threads where marked), calls")
+            for label, (sec, n) in sorted(acc.items(), key=lambda kv: kv[0]):
+                out.append(f"   {label:<50}{sec:9.3f}s {n:7d}")
+        out.append("-- rank 0 cProfile (main thread only), by cumulative time:")
+        out.append(p["cprofile_cumulative"])
+        out.append("-- rank 0 cProfile (main thread only), by own time:")
+        out.append(p["cprofile_tottime"])
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="/dev/shm", help="where checkpoints go (default /dev/shm)")
+    ap.add_argument("--rounds", type=int, default=5, help="measured rounds after one warm-up")
+    ap.add_argument("--params-m", type=float, default=100.0, help="model size, millions of params")
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--small-count", type=int, default=20000, help="small tensors per rank")
+    ap.add_argument("--floor-threads", type=int, default=4, help="writer threads of the floor")
+    ap.add_argument("--no-tc", action="store_true", help="leave torch_checkpointing out")
+    ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory phase")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: instrument one dckpt save and load and print where time goes",
+    )
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    opts = {
+        k: getattr(args, k)
+        for k in (
+            "rounds",
+            "params_m",
+            "world_size",
+            "small_count",
+            "floor_threads",
+            "no_tc",
+            "quiet",
+        )
+    }
+    os.makedirs(args.dir, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix="dckpt-bench-core-", dir=args.dir)
+    try:
+        if args.profile:
+            prof = launch("profile", opts, run_dir)
+            text = print_profile(prof)
+            print(text)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(prof, f, indent=1)
+            return
+        t0 = time.time()
+        load_before = os.getloadavg()[0]
+        res = launch("bench", opts, run_dir)
+        res["loadavg"] = (load_before, os.getloadavg()[0])
+        mem: dict[str, Any] = {}
+        if not args.no_memory:
+            for s, path in res["keep"].items():
+                r = launch("memory", opts, run_dir, (s, path))
+                i = max(range(len(r["rise"])), key=lambda k: r["rise"][k] / r["local"][k])
+                mem[s] = {"rise": r["rise"][i], "local": r["local"][i], "per_rank": r["rise"]}
+        text, dump = report(res, mem, opts, args.dir)
+        print()
+        print(text)
+        print(f"(total {time.time() - t0:.0f}s)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dump, f, indent=1)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
