@@ -19,6 +19,7 @@ from typing import Any
 
 from dckpt._coord import coordinator_for
 from dckpt._errors import CheckpointError, CheckpointTimeoutError
+from dckpt._gc import paused_gc
 from dckpt._save import DEFAULT_TIMEOUT, SaveOptions, Staged, _cache_for, run_save, stage
 from dckpt._staging import StagingPool
 from dckpt._storage import open_storage
@@ -119,8 +120,9 @@ def async_save(
         error: BaseException | None = None
         staged: Staged | None = None
         try:
-            s = stage(state, coord.rank, allow_pickle=allow_pickle)
-            staged = Staged(s.offer, _saver.pool.stage(s.sources))
+            with paused_gc():
+                s = stage(state, coord.rank, allow_pickle=allow_pickle)
+                staged = Staged(s.offer, _saver.pool.stage(s.sources))
         except BaseException as exc:
             error = exc
 

@@ -35,6 +35,15 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
 
 def host_bytes(t: torch.Tensor) -> np.ndarray:
     """The tensor's C-order bytes on the host, copying only when it must."""
+    if (
+        t.device.type == "cpu"
+        and t.dtype in _NUMPY_DTYPES
+        and not t.requires_grad
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
+    ):  # fast path: numpy's own view (saves microseconds per tensor at 100k tensors)
+        return t.numpy().reshape(-1).view(np.uint8)
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
@@ -51,6 +60,12 @@ def as_memoryview(data: np.ndarray | memoryview) -> memoryview:
     """A flat byte memoryview (numpy arrays are buffers; older stubs do not say so)."""
     mv = data if isinstance(data, memoryview) else memoryview(data)  # type: ignore[arg-type]
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+_NUMPY_DTYPES = frozenset(
+    {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+     torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128}
+)  # fmt: skip
 
 
 def block_crcs(data: np.ndarray | memoryview, block_bytes: int) -> tuple[int, ...]:

@@ -175,9 +175,67 @@ def _chunk_to_json(c: ChunkRecord) -> dict[str, Any]:
 
 
 def manifest_to_bytes(m: Manifest) -> bytes:
-    """Canonical encoding: sorted keys, no whitespace, UTF-8, trailing newline."""
-    text = json.dumps(manifest_to_json(m), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return text.encode("utf-8") + b"\n"
+    """Canonical encoding: sorted keys, no whitespace, ASCII-escaped, trailing newline.
+
+    Equivalent to ``json.dumps(manifest_to_json(m), sort_keys=True, separators=(",", ":"))``
+    (a test holds them equal), but written out by hand for tensor entries, which can number
+    in the hundreds of thousands.
+    """
+    head = manifest_to_json(
+        Manifest(
+            m.save_id,
+            m.world_size,
+            m.created,
+            m.files,
+            {},
+            m.values,
+            m.block_bytes,
+            m.library,
+            m.version,
+        )
+    )
+    head_text = _dumps(head)
+    marker = '"tensors":{}'
+    assert marker in head_text
+    names: dict[str, str] = {}
+    parts = [f"{_dumps(key)}:{_tensor_text(t, names)}" for key, t in sorted(m.tensors.items())]
+    text = head_text.replace(marker, '"tensors":{' + ",".join(parts) + "}", 1)
+    return text.encode("ascii") + b"\n"
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+# json.dumps(str) with ensure_ascii, without the encoder set-up per call
+_jstr = json.encoder.encode_basestring_ascii
+
+
+def _path_text(path: tuple[PathPart, ...]) -> str:
+    return "[" + ",".join(_jstr(p) if isinstance(p, str) else str(int(p)) for p in path) + "]"
+
+
+def _ints_text(xs: tuple[int, ...]) -> str:
+    return "[" + ",".join(map(str, xs)) + "]"
+
+
+def _tensor_text(t: TensorEntry, names: dict[str, str]) -> str:
+    chunks = []
+    for c in t.chunks:
+        name = names.get(c.file)
+        if name is None:
+            name = names[c.file] = _jstr(c.file)
+        rank = "" if c.rank is None else f',"rank":{c.rank}'
+        chunks.append(
+            f'{{"crc32c":{_ints_text(c.crc32c)},"file":{name},"nbytes":{c.nbytes},'
+            f'"offset":{c.offset},"offsets":{_ints_text(c.offsets)}{rank},'
+            f'"sizes":{_ints_text(c.sizes)}}}'
+        )
+    per_rank = ',"per_rank":true' if t.per_rank else ""
+    return (
+        f'{{"chunks":[{",".join(chunks)}],"dtype":{_jstr(t.dtype)},"path":{_path_text(t.path)}'
+        f'{per_rank},"shape":{_ints_text(t.shape)}}}'
+    )
 
 
 # --------------------------------------------------------------------------- decoding

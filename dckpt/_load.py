@@ -19,6 +19,7 @@ from dckpt._errors import (
     StateMismatchError,
 )
 from dckpt._format import DATA_DIR, MANIFEST_NAME, Manifest, TensorEntry, manifest_from_bytes
+from dckpt._gc import paused_gc
 from dckpt._read import DEFAULT_MEMORY_BUDGET, ReadTask, execute_reads
 from dckpt._reshard import Box, ChunkIndex
 from dckpt._state import Resolved, resolve
@@ -224,7 +225,8 @@ def load(
                 "during the load; load again"
             )
 
-    coord.exchange("load-plan", local_prepare, same_manifest)
+    with paused_gc():
+        coord.exchange("load-plan", local_prepare, same_manifest)
 
     def local_read() -> None:
         lp: LoadPlan = ctx["plan"]

@@ -219,18 +219,17 @@ def structure_key(offer: RankOffer) -> bytes:
     return hashlib.blake2b(pickle.dumps(shape, protocol=5), digest_size=16).digest()
 
 
-def with_save_id(plan: SavePlan, save_id: str, offers: Sequence[RankOffer]) -> SavePlan:
-    """A cached plan under a new save id, with this save's (fresh) values."""
+def renamed(plan: RankPlan, save_id: str) -> RankPlan:
+    """The same layout under another save id (its files live in that save's directory)."""
     old = data_dir(plan.save_id) + "/"
     new = data_dir(save_id) + "/"
-    ranks = tuple(
-        RankPlan(
-            save_id,
-            r.rank,
-            tuple(FilePlan(new + f.name.removeprefix(old), f.items, f.size) for f in r.files),
-        )
-        for r in plan.ranks
-    )
+    files = tuple(FilePlan(new + f.name.removeprefix(old), f.items, f.size) for f in plan.files)
+    return RankPlan(save_id, plan.rank, files)
+
+
+def with_save_id(plan: SavePlan, save_id: str, offers: Sequence[RankOffer]) -> SavePlan:
+    """A cached plan under a new save id, with this save's (fresh) values."""
+    ranks = tuple(renamed(r, save_id) for r in plan.ranks)
     return SavePlan(save_id, plan.world_size, ranks, plan.tensors, _plan_values(offers))
 
 
@@ -247,6 +246,12 @@ def _plan_values(offers: Sequence[RankOffer]) -> dict[str, ValueEntry]:
         else:
             values[key] = ValueEntry(path, per_rank={r: v.data for r, v in held})
     return values
+
+
+def _ordered(chunks: list[ChunkRecord]) -> tuple[ChunkRecord, ...]:
+    if len(chunks) < 2:  # the common case, and sorting 1-lists costs at 100k tensors
+        return tuple(chunks)
+    return tuple(sorted(chunks, key=lambda c: (c.rank or 0, c.offsets)))
 
 
 def build_manifest(
@@ -280,13 +285,7 @@ def build_manifest(
                     )
                 )
     tensors = {
-        key: TensorEntry(
-            meta.path,
-            meta.dtype,
-            meta.shape,
-            tuple(sorted(chunks[key], key=lambda c: (c.rank or 0, c.offsets))),
-            meta.per_rank,
-        )
+        key: TensorEntry(meta.path, meta.dtype, meta.shape, _ordered(chunks[key]), meta.per_rank)
         for key, meta in sorted(plan.tensors.items())
     }
     return Manifest(

@@ -21,6 +21,7 @@ import torch
 from dckpt._bytes import as_memoryview, byte_view, frombuffer
 from dckpt._errors import CorruptCheckpointError
 from dckpt._format import ChunkRecord
+from dckpt._fsspec import ReadAhead
 from dckpt._reshard import Box, Copy, contiguous_span, row_bytes, rows_box
 from dckpt._storage import LocalStorage, Storage, read_fd_into
 
@@ -42,16 +43,21 @@ class ReadTask:
 class _Source:
     """Ranged reads of one file, through a raw descriptor when the storage is local."""
 
-    def __init__(self, storage: Storage, name: str) -> None:
+    def __init__(
+        self, storage: Storage, name: str, spans: Sequence[tuple[int, int]] = (), budget: int = 0
+    ) -> None:
         self.storage = storage
         self.name = name
         self.fd = storage.open_reader(name) if isinstance(storage, LocalStorage) else -1
         self.path = f"{storage.location}/{name}"
+        self.ahead: ReadAhead | None = None
+        if self.fd < 0 and spans:  # object stores: batch the planned small reads
+            self.ahead = ReadAhead(storage, name, spans, budget)
 
     def read(self, offset: int, out: memoryview) -> None:
         if self.fd >= 0:
             read_fd_into(self.fd, offset, out, self.path)
-        else:
+        elif self.ahead is None or not self.ahead.read(offset, out):
             self.storage.read_into(self.name, offset, out)
 
     def close(self) -> None:
@@ -79,7 +85,9 @@ def execute_reads(
     window = max(1 << 16, min(_MAX_WINDOW, memory_budget // (2 * threads)))
 
     def run_file(name: str) -> None:
-        src = _Source(storage, name)
+        local = isinstance(storage, LocalStorage)
+        spans = [] if local else [_span(t, block_bytes) for t in by_file[name]]
+        src = _Source(storage, name, spans, window)
         try:
             for t in by_file[name]:
                 _run_task(src, t, block_bytes, window)
@@ -95,6 +103,13 @@ def execute_reads(
     with ThreadPoolExecutor(threads, thread_name_prefix="dckpt-read") as pool:
         for f in [pool.submit(run_file, name) for name in by_file]:
             f.result()
+
+
+def _span(t: ReadTask, block_bytes: int) -> tuple[int, int]:
+    """The bytes of its file that ``t`` will read: its byte span, widened to whole blocks."""
+    s0, s1 = t.copy.byte_span
+    end = min(-(-s1 // block_bytes) * block_bytes, t.chunk.nbytes)
+    return t.chunk.offset + s0 // block_bytes * block_bytes, t.chunk.offset + end
 
 
 def _run_task(src: _Source, t: ReadTask, block_bytes: int, window: int) -> None:

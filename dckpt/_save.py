@@ -16,15 +16,16 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from dckpt._bytes import block_crcs, dtype_name, host_bytes
 from dckpt._coord import coordinator_for
 from dckpt._dtensor import dtensor_chunks, is_dtensor
-from dckpt._errors import CheckpointExistsError, UnsupportedStateError
+from dckpt._errors import CheckpointError, CheckpointExistsError, UnsupportedStateError
 from dckpt._format import (
     DEFAULT_BLOCK_BYTES,
     DTYPE_ITEMSIZE,
@@ -32,6 +33,7 @@ from dckpt._format import (
     data_dir,
     manifest_to_bytes,
 )
+from dckpt._gc import paused_gc
 from dckpt._plan import (
     ChunkOffer,
     FileResult,
@@ -42,6 +44,7 @@ from dckpt._plan import (
     ValueOffer,
     build_manifest,
     plan_save,
+    renamed,
     structure_key,
     with_save_id,
 )
@@ -112,17 +115,18 @@ def stage(state: Mapping[str, Any], rank: int, *, allow_pickle: bool) -> Staged:
 
 def checksum_plain(staged: Staged) -> tuple[RankOffer, KnownCrcs]:
     """Checksum plain tensors up front: ranks holding equal bytes share one stored copy."""
-    known: dict[tuple[str, Box], tuple[int, ...]] = {}
+    known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]] = {}
     tensors = []
     for t in staged.offer.tensors:
         if t.sharded or not t.chunks:
             tensors.append(t)
             continue
         box = t.chunks[0].box
-        crc = block_crcs(host_bytes(staged.sources[(t.key, box)]), DEFAULT_BLOCK_BYTES)
-        known[(t.key, box)] = crc
-        tensors.append(replace(t, chunks=(ChunkOffer(box, crc),)))
-    return replace(staged.offer, tensors=tuple(tensors)), known
+        data = host_bytes(staged.sources[(t.key, box)])
+        crc = block_crcs(data, DEFAULT_BLOCK_BYTES)
+        known[(t.key, box)] = (crc, data)
+        tensors.append(TensorOffer(t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(box, crc),)))
+    return RankOffer(staged.offer.rank, tuple(tensors), staged.offer.values), known
 
 
 # ----------------------------------------------------------------------------- plan cache
@@ -141,16 +145,27 @@ class _Brief:
 _RESEND = "resend"
 
 
+@dataclass(frozen=True, slots=True)
+class _Reuse:
+    """Rank 0's answer when a rank already holds this plan: only the new save id travels."""
+
+    serial: int
+    save_id: str
+
+
 @dataclass
 class _PlanCache:
     """Rank 0's memory of recent offers and plans; every rank's memory of its last key."""
 
     offers: dict[int, RankOffer] = field(default_factory=dict)
     offer_keys: dict[int, bytes] = field(default_factory=dict)
-    plans: OrderedDict[tuple[tuple[bytes, ...], frozenset[str]], SavePlan] = field(
+    plans: OrderedDict[tuple[tuple[bytes, ...], frozenset[str]], tuple[int, SavePlan]] = field(
         default_factory=OrderedDict
     )
+    serial: int = 0
+    sent: dict[int, int] = field(default_factory=dict)  # rank -> serial it holds (rank 0)
     my_last_key: bytes | None = None
+    my_last_plan: tuple[int, RankPlan] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -194,7 +209,7 @@ def _with_crcs(base: RankOffer, crcs: tuple[tuple[int, ...] | None, ...]) -> Ran
 
 def _plan_from(
     cache: _PlanCache, messages: list[RankOffer | _Brief], max_files: int
-) -> SavePlan | None:
+) -> tuple[int, SavePlan] | None:
     """The save plan, reusing a cached one when every rank's structure and the replica
     pattern are unchanged; None when a brief refers to an offer rank 0 no longer has."""
     bases: list[RankOffer] = []
@@ -221,17 +236,18 @@ def _plan_from(
     cached = cache.plans.get(cache_key)
     if cached is not None:
         cache.plans.move_to_end(cache_key)
-        return with_save_id(cached, new_save_id(), values)
+        return cached[0], with_save_id(cached[1], new_save_id(), values)
     offers = [
         _with_crcs(b, c) if isinstance(m, _Brief) else b
         for b, c, m in zip(bases, crcs, messages, strict=True)
     ]
     offers = [RankOffer(o.rank, o.tensors, v.values) for o, v in zip(offers, values, strict=True)]
     plan = plan_save(offers, new_save_id(), max_files_per_rank=max_files)
-    cache.plans[cache_key] = plan
+    cache.serial += 1
+    cache.plans[cache_key] = (cache.serial, plan)
     while len(cache.plans) > _MAX_PLANS:
         cache.plans.popitem(last=False)
-    return plan
+    return cache.serial, plan
 
 
 # ----------------------------------------------------------------------------- the save
@@ -242,6 +258,7 @@ class _Leader:
     """What only rank 0 keeps between the plan and the commit."""
 
     plan: SavePlan | None = None
+    serial: int = 0
     previous: bytes | None = None
 
 
@@ -271,17 +288,17 @@ def run_save(
             local.update(staged=staged, offer=offer, known=known, key=structure_key(offer))
         offer = local["offer"]
         if not full and multi and cache.my_last_key == local["key"]:
-            crcs = tuple(
-                None if t.sharded or not t.chunks else t.chunks[0].crc for t in offer.tensors
-            )
-            return _Brief(offer.rank, local["key"], crcs, offer.values)
+            return _Brief(offer.rank, local["key"], _crcs(offer), offer.values)
         return offer
 
-    def reduce_plan(messages: list[RankOffer | _Brief]) -> list[RankPlan] | list[str]:
+    def reduce_plan(
+        messages: list[RankOffer | _Brief],
+    ) -> list[tuple[int, RankPlan] | _Reuse] | list[str]:
         with cache.lock:
-            plan = _plan_from(cache, messages, options.max_files_per_rank)
-        if plan is None:
+            found = _plan_from(cache, messages, options.max_files_per_rank)
+        if found is None:
             return [_RESEND] * len(messages)
+        serial, plan = found
         leader.previous = storage.read_file(MANIFEST_NAME)
         if leader.previous is not None and not options.overwrite:
             raise CheckpointExistsError(
@@ -289,29 +306,60 @@ def run_save(
                 "to replace it (the old one stays loadable until the new one commits), or save "
                 "to a new path"
             )
-        leader.plan = plan
-        return list(plan.ranks)
+        leader.plan, leader.serial = plan, serial
+        return [
+            _Reuse(serial, plan.save_id) if cache.sent.get(r.rank) == serial else (serial, r)
+            for r in plan.ranks
+        ]
 
-    rank_plan = coord.exchange("plan", lambda: offer(False), reduce_plan, scatter=True)
-    if rank_plan == _RESEND:
-        rank_plan = coord.exchange("plan-full", lambda: offer(True), reduce_plan, scatter=True)
-    assert isinstance(rank_plan, RankPlan)
-    _write_and_commit(
-        coord, storage, rank_plan, local["staged"].sources, local["known"], leader, options
-    )
+    answer = coord.exchange("plan", lambda: offer(False), reduce_plan, scatter=True)
+    if answer == _RESEND:
+        answer = coord.exchange("plan-full", lambda: offer(True), reduce_plan, scatter=True)
+    if isinstance(answer, tuple):
+        cache.my_last_plan = answer
+
+    def my_plan() -> RankPlan:
+        """This rank's plan; a rank whose cached plan is not the one rank 0 meant fails."""
+        if isinstance(answer, _Reuse):
+            mine = cache.my_last_plan
+            if mine is None or mine[0] != answer.serial:
+                raise CheckpointError(
+                    "internal error: this rank's cached save plan is out of step with rank 0's; "
+                    "the save was abandoned and the next one will plan afresh"
+                )
+            return renamed(mine[1], answer.save_id)
+        assert isinstance(answer, tuple)
+        return answer[1]
+
+    try:
+        _write_and_commit(
+            coord, storage, my_plan, local["staged"].sources, local["known"], leader, options
+        )
+    except BaseException:
+        if coord.rank == 0:
+            with cache.lock:
+                cache.sent.clear()  # plan afresh: some rank may not hold what we think
+        raise
+    if coord.rank == 0:
+        with cache.lock:
+            cache.sent = dict.fromkeys(range(coord.world_size), leader.serial)
     cache.my_last_key = local["key"]
 
 
 def _write_and_commit(
     coord: Any,
     storage: Storage,
-    rank_plan: RankPlan,
+    my_plan: Callable[[], RankPlan],
     sources: SourceMap,
     known: KnownCrcs,
     leader: _Leader,
     options: SaveOptions,
 ) -> None:
+    planned: list[RankPlan] = []
+
     def local_write() -> list[FileResult]:
+        planned.append(my_plan())
+        rank_plan = planned[0]
         return write_rank(
             storage,
             rank_plan,
@@ -331,19 +379,19 @@ def _write_and_commit(
             library=_library_version(),
         )
         if options.durable:
-            storage.sync_dir(data_dir(rank_plan.save_id))
+            storage.sync_dir(data_dir(leader.plan.save_id))
             storage.sync_dir("data")
         commit(storage, manifest_to_bytes(manifest), leader.previous, durable=options.durable)
 
     try:
         coord.exchange("write", local_write, reduce_commit)
     except BaseException:
-        for f in rank_plan.files:
+        for f in planned[0].files if planned else ():
             with contextlib.suppress(Exception):
                 storage.delete(f.name)
-        if coord.rank == 0:
+        if coord.rank == 0 and leader.plan is not None:
             with contextlib.suppress(Exception):
-                storage.delete_prefix(data_dir(rank_plan.save_id))
+                storage.delete_prefix(data_dir(leader.plan.save_id))
         raise
 
 
@@ -364,13 +412,14 @@ def save(
     drain()  # one save at a time per process; surfaces an unobserved async failure
     coord = coordinator_for(process_group, timeout=timeout)
     storage = open_storage(path, storage_options)
-    run_save(
-        coord,
-        storage,
-        lambda: stage(state, coord.rank, allow_pickle=allow_pickle),
-        SaveOptions(overwrite=overwrite, durable=durable),
-        _cache_for("sync", process_group),
-    )
+    with paused_gc():
+        run_save(
+            coord,
+            storage,
+            lambda: stage(state, coord.rank, allow_pickle=allow_pickle),
+            SaveOptions(overwrite=overwrite, durable=durable),
+            _cache_for("sync", process_group),
+        )
 
 
 def commit(storage: Storage, manifest: bytes, previous: bytes | None, *, durable: bool) -> None:

@@ -53,6 +53,13 @@ class Storage(ABC):
     def read_into(self, name: str, offset: int, out: Buffer) -> None:
         """Fill ``out`` from ``offset``; a short file is a CorruptCheckpointError-worthy StorageError."""
 
+    def read_ranges(
+        self, name: str, ranges: Sequence[tuple[int, int]], outs: Sequence[Buffer]
+    ) -> None:
+        """Fill ``outs[i]`` with bytes ``[start, end)`` of ``ranges[i]``; object stores batch these."""
+        for (start, _end), out in zip(ranges, outs, strict=True):
+            self.read_into(name, start, out)
+
     @abstractmethod
     def size(self, name: str) -> int | None: ...
 

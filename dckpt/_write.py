@@ -19,8 +19,9 @@ _BATCH_BYTES = 8 << 20
 _BATCH_BUFFERS = 256
 
 SourceMap = Mapping[tuple[str, Box], torch.Tensor]
-#: Checksums a rank already computed for some of its chunks (plain tensors, at planning).
-KnownCrcs = Mapping[tuple[str, Box], tuple[int, ...]]
+#: Host bytes and checksums a rank already has for some chunks (plain tensors, from
+#: planning), so the writer neither fetches nor checksums them twice.
+KnownCrcs = Mapping[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]]
 
 
 def write_rank(
@@ -90,13 +91,13 @@ def _write_file(
         if item.offset > pos:
             batch.append(_ZEROS[: item.offset - pos])
             pos = item.offset
-        data = host_bytes(sources[(item.key, item.box)])
+        done = known.get((item.key, item.box))
+        data = done[1] if done is not None else host_bytes(sources[(item.key, item.box)])
         if data.nbytes != item.nbytes:
             raise RuntimeError(
                 f"key {item.key!r}: planned {item.nbytes} bytes, found {data.nbytes}"
             )
-        crc = known.get((item.key, item.box))
-        crcs.append(crc if crc is not None else block_crcs(data, block_bytes))
+        crcs.append(done[0] if done is not None else block_crcs(data, block_bytes))
         keep.append(data)
         batch.append(as_memoryview(data))
         pos += item.nbytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,16 @@ from hypothesis import strategies as st
 import dckpt
 from dckpt import _save
 from dckpt._errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from dckpt._format import manifest_from_bytes, manifest_to_bytes
+from dckpt._format import (
+    ChunkRecord,
+    FileRecord,
+    Manifest,
+    TensorEntry,
+    ValueEntry,
+    manifest_from_bytes,
+    manifest_to_bytes,
+    manifest_to_json,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "v1"
 
@@ -183,3 +193,41 @@ def test_fuzzed_manifest_bytes_only_raise_checkpoint_errors(data: st.DataObject)
             raw.insert(i, data.draw(st.integers(0, 255)))
     with contextlib.suppress(CheckpointError):
         manifest_from_bytes(bytes(raw), source="fuzz")
+
+
+names = st.text(min_size=1, max_size=8)  # any unicode: keys are escaped to ASCII
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> Manifest:
+    files = (FileRecord("data/x/r0-0.bin", 1 << 20), FileRecord("data/x/r1-0.bin", 64))
+    tensors = {}
+    for key in draw(st.lists(names, max_size=6, unique=True)):
+        per_rank = draw(st.booleans())
+        ndim = draw(st.integers(0, 3))
+        shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+        chunk = ChunkRecord(
+            (0,) * ndim,
+            shape,
+            files[draw(st.integers(0, 1))].name,
+            64 * draw(st.integers(0, 9)),
+            4 * math.prod(shape),
+            tuple(draw(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=3))),
+            draw(st.integers(0, 3)) if per_rank else None,
+        )
+        path = (key, *draw(st.lists(st.integers(0, 9) | names, max_size=2)))
+        tensors[key] = TensorEntry(path, "float32", shape, (chunk,), per_rank)
+    values = {
+        k: ValueEntry((k,), value=draw(st.none() | st.integers() | names | st.lists(st.integers())))
+        for k in draw(st.lists(names, max_size=3, unique=True))
+        if k not in tensors
+    }
+    return Manifest("abc", 4, draw(st.floats(0, 2e9)), files, tensors, values)
+
+
+@given(manifests())
+def test_fast_manifest_encoder_matches_reference_json(m: Manifest) -> None:
+    reference = json.dumps(
+        manifest_to_json(m), sort_keys=True, separators=(",", ":"), allow_nan=False
+    )
+    assert manifest_to_bytes(m) == reference.encode("ascii") + b"\n"
