@@ -414,7 +414,8 @@ def load_dcp(
     def same_metadata(digests: list[int]) -> None:
         if len(set(digests)) > 1:
             raise CorruptCheckpointError(
-                f"ranks read different DCP metadata at {path!s}: the checkpoint was replaced "
+                f"ranks read different DCP metadata at {ctx['files'].storage.location}: the "
+                "checkpoint was replaced "
                 "during the load; load again"
             )
 

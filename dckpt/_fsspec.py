@@ -3,8 +3,9 @@
 Object stores have no rename, so nothing here is atomic except single PUTs: data objects go
 to a fresh ``data/<save_id>/`` prefix, and the manifest is published last, as one PUT, after
 every rank has confirmed its objects. A save that dies earlier leaves no manifest and so
-never loads. On S3 the manifest PUT is conditional (``If-Match`` / ``If-None-Match``) on
-what the commit saw, so two jobs cannot both win; other backends are last-writer-wins.
+never loads. A completed PUT is durable, so ``durable=`` changes nothing here. On S3 the
+manifest PUT is conditional (``If-Match`` / ``If-None-Match``) on what the commit saw, so
+two jobs cannot both win; other backends are last-writer-wins.
 
 Speed: large objects go up as multipart uploads with parts in flight in parallel, and reads
 are ranged GETs, split and coalesced, run concurrently on fsspec's event loop. Transient

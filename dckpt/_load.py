@@ -221,7 +221,8 @@ def load(
     def same_manifest(digests: list[int]) -> None:
         if len(set(digests)) > 1:
             raise CorruptCheckpointError(
-                f"ranks read different manifests at {path!s}: the checkpoint was replaced "
+                f"ranks read different manifests at {ctx['storage'].location}: the checkpoint "
+                "was replaced "
                 "during the load; load again"
             )
 

@@ -1,0 +1,194 @@
+"""One behavioural suite for every Storage: local directory, fsspec memory://, S3 (moto).
+
+What the save and load paths rely on: writers that produce exactly the bytes given, sizes,
+ranged reads (also batched), listing, deletion, commit that replaces, None for missing
+files, and truncation reported as corruption rather than short data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dckpt._errors import CheckpointError, CorruptCheckpointError, StorageError
+from dckpt._fsspec import FsspecStorage, ReadAhead, _plan_gets
+from dckpt._storage import LocalStorage, Storage, open_storage
+from tests.conftest import S3Server
+
+MiB = 1 << 20
+# Small parts so that a few MiB exercise multipart uploads and split GETs (5 MiB: S3's min).
+PART = 5 * MiB
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    kind = request.param
+    if kind == "local":
+        yield LocalStorage(tmp_path / "ck")
+        return
+    if kind == "memory":
+        st = FsspecStorage(f"memory://dckpt-{uuid.uuid4().hex}/ck", {"dckpt": {"part_size": MiB}})
+        yield st
+        st.delete_prefix("")
+        return
+    server: S3Server = request.getfixturevalue("s3_server")
+    opts = {
+        **server.options,
+        "dckpt": {"part_size": PART, "coalesce_gap": 1024, "retry_timeout": 10},
+    }
+    st = FsspecStorage(server.url(uuid.uuid4().hex), opts)
+    yield st
+    st.delete_prefix("")
+
+
+def _write(st: Storage, name: str, data: bytes, piece: int = MiB // 3) -> int:
+    w = st.open_writer(name)
+    view = memoryview(data)
+    for i in range(0, len(data), 4 * piece):
+        w.write([view[j : j + piece] for j in range(i, min(i + 4 * piece, len(data)), piece)])
+    return w.close(durable=True)
+
+
+def test_write_size_and_ranged_reads(storage: Storage) -> None:
+    data = os.urandom(PART * 2 + 12345)  # three parts on S3, the last one short
+    assert _write(storage, "data/s1/r0-0.bin", data) == len(data)
+    assert storage.size("data/s1/r0-0.bin") == len(data)
+    for off, n in [(0, 10), (PART - 3, 7), (len(data) - 5, 5), (1, len(data) - 1), (0, 0)]:
+        out = bytearray(n)
+        storage.read_into("data/s1/r0-0.bin", off, memoryview(out))
+        assert out == data[off : off + n]
+    assert storage.read_file("data/s1/r0-0.bin") == data
+
+
+def test_typed_buffers_and_empty_file(storage: Storage) -> None:
+    arr = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    w = storage.open_writer("data/s1/typed")
+    w.write([memoryview(arr), memoryview(b""), memoryview(arr[3])])
+    assert w.close(durable=False) == arr.nbytes + 400
+    out = np.empty(100, dtype=np.float32)
+    storage.read_into("data/s1/typed", arr.nbytes, memoryview(out))
+    assert np.array_equal(out, arr[3])
+    assert _write(storage, "data/s1/empty", b"") == 0
+    assert storage.size("data/s1/empty") == 0
+    assert storage.read_file("data/s1/empty") == b""
+
+
+def test_read_ranges_batch(storage: Storage) -> None:
+    data = os.urandom(3 * MiB)
+    _write(storage, "f", data)
+    ranges = [(0, 100), (150, 4096), (5000, 5001), (MiB, 2 * MiB + 7), (3 * MiB - 9, 3 * MiB)]
+    outs = [bytearray(b - a) for a, b in ranges]
+    storage.read_ranges("f", ranges, [memoryview(o) for o in outs])
+    assert [bytes(o) for o in outs] == [data[a:b] for a, b in ranges]
+
+
+def test_missing_and_truncated(storage: Storage) -> None:
+    assert storage.read_file("manifest.json") is None
+    assert storage.size("nothing/here") is None
+    with pytest.raises(StorageError):
+        storage.read_into("nothing/here", 0, memoryview(bytearray(4)))
+    _write(storage, "short", b"0123456789")
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        storage.read_into("short", 5, memoryview(bytearray(10)))
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        storage.read_into("short", 50, memoryview(bytearray(1)))
+
+
+def test_list_delete_and_prefixes(storage: Storage) -> None:
+    for name in ["data/a/r0-0.bin", "data/a/r1-0.bin", "data/b/r0-0.bin", "manifest.json"]:
+        _write(storage, name, name.encode())
+    assert storage.exists()
+    assert storage.list() == [
+        "data/a/r0-0.bin",
+        "data/a/r1-0.bin",
+        "data/b/r0-0.bin",
+        "manifest.json",
+    ]
+    assert storage.list("data/a") == ["data/a/r0-0.bin", "data/a/r1-0.bin"]
+    assert storage.list("data/zz") == []
+    storage.delete("data/a/r1-0.bin")
+    storage.delete("data/a/r1-0.bin")  # missing is fine
+    assert storage.list("data") == ["data/a/r0-0.bin", "data/b/r0-0.bin"]
+    storage.delete_prefix("data/a")
+    storage.delete_prefix("data/never")
+    assert storage.list() == ["data/b/r0-0.bin", "manifest.json"]
+
+
+def test_commit_replaces(storage: Storage) -> None:
+    with storage.commit_lock():
+        assert storage.read_file("manifest.json") is None
+        storage.commit("manifest.json", b'{"v": 1}', durable=True)
+    assert storage.read_file("manifest.json") == b'{"v": 1}'
+    with storage.commit_lock():
+        assert storage.read_file("manifest.json") == b'{"v": 1}'
+        storage.commit("manifest.json", b'{"v": 2}', durable=True)
+    assert storage.read_file("manifest.json") == b'{"v": 2}'
+    assert [n for n in storage.list() if not n.startswith(".")] == ["manifest.json"]  # .lock
+
+
+def test_aborted_writer_leaves_nothing(storage: Storage) -> None:
+    w = storage.open_writer("data/x/partial")
+    w.write([memoryview(os.urandom(PART + 10))])  # on S3 one part is already in flight
+    w.abort()
+    assert storage.size("data/x/partial") is None
+    assert storage.list() == []
+
+
+def test_read_ahead_serves_small_reads(storage: Storage) -> None:
+    data = os.urandom(2 * MiB)
+    _write(storage, "f", data)
+    calls: list[int] = []
+    real = storage.read_ranges
+
+    def counting(name: str, ranges: Any, outs: Any) -> None:
+        calls.append(len(ranges))
+        real(name, ranges, outs)
+
+    storage.read_ranges = counting  # type: ignore[method-assign]
+    spans = [(i * 4096, i * 4096 + 1000) for i in range(100)] + [(MiB, 2 * MiB)]
+    ahead = ReadAhead(storage, "f", spans, budget=MiB // 2)
+    for a, b in spans[:100]:
+        out = bytearray(b - a)
+        assert ahead.read(a, memoryview(out))
+        assert out == data[a:b]
+    assert calls == [100]  # one batch for all hundred
+    assert not ahead.read(MiB, memoryview(bytearray(MiB)))  # too big: read directly
+    assert not ahead.read(MiB - 10, memoryview(bytearray(5)))  # not planned
+
+
+def test_plan_gets_splits_and_merges() -> None:
+    buf = memoryview(bytearray(100))
+    gets = _plan_gets([(0, 10, buf[:10]), (12, 20, buf[12:20]), (50, 100, buf[50:])], 30, 4)
+    assert [(g.start, g.end) for g in gets] == [(0, 20), (50, 80), (80, 100)]
+
+
+def test_fsspec_urls_and_options(tmp_path: Path) -> None:
+    st = open_storage("memory://user:hunter22@dckpt-opts/ck?x=1", {"dckpt": {"max_concurrency": 2}})
+    assert isinstance(st, FsspecStorage)
+    assert st.location == "memory://dckpt-opts/ck"
+    assert st.options.max_concurrency == 2
+    with pytest.raises(CheckpointError, match="unknown"):
+        FsspecStorage("memory://x", {"dckpt": {"part_sise": 1}})
+    with pytest.raises(CheckpointError, match="positive"):
+        FsspecStorage("memory://x", {"dckpt": {"part_size": -1}})
+    with pytest.raises(CheckpointError, match="not a storage fsspec knows"):
+        open_storage("nosuchproto://x/y")
+    assert isinstance(open_storage(f"file://{tmp_path}"), LocalStorage)
+
+
+def test_missing_backend_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    registry = importlib.import_module("fsspec.registry")._registry  # caches imported classes
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # import s3fs -> ImportError
+    monkeypatch.delitem(registry, "s3", raising=False)
+    with pytest.raises(CheckpointError) as info:
+        open_storage("s3://bucket/ck")
+    assert str(info.value) == "s3:// needs s3fs: pip install 'dckpt[s3]'"
