@@ -8,6 +8,7 @@ else touches the storage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import posixpath
@@ -181,25 +182,18 @@ def manifest_to_bytes(m: Manifest) -> bytes:
     (a test holds them equal), but written out by hand for tensor entries, which can number
     in the hundreds of thousands.
     """
-    head = manifest_to_json(
-        Manifest(
-            m.save_id,
-            m.world_size,
-            m.created,
-            m.files,
-            {},
-            m.values,
-            m.block_bytes,
-            m.library,
-            m.version,
-        )
-    )
-    head_text = _dumps(head)
+    names: dict[str, str] = {}
+    parts = [f"{json_str(key)}:{_tensor_text(t, names)}" for key, t in sorted(m.tensors.items())]
+    return assemble(m, ",".join(parts))
+
+
+def assemble(m: Manifest, tensors_text: str) -> bytes:
+    """The canonical manifest of ``m`` with its tensors given as encoded text."""
+    head = dataclasses.replace(m, tensors={})
+    head_text = _dumps(manifest_to_json(head))
     marker = '"tensors":{}'
     assert marker in head_text
-    names: dict[str, str] = {}
-    parts = [f"{_dumps(key)}:{_tensor_text(t, names)}" for key, t in sorted(m.tensors.items())]
-    text = head_text.replace(marker, '"tensors":{' + ",".join(parts) + "}", 1)
+    text = head_text.replace(marker, '"tensors":{' + tensors_text + "}", 1)
     return text.encode("ascii") + b"\n"
 
 
@@ -208,14 +202,14 @@ def _dumps(obj: object) -> str:
 
 
 # json.dumps(str) with ensure_ascii, without the encoder set-up per call
-_jstr = json.encoder.encode_basestring_ascii
+json_str = json.encoder.encode_basestring_ascii
 
 
-def _path_text(path: tuple[PathPart, ...]) -> str:
-    return "[" + ",".join(_jstr(p) if isinstance(p, str) else str(int(p)) for p in path) + "]"
+def path_text(path: tuple[PathPart, ...]) -> str:
+    return "[" + ",".join(json_str(p) if isinstance(p, str) else str(int(p)) for p in path) + "]"
 
 
-def _ints_text(xs: tuple[int, ...]) -> str:
+def ints_text(xs: tuple[int, ...]) -> str:
     return "[" + ",".join(map(str, xs)) + "]"
 
 
@@ -224,17 +218,17 @@ def _tensor_text(t: TensorEntry, names: dict[str, str]) -> str:
     for c in t.chunks:
         name = names.get(c.file)
         if name is None:
-            name = names[c.file] = _jstr(c.file)
+            name = names[c.file] = json_str(c.file)
         rank = "" if c.rank is None else f',"rank":{c.rank}'
         chunks.append(
-            f'{{"crc32c":{_ints_text(c.crc32c)},"file":{name},"nbytes":{c.nbytes},'
-            f'"offset":{c.offset},"offsets":{_ints_text(c.offsets)}{rank},'
-            f'"sizes":{_ints_text(c.sizes)}}}'
+            f'{{"crc32c":{ints_text(c.crc32c)},"file":{name},"nbytes":{c.nbytes},'
+            f'"offset":{c.offset},"offsets":{ints_text(c.offsets)}{rank},'
+            f'"sizes":{ints_text(c.sizes)}}}'
         )
     per_rank = ',"per_rank":true' if t.per_rank else ""
     return (
-        f'{{"chunks":[{",".join(chunks)}],"dtype":{_jstr(t.dtype)},"path":{_path_text(t.path)}'
-        f'{per_rank},"shape":{_ints_text(t.shape)}}}'
+        f'{{"chunks":[{",".join(chunks)}],"dtype":{json_str(t.dtype)},"path":{path_text(t.path)}'
+        f'{per_rank},"shape":{ints_text(t.shape)}}}'
     )
 
 

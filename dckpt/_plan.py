@@ -22,7 +22,11 @@ from dckpt._format import (
     TensorEntry,
     ValueEntry,
     align,
+    assemble,
     data_dir,
+    ints_text,
+    json_str,
+    path_text,
 )
 from dckpt._reshard import Box
 from dckpt._values import JSON
@@ -298,3 +302,103 @@ def build_manifest(
         block_bytes=block_bytes,
         library=library,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """Where one chunk's checksums come from, and its encoded text around them."""
+
+    rank: int
+    file: int
+    item: int
+    name: str  # the file name after ``data/<save_id>/``, closing quote included
+    rest: str  # every field after the file name, closing brace included
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestTemplate:
+    """A plan's manifest text, cut around what changes from save to save.
+
+    Saves that reuse a cached plan differ only in the save id (inside file names), the
+    checksums, the non-tensor values and the time; the rest (which, at 100k tensors,
+    is most of a save's planning cost) is encoded once per plan.
+    """
+
+    tensors: tuple[tuple[str, tuple[_Slot, ...], str], ...]  # (before, chunks, after)
+
+
+def manifest_template(plan: SavePlan) -> ManifestTemplate:
+    slots: dict[str, list[tuple[tuple[int, tuple[int, ...]], _Slot]]] = {
+        k: [] for k in plan.tensors
+    }
+    prefix = data_dir(plan.save_id) + "/"
+    for r, rank_plan in enumerate(plan.ranks):
+        for f, fp in enumerate(rank_plan.files):
+            name = fp.name.removeprefix(prefix) + '"'
+            for i, item in enumerate(fp.items):
+                rank = f',"rank":{rank_plan.rank}' if item.per_rank else ""
+                rest = (
+                    f',"nbytes":{item.nbytes},"offset":{item.offset},'
+                    f'"offsets":{ints_text(item.box.offsets)}{rank},'
+                    f'"sizes":{ints_text(item.box.sizes)}}}'
+                )
+                order = (rank_plan.rank if item.per_rank else 0, item.box.offsets)
+                slots[item.key].append((order, _Slot(r, f, i, name, rest)))
+    tensors = []
+    for key, meta in sorted(plan.tensors.items()):
+        chunks = [s for _, s in sorted(slots[key], key=lambda o: o[0])]
+        per_rank = ',"per_rank":true' if meta.per_rank else ""
+        before = f'{json_str(key)}:{{"chunks":['
+        after = (
+            f'],"dtype":{json_str(meta.dtype)},"path":{path_text(meta.path)}{per_rank},'
+            f'"shape":{ints_text(meta.shape)}}}'
+        )
+        tensors.append((before, tuple(chunks), after))
+    return ManifestTemplate(tuple(tensors))
+
+
+def render_manifest(
+    template: ManifestTemplate,
+    plan: SavePlan,
+    results: Sequence[Sequence[FileResult]],
+    *,
+    created: float,
+    block_bytes: int,
+    library: str,
+) -> bytes:
+    """``manifest_to_bytes(build_manifest(...))`` for a plan with a template (a test holds
+    them equal), at a fraction of the cost."""
+    files: list[FileRecord] = []
+    crcs: list[list[tuple[tuple[int, ...], ...]]] = []
+    for rank_plan, rank_results in zip(plan.ranks, results, strict=True):
+        if len(rank_results) != len(rank_plan.files):
+            raise RuntimeError(f"rank {rank_plan.rank} reported {len(rank_results)} files")
+        for fp, res in zip(rank_plan.files, rank_results, strict=True):
+            if res.name != fp.name or res.size != fp.size or len(res.crcs) != len(fp.items):
+                raise RuntimeError(f"writer result for {fp.name} does not match its plan")
+            files.append(FileRecord(fp.name, fp.size))
+        crcs.append([res.crcs for res in rank_results])
+    file_prefix = f'"{data_dir(plan.save_id)}/'
+    parts = []
+    for before, slots, after in template.tensors:
+        chunks = ",".join(
+            '{"crc32c":'
+            + ints_text(crcs[s.rank][s.file][s.item])
+            + ',"file":'
+            + file_prefix
+            + s.name
+            + s.rest
+            for s in slots
+        )
+        parts.append(before + chunks + after)
+    head = Manifest(
+        save_id=plan.save_id,
+        world_size=plan.world_size,
+        created=created,
+        files=tuple(sorted(files, key=lambda f: f.name)),
+        tensors={},
+        values=dict(sorted(plan.values.items())),
+        block_bytes=block_bytes,
+        library=library,
+    )
+    return assemble(head, ",".join(parts))

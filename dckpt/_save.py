@@ -31,20 +31,21 @@ from dckpt._format import (
     DTYPE_ITEMSIZE,
     MANIFEST_NAME,
     data_dir,
-    manifest_to_bytes,
 )
 from dckpt._gc import paused_gc
 from dckpt._plan import (
     ChunkOffer,
     FileResult,
+    ManifestTemplate,
     RankOffer,
     RankPlan,
     SavePlan,
     TensorOffer,
     ValueOffer,
-    build_manifest,
+    manifest_template,
     plan_save,
     renamed,
+    render_manifest,
     structure_key,
     with_save_id,
 )
@@ -163,6 +164,7 @@ class _PlanCache:
         default_factory=OrderedDict
     )
     serial: int = 0
+    templates: dict[int, ManifestTemplate] = field(default_factory=dict)  # by plan serial
     sent: dict[int, int] = field(default_factory=dict)  # rank -> serial it holds (rank 0)
     my_last_key: bytes | None = None
     my_last_plan: tuple[int, RankPlan] | None = None
@@ -245,8 +247,10 @@ def _plan_from(
     plan = plan_save(offers, new_save_id(), max_files_per_rank=max_files)
     cache.serial += 1
     cache.plans[cache_key] = (cache.serial, plan)
+    cache.templates[cache.serial] = manifest_template(plan)
     while len(cache.plans) > _MAX_PLANS:
-        cache.plans.popitem(last=False)
+        serial, _ = cache.plans.popitem(last=False)[1]
+        cache.templates.pop(serial, None)
     return cache.serial, plan
 
 
@@ -259,6 +263,7 @@ class _Leader:
 
     plan: SavePlan | None = None
     serial: int = 0
+    template: ManifestTemplate | None = None
     previous: bytes | None = None
 
 
@@ -307,6 +312,7 @@ def run_save(
                 "to a new path"
             )
         leader.plan, leader.serial = plan, serial
+        leader.template = cache.templates[serial]
         return [
             _Reuse(serial, plan.save_id) if cache.sent.get(r.rank) == serial else (serial, r)
             for r in plan.ranks
@@ -370,8 +376,9 @@ def _write_and_commit(
         )
 
     def reduce_commit(results: list[list[FileResult]]) -> None:
-        assert leader.plan is not None
-        manifest = build_manifest(
+        assert leader.plan is not None and leader.template is not None
+        manifest = render_manifest(
+            leader.template,
             leader.plan,
             results,
             created=_clock(),
@@ -381,7 +388,7 @@ def _write_and_commit(
         if options.durable:
             storage.sync_dir(data_dir(leader.plan.save_id))
             storage.sync_dir("data")
-        commit(storage, manifest_to_bytes(manifest), leader.previous, durable=options.durable)
+        commit(storage, manifest, leader.previous, durable=options.durable)
 
     try:
         coord.exchange("write", local_write, reduce_commit)

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+import crc32c
 import numpy as np
 import torch
 
@@ -97,10 +98,28 @@ def _write_file(
             raise RuntimeError(
                 f"key {item.key!r}: planned {item.nbytes} bytes, found {data.nbytes}"
             )
+        pos += item.nbytes
+        if done is None and data.nbytes > block_bytes:
+            # Large chunk: checksum each block right before writing it, while it is still
+            # in the CPU cache, instead of reading all of it twice from memory.
+            if batch:
+                w.write(batch)
+                batch, keep = [], []
+            view = as_memoryview(data)
+            item_crcs = []
+            for start in range(0, data.nbytes, block_bytes):
+                block = view[start : start + block_bytes]
+                item_crcs.append(crc32c.crc32c(block))
+                w.write([block])
+            crcs.append(tuple(item_crcs))
+            pending += item.nbytes
+            if progress is not None:
+                progress(pending)
+            pending = 0
+            continue
         crcs.append(done[0] if done is not None else block_crcs(data, block_bytes))
         keep.append(data)
         batch.append(as_memoryview(data))
-        pos += item.nbytes
         pending += item.nbytes
         if pending >= _BATCH_BYTES or len(batch) >= _BATCH_BUFFERS:
             w.write(batch)

@@ -5,8 +5,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dckpt._errors import UnsupportedStateError
-from dckpt._format import ALIGNMENT
-from dckpt._plan import ChunkOffer, RankOffer, TensorOffer, ValueOffer, plan_save
+from dckpt._format import ALIGNMENT, manifest_to_bytes
+from dckpt._plan import (
+    ChunkOffer,
+    FileResult,
+    RankOffer,
+    TensorOffer,
+    ValueOffer,
+    build_manifest,
+    manifest_template,
+    plan_save,
+    render_manifest,
+    with_save_id,
+)
 from dckpt._reshard import Box
 
 
@@ -79,3 +90,52 @@ def test_layout_is_aligned_disjoint_and_complete(
                 seen.add(item.key)
             assert f.size == end
     assert seen == {t.key for t in tensors}
+
+
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 6), min_size=0, max_size=2), min_size=1, max_size=8),
+    world=st.integers(1, 3),
+    diverge=st.booleans(),
+    sharded=st.booleans(),
+)
+def test_rendered_manifest_equals_the_reference_encoding(
+    shapes: list[list[int]], world: int, diverge: bool, sharded: bool
+) -> None:
+    offers = []
+    for r in range(world):
+        tensors = []
+        for i, shape in enumerate(shapes):
+            if sharded and shape and shape[0] >= world:  # split dim 0 across ranks
+                n = shape[0] // world
+                box = Box((r * n, *[0] * (len(shape) - 1)), (n, *shape[1:]))
+                chunks: tuple[ChunkOffer, ...] = (ChunkOffer(box),)
+                tensors.append(
+                    TensorOffer(
+                        f"k{i}", ("m", f"k{i}"), "float32", (n * world, *shape[1:]), True, chunks
+                    )
+                )
+                continue
+            crc = (r if diverge and i % 2 else 7,)
+            chunks = (ChunkOffer(full(tuple(shape)), crc),)
+            tensors.append(
+                TensorOffer(f"k{i}", ("m", f"k{i}"), "float32", tuple(shape), False, chunks)
+            )
+        offers.append(RankOffer(r, tuple(tensors), (value("step", 3), value("pos", r))))
+    plan = plan_save(offers, "abc12")
+    results = [
+        [
+            FileResult(f.name, f.size, tuple((j, j + 1) for j, _ in enumerate(f.items)))
+            for f in rp.files
+        ]
+        for rp in plan.ranks
+    ]
+    kwargs = {"created": 1.5, "block_bytes": 1 << 20, "library": "t"}
+    reference = manifest_to_bytes(build_manifest(plan, results, **kwargs))
+    assert render_manifest(manifest_template(plan), plan, results, **kwargs) == reference
+    renamed_plan = with_save_id(plan, "def34", offers)
+    results = [
+        [FileResult(f.name, r.size, r.crcs) for f, r in zip(rp.files, rr, strict=True)]
+        for rp, rr in zip(renamed_plan.ranks, results, strict=True)
+    ]
+    again = render_manifest(manifest_template(plan), renamed_plan, results, **kwargs)
+    assert again == manifest_to_bytes(build_manifest(renamed_plan, results, **kwargs))
