@@ -22,8 +22,6 @@ give the bucket a lifecycle rule that aborts those after a day.
 from __future__ import annotations
 
 import asyncio
-import bisect
-import concurrent.futures
 import contextlib
 import errno
 import inspect
@@ -36,6 +34,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
+from dckpt._bytes import as_memoryview
 from dckpt._errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError
 from dckpt._retry import (
     Attempts,
@@ -54,7 +53,6 @@ log = logging.getLogger("dckpt")
 
 _MiB = 1 << 20
 _S3_MIN_PART = 5 * _MiB
-_S3_MAX_PARTS = 10_000
 _INSTALL = {"s3": "'dckpt[s3]'", "s3a": "'dckpt[s3]'"}  # otherwise: the missing module
 
 
@@ -253,7 +251,7 @@ class FsspecStorage(Storage):
     ) -> None:
         """Fill ``outs[i]`` with bytes ``ranges[i]``: big ranges split into part-sized GETs,
         near ones merged into one, all run concurrently."""
-        views = [_bytes(o) for o in outs]
+        views = [as_memoryview(o) for o in outs]
         for (start, end), v in zip(ranges, views, strict=True):
             if end - start != v.nbytes or start < 0:
                 raise ValueError(f"range {(start, end)} does not fit a {v.nbytes}-byte buffer")
@@ -328,7 +326,9 @@ class FsspecStorage(Storage):
 
     # -- writing -------------------------------------------------------------------
     def open_writer(self, name: str) -> Writer:
-        return _S3Writer(self, name) if self._s3 else _StreamWriter(self, name)
+        from dckpt._fsspec_write import S3Writer, StreamWriter
+
+        return S3Writer(self, name) if self._s3 else StreamWriter(self, name)
 
     def commit(self, name: str, data: bytes, *, durable: bool) -> None:
         """One PUT. Under :meth:`commit_lock` on S3 it is conditional on what was read."""
@@ -436,230 +436,7 @@ def _plan_gets(
     return out
 
 
-class _S3Writer(Writer):
-    """Multipart upload: parts of ``part_size`` go up in parallel as the file is written;
-    a file smaller than one part is a single PUT. Nothing is visible until ``close``."""
-
-    def __init__(self, st: FsspecStorage, name: str) -> None:
-        self.st = st
-        self.name = name
-        self.bucket, self.key, _ = st.fs.split_path(st._path(name))
-        self.part_size = st.options.part_size
-        self.buf = io.BytesIO()  # a file object: aiohttp streams it rather than copying
-        self.size = 0
-        self.upload_id: str | None = None
-        self.parts: list[tuple[concurrent.futures.Future[dict[str, Any]], Attempts]] = []
-        self.done = False
-
-    def write(self, buffers: Sequence[Buffer]) -> None:
-        self._raise_failed()
-        for b in buffers:
-            view = _bytes(b)
-            pos = 0
-            while pos < view.nbytes:
-                n = min(self.part_size - self.buf.tell(), view.nbytes - pos)
-                self.buf.write(view[pos : pos + n])
-                pos += n
-                if self.buf.tell() == self.part_size:
-                    self._send_part()
-            self.size += view.nbytes
-
-    def _send_part(self) -> None:
-        st = self.st
-        if self.upload_id is None:
-            mpu = st._call("writing", self.name, "create_multipart_upload")
-            self.upload_id = str(mpu["UploadId"])
-        number = len(self.parts) + 1
-        if number > _S3_MAX_PARTS:
-            raise CheckpointError(
-                f"writing {st.url(self.name)} failed: more than {_S3_MAX_PARTS} parts; raise "
-                'storage_options["dckpt"]["part_size"]'
-            )
-        body, self.buf = self.buf, io.BytesIO()
-        st._slots.acquire()  # bounds the parts in flight, and so their memory
-        attempts = Attempts()
-        try:
-            coro = self._upload(number, body, attempts)
-            fut = asyncio.run_coroutine_threadsafe(coro, st.fs.loop)
-        except BaseException:
-            st._slots.release()
-            raise
-        fut.add_done_callback(lambda _f: st._slots.release())
-        self.parts.append((fut, attempts))
-        self._raise_failed()
-
-    async def _upload(self, number: int, body: io.BytesIO, attempts: Attempts) -> dict[str, Any]:
-        async def once() -> dict[str, Any]:
-            body.seek(0)
-            out = await self.st.fs._call_s3(
-                "upload_part",
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                PartNumber=number,
-                Body=body,
-            )
-            return {"PartNumber": number, "ETag": out["ETag"]}
-
-        return await retry_async(once, self.st.policy, attempts)
-
-    def _raise_failed(self) -> None:
-        for fut, attempts in self.parts:
-            if fut.done() and not fut.cancelled() and (exc := fut.exception()) is not None:
-                raise self.st._error("writing", self.name, exc, attempts) from None
-
-    def close(self, *, durable: bool) -> int:
-        st = self.st
-        if self.upload_id is None:
-            st._put(self.name, self.buf)
-        else:
-            if self.buf.tell():
-                self._send_part()
-            parts = []
-            for fut, attempts in self.parts:
-                try:
-                    parts.append(fut.result())
-                except Exception as exc:
-                    raise st._error("writing", self.name, exc, attempts) from None
-            try:
-                st._call(
-                    "writing",
-                    self.name,
-                    "complete_multipart_upload",
-                    UploadId=self.upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
-            except OSError as exc:  # StorageError
-                # A retry (ours or botocore's) after a lost answer finds the upload gone:
-                # check whether it did complete.
-                if exc.errno != errno.ENOENT or st.size(self.name) != self.size:
-                    raise
-        self.done = True
-        self.buf = io.BytesIO()
-        return self.size
-
-    def abort(self) -> None:
-        for fut, _ in self.parts:
-            fut.cancel()
-        with contextlib.suppress(Exception):
-            concurrent.futures.wait([f for f, _ in self.parts], timeout=10)
-        with contextlib.suppress(Exception):
-            if self.done:
-                self.st.delete(self.name)
-            elif self.upload_id is not None:
-                self.st._call(
-                    "aborting", self.name, "abort_multipart_upload", UploadId=self.upload_id
-                )
-        self.buf = io.BytesIO()
-
-
-class _StreamWriter(Writer):
-    """Any other fsspec backend: its own buffered file (e.g. resumable uploads on GCS)."""
-
-    def __init__(self, st: FsspecStorage, name: str) -> None:
-        self.st = st
-        self.name = name
-        self.size = 0
-        path = st._path(name)
-        if not st._async:  # local-like backends (sftp, memory) want the parent to exist
-            with contextlib.suppress(Exception):
-                st.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        try:
-            self.file = st.fs.open(path, "wb", block_size=st.options.part_size)
-        except Exception as exc:
-            raise st._error("creating", name, exc) from None
-
-    def write(self, buffers: Sequence[Buffer]) -> None:
-        try:
-            for b in buffers:
-                view = _bytes(b)
-                self.file.write(view)
-                self.size += view.nbytes
-        except Exception as exc:
-            raise self.st._error("writing", self.name, exc) from None
-
-    def close(self, *, durable: bool) -> int:
-        try:
-            self.file.close()
-        except Exception as exc:
-            raise self.st._error("writing", self.name, exc) from None
-        return self.size
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            discard = getattr(self.file, "discard", None)
-            (discard or self.file.close)()
-        with contextlib.suppress(Exception):
-            self.st.delete(self.name)
-
-
-class ReadAhead:
-    """Serves a file's small planned reads from batched :meth:`Storage.read_ranges` calls.
-
-    The reader asks for one block at a time; against an object store each would be a
-    request with its own latency. Given the spans the load will read, a miss fetches the
-    following spans too, up to ``budget`` bytes, in one batched call. Reads bigger than
-    ``small`` go straight through (they are split into parallel GETs anyway).
-    """
-
-    def __init__(
-        self, storage: Storage, name: str, spans: Sequence[tuple[int, int]], budget: int
-    ) -> None:
-        self.storage = storage
-        self.name = name
-        self.small = max(1, min(4 * _MiB, budget))
-        self.budget = max(budget, self.small)
-        merged: list[list[int]] = []  # overlapping spans merged; touching ones kept apart
-        for a, b in sorted(s for s in spans if s[1] > s[0]):
-            if merged and a < merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        self.spans = [(a, b) for a, b in merged]
-        self.starts = [a for a, _ in self.spans]
-        self.held: list[tuple[int, bytearray]] = []
-        self.held_starts: list[int] = []
-
-    def read(self, offset: int, out: Buffer) -> bool:
-        """Fill ``out`` from a batch; False when the caller should read it directly."""
-        view = _bytes(out)
-        if view.nbytes == 0 or self._copy(offset, view):
-            return view.nbytes > 0
-        return view.nbytes <= self.small and self._fetch(offset) and self._copy(offset, view)
-
-    def _copy(self, offset: int, view: memoryview) -> bool:
-        i = bisect.bisect_right(self.held_starts, offset) - 1
-        if i < 0 or offset - self.held[i][0] + view.nbytes > len(self.held[i][1]):
-            return False
-        lo = offset - self.held[i][0]
-        view[:] = memoryview(self.held[i][1])[lo : lo + view.nbytes]
-        return True
-
-    def _fetch(self, offset: int) -> bool:
-        i = bisect.bisect_right(self.starts, offset) - 1
-        if i < 0 or offset >= self.spans[i][1]:
-            return False
-        ranges = [(offset, min(self.spans[i][1], offset + self.small))]
-        total = ranges[0][1] - offset
-        for a, b in self.spans[i + 1 :]:
-            if b - a > self.small or total + (b - a) > self.budget:
-                break
-            ranges.append((a, b))
-            total += b - a
-        bufs = [bytearray(b - a) for a, b in ranges]
-        self.held, self.held_starts = [], []
-        self.storage.read_ranges(self.name, ranges, [memoryview(x) for x in bufs])
-        self.held = [(a, buf) for (a, _), buf in zip(ranges, bufs, strict=True)]
-        self.held_starts = [a for a, _ in ranges]
-        return True
-
-
 # -- helpers -------------------------------------------------------------------------------
-def _bytes(b: Buffer) -> memoryview:
-    view = memoryview(b)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
 def _accepts(cls: type, param: str) -> bool:
     try:
         return param in inspect.signature(cls.__init__).parameters  # type: ignore[misc]

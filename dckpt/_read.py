@@ -21,7 +21,7 @@ import torch
 from dckpt._bytes import as_memoryview, byte_view, frombuffer
 from dckpt._errors import CorruptCheckpointError
 from dckpt._format import ChunkRecord
-from dckpt._fsspec import ReadAhead
+from dckpt._readahead import ReadAhead
 from dckpt._reshard import Box, Copy, contiguous_span, row_bytes, rows_box
 from dckpt._storage import LocalStorage, Storage, read_fd_into
 

@@ -180,17 +180,17 @@ def _killed_mid_upload_main(url: str, options_json: str) -> None:
     multipart upload has a part in flight."""
     import json
 
-    import dckpt._fsspec as f
+    import dckpt._fsspec_write as f
 
     options = json.loads(options_json)
     dckpt.save({"w": torch.full((1000,), 1.0)}, url, storage_options=options)
-    real = f._S3Writer._send_part
+    real = f.S3Writer._send_part
 
     def dying(self: Any) -> None:
         real(self)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    f._S3Writer._send_part = dying  # type: ignore[method-assign]
+    f.S3Writer._send_part = dying  # type: ignore[method-assign]
     state = {"w": torch.full((1000,), 2.0), "big": torch.ones(6 * MiB // 4)}
     dckpt.save(state, url, overwrite=True, storage_options=options)
 

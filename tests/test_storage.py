@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from dckpt._errors import CheckpointError, CorruptCheckpointError, StorageError
-from dckpt._fsspec import FsspecStorage, ReadAhead, _plan_gets
+from dckpt._fsspec import FsspecStorage, _plan_gets
+from dckpt._readahead import ReadAhead
 from dckpt._storage import LocalStorage, Storage, open_storage
 from tests.conftest import S3Server
 
