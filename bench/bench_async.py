@@ -49,72 +49,16 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.distributed as dist
 
-LAYERS = 24
-BATCH = 8
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _model import build, local_tensors, width_for
+
 MM = 384  # matmul size of the compute loop
 
 
 # ----------------------------------------------------------------------------- model
-
-
-class Stack(nn.Module):
-    def __init__(self, width: int, layers: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
-def width_for(params_m: float) -> int:
-    w = (params_m * 1e6 / LAYERS) ** 0.5
-    return max(64, int(round(w / 64)) * 64)
-
-
-def build(width: int, mesh: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """FSDP2 model + Adam after one real training step (so Adam state exists)."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    model = Stack(width, LAYERS)
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
-    torch.manual_seed(1)
-    model(torch.randn(BATCH, width)).square().mean().backward()
-    optim.step()
-    optim.zero_grad(set_to_none=True)
-    return model, optim
-
-
-def local_tensors(model: nn.Module, optim: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor of the model+optimizer state as this rank holds it (local shards)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    from torch.distributed.tensor import DTensor
-
-    out: list[torch.Tensor] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, DTensor):
-            out.append(node.to_local())
-        elif isinstance(node, torch.Tensor):
-            out.append(node)
-        elif isinstance(node, dict):
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                walk(v)
-
-    walk(get_state_dict(model, optim))
-    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -175,12 +119,12 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    model, optim = build(width_for(opts["params_m"]), mesh)
+    model, optim = build(width_for(opts["params_m"]), mesh, trained=True)
     dcp_pg = dist.new_group(backend="gloo")  # DCP's background collectives go here
-    tensors = local_tensors(model, optim)
+    tensors = list(local_tensors(model, optim).values())
     local_bytes = sum(t.numel() * t.element_size() for t in tensors)
     floor_bufs = [torch.empty_like(t) for t in tensors]
-    for b, t in zip(floor_bufs, tensors):
+    for b, t in zip(floor_bufs, tensors, strict=False):
         b.copy_(t)  # touch: preallocated, as in a real staging pool
     compute = Compute()
     seq = [0]
@@ -202,17 +146,22 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
         dist.barrier()
         t0 = time.perf_counter()
         msd, osd = get_state_dict(model, optim)
-        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path,
-                             process_group=dcp_pg)
+        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path, process_group=dcp_pg)
         block = time.perf_counter() - t0
         res = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse or Future
         return block, res.result, path
 
     starts = {"dckpt": start_dckpt, "dcp": start_dcp}
-    R: dict[str, Any] = {"local_bytes": local_bytes, "first": {}, "first_total": {},
-                         "block": {"dckpt": [], "dcp": []}, "floor": [],
-                         "frac": {"dckpt": [], "dcp": []}, "base": [],
-                         "total": {"dckpt": [], "dcp": []}}
+    R: dict[str, Any] = {
+        "local_bytes": local_bytes,
+        "first": {},
+        "first_total": {},
+        "block": {"dckpt": [], "dcp": []},
+        "floor": [],
+        "frac": {"dckpt": [], "dcp": []},
+        "base": [],
+        "total": {"dckpt": [], "dcp": []},
+    }
 
     def log(msg: str) -> None:
         if rank == 0 and not opts["quiet"]:
@@ -227,7 +176,9 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
         R["first"][system] = max(gather(block))
         R["first_total"][system] = max(gather(total))
         rmtree_collective(path)
-        log(f"first {system}: blocking {R['first'][system]:.3f} s, to commit {R['first_total'][system]:.3f} s")
+        log(
+            f"first {system}: blocking {R['first'][system]:.3f} s, to commit {R['first_total'][system]:.3f} s"
+        )
 
     # ---- warm-up (second saves) and compute sizing
     longest = 0.0
@@ -249,7 +200,7 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
         # floor: copy_ of the local state into preallocated buffers
         dist.barrier()
         t0 = time.perf_counter()
-        for b, t in zip(floor_bufs, tensors):
+        for b, t in zip(floor_bufs, tensors, strict=False):
             b.copy_(t)
         R["floor"].append(max(gather(time.perf_counter() - t0)))
         # baseline compute, nothing running
@@ -261,18 +212,23 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
             c = compute.run()
             wait()
             total = time.perf_counter() - t0
-            b_all, c_all, t_all = zip(*gather((block, c, total)))
+            b_all, c_all, t_all = zip(*gather((block, c, total)), strict=False)
             R["block"][system].append(max(b_all))
             R["frac"][system].append(min(R["base"][-1] / x for x in c_all))
             R["total"][system].append(max(t_all))
             rmtree_collective(path)
-        log(f"round {rnd + 1}/{opts['rounds']}: " + ", ".join(
-            f"{s} block {R['block'][s][-1]:.3f} s compute x{R['frac'][s][-1]:.2f}"
-            for s in ("dckpt", "dcp")) + f", floor {R['floor'][-1]:.3f} s")
+        log(
+            f"round {rnd + 1}/{opts['rounds']}: "
+            + ", ".join(
+                f"{s} block {R['block'][s][-1]:.3f} s compute x{R['frac'][s][-1]:.2f}"
+                for s in ("dckpt", "dcp")
+            )
+            + f", floor {R['floor'][-1]:.3f} s"
+        )
 
     # ---- memory: 10 consecutive dckpt async saves
     series = []
-    for i in range(10):
+    for _i in range(10):
         block, wait, path = starts["dckpt"]()
         wait()
         rmtree_collective(path)
@@ -314,8 +270,8 @@ def scale(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
         "dckpt async_save": lambda p: dckpt.async_save({"small": small}, p).result(),
         "DCP save": lambda p: dcp.save({"small": small}, checkpoint_id=p),
         "DCP save, plan caching": lambda p: dcp.save(
-            {"small": small}, checkpoint_id=p,
-            planner=DefaultSavePlanner(enable_plan_caching=True)),
+            {"small": small}, checkpoint_id=p, planner=DefaultSavePlanner(enable_plan_caching=True)
+        ),
     }
     out: dict[str, Any] = {}
     for name, fn in systems.items():
@@ -323,16 +279,20 @@ def scale(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
         rep = [one(fn) for _ in range(opts["scale_repeats"])]
         out[name] = {"first": first, "repeat": rep}
         if rank == 0 and not opts["quiet"]:
-            print(f"  [{time.strftime('%H:%M:%S')}] scale {name}: first {first:.3f} s, "
-                  f"repeat {statistics.median(rep):.3f} s", flush=True)
+            print(
+                f"  [{time.strftime('%H:%M:%S')}] scale {name}: first {first:.3f} s, "
+                f"repeat {statistics.median(rep):.3f} s",
+                flush=True,
+            )
     return out
 
 
 # ----------------------------------------------------------------------------- launch
 
 
-def worker(rank: int, world: int, port: int, mode: str, opts: dict[str, Any], run_dir: str,
-           q: Any) -> None:
+def worker(
+    rank: int, world: int, port: int, mode: str, opts: dict[str, Any], run_dir: str, q: Any
+) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -362,8 +322,10 @@ def launch(mode: str, world: int, opts: dict[str, Any], run_dir: str) -> Any:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=worker, args=(r, world, port, mode, opts, run_dir, q),
-                         daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=worker, args=(r, world, port, mode, opts, run_dir, q), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     try:
@@ -407,29 +369,47 @@ def report(res: dict[str, Any] | None, sc: dict[str, Any] | None, opts: dict[str
     L: list[str] = []
     if res is not None:
         mb = res["local_bytes"] / 2**20
-        L.append(f"== async save, 2 gloo ranks, {opts['params_m']:g}M params, local state "
-                 f"{mb:.0f} MiB/rank, {opts['rounds']} rounds, dir {opts['dir']} ==")
-        L.append(f"  {'figure':<40}{'dckpt':>10}{'DCP':>10}{'floor':>10}   n   (s; median, max over ranks)")
+        L.append(
+            f"== async save, 2 gloo ranks, {opts['params_m']:g}M params, local state "
+            f"{mb:.0f} MiB/rank, {opts['rounds']} rounds, dir {opts['dir']} =="
+        )
+        L.append(
+            f"  {'figure':<40}{'dckpt':>10}{'DCP':>10}{'floor':>10}   n   (s; median, max over ranks)"
+        )
         f, b = res["first"], res["block"]
-        L.append(f"  {'first async_save, blocking':<40}{f['dckpt']:>10.3f}{f['dcp']:>10.3f}{'':>10}   1")
-        L.append(f"  {'first async_save, to commit':<40}{res['first_total']['dckpt']:>10.3f}"
-                 f"{res['first_total']['dcp']:>10.3f}{'':>10}   1")
-        L.append(f"  {'later async_save, blocking':<40}{med(b['dckpt']):>10.3f}{med(b['dcp']):>10.3f}"
-                 f"{med(res['floor']):>10.3f}{len(b['dckpt']):>4}")
+        L.append(
+            f"  {'first async_save, blocking':<40}{f['dckpt']:>10.3f}{f['dcp']:>10.3f}{'':>10}   1"
+        )
+        L.append(
+            f"  {'first async_save, to commit':<40}{res['first_total']['dckpt']:>10.3f}"
+            f"{res['first_total']['dcp']:>10.3f}{'':>10}   1"
+        )
+        L.append(
+            f"  {'later async_save, blocking':<40}{med(b['dckpt']):>10.3f}{med(b['dcp']):>10.3f}"
+            f"{med(res['floor']):>10.3f}{len(b['dckpt']):>4}"
+        )
         mm = [f"{min(x):.3f}-{max(x):.3f}" for x in (b["dckpt"], b["dcp"], res["floor"])]
         L.append(f"  {'  later blocking, min-max':<40}dckpt {mm[0]}, DCP {mm[1]}, floor {mm[2]}")
-        L.append(f"  {'later, call to commit (with compute)':<40}{med(res['total']['dckpt']):>10.3f}"
-                 f"{med(res['total']['dcp']):>10.3f}")
+        L.append(
+            f"  {'later, call to commit (with compute)':<40}{med(res['total']['dckpt']):>10.3f}"
+            f"{med(res['total']['dcp']):>10.3f}"
+        )
         fr = res["frac"]
-        L.append(f"  {'compute speed during the write':<40}{med(fr['dckpt']):>10.2f}{med(fr['dcp']):>10.2f}"
-                 f"{'':>10}{len(fr['dckpt']):>4}   (x of no-save speed, "
-                 f"{res['compute_iters']} mm{MM}, {med(res['base']):.2f} s alone)")
+        L.append(
+            f"  {'compute speed during the write':<40}{med(fr['dckpt']):>10.2f}{med(fr['dcp']):>10.2f}"
+            f"{'':>10}{len(fr['dckpt']):>4}   (x of no-save speed, "
+            f"{res['compute_iters']} mm{MM}, {med(res['base']):.2f} s alone)"
+        )
         rss = res["rss"]
-        L.append("  VmRSS after each of 10 dckpt async saves (MiB, max over ranks): "
-                 + " ".join(f"{r / 2**20:.0f}" for r in rss))
+        L.append(
+            "  VmRSS after each of 10 dckpt async saves (MiB, max over ranks): "
+            + " ".join(f"{r / 2**20:.0f}" for r in rss)
+        )
         growth = res["rss_growth"]
-        L.append(f"  VmRSS growth save 2 -> 10: {growth / 2**20:+.1f} MiB "
-                 f"({100 * growth / res['local_bytes']:+.2f}% of the local state)")
+        L.append(
+            f"  VmRSS growth save 2 -> 10: {growth / 2**20:+.1f} MiB "
+            f"({100 * growth / res['local_bytes']:+.2f}% of the local state)"
+        )
         L.append("")
         L.append("  targets (informative)")
         r1 = f["dckpt"] / f["dcp"]
@@ -439,25 +419,35 @@ def report(res: dict[str, Any] | None, sc: dict[str, Any] | None, opts: dict[str
         r3 = med(b["dckpt"]) / med(res["floor"])
         L.append(f"    later blocking  dckpt/floor    {r3:6.2f}x  (<= 1.50x)  {verdict(r3 <= 1.5)}")
         d, c = med(fr["dckpt"]), med(fr["dcp"])
-        L.append(f"    compute speed   dckpt vs DCP   {d:.2f} vs {c:.2f}  (dckpt >= DCP)  {verdict(d >= c)}")
+        L.append(
+            f"    compute speed   dckpt vs DCP   {d:.2f} vs {c:.2f}  (dckpt >= DCP)  {verdict(d >= c)}"
+        )
         tol = max(16 * 2**20, 0.02 * res["local_bytes"])
-        L.append(f"    VmRSS flat      growth {growth / 2**20:+.1f} MiB (<= {tol / 2**20:.0f} MiB: "
-                 f"max(16 MiB, 2% of state))  {verdict(growth <= tol)}")
+        L.append(
+            f"    VmRSS flat      growth {growth / 2**20:+.1f} MiB (<= {tol / 2**20:.0f} MiB: "
+            f"max(16 MiB, 2% of state))  {verdict(growth <= tol)}"
+        )
     if sc is not None:
         L.append("")
-        L.append(f"== scale: coordination cost, {opts['scale_ranks']} gloo ranks x "
-                 f"{opts['scale_count']} one-element tensors/rank (call + barrier, s) ==")
+        L.append(
+            f"== scale: coordination cost, {opts['scale_ranks']} gloo ranks x "
+            f"{opts['scale_count']} one-element tensors/rank (call + barrier, s) =="
+        )
         L.append(f"  {'system':<28}{'first':>9}{'repeat':>9}{'min':>8}{'max':>8}  n  first/repeat")
         for name, v in sc.items():
             rep = v["repeat"]
-            L.append(f"  {name:<28}{v['first']:>9.3f}{med(rep):>9.3f}{min(rep):>8.3f}{max(rep):>8.3f}"
-                     f"{len(rep):>3}  {v['first'] / med(rep):6.1f}x")
+            L.append(
+                f"  {name:<28}{v['first']:>9.3f}{med(rep):>9.3f}{min(rep):>8.3f}{max(rep):>8.3f}"
+                f"{len(rep):>3}  {v['first'] / med(rep):6.1f}x"
+            )
         dk, dc = sc.get("dckpt save"), sc.get("DCP save")
         if dk and dc:
             best = min(med(sc[k]["repeat"]) for k in sc if k.startswith("DCP"))
-            L.append(f"  dckpt save vs DCP save: first {dc['first'] / dk['first']:.1f}x faster, "
-                     f"repeat {med(dc['repeat']) / med(dk['repeat']):.1f}x faster "
-                     f"({best / med(dk['repeat']):.1f}x vs DCP's best repeat)")
+            L.append(
+                f"  dckpt save vs DCP save: first {dc['first'] / dk['first']:.1f}x faster, "
+                f"repeat {med(dc['repeat']) / med(dk['repeat']):.1f}x faster "
+                f"({best / med(dk['repeat']):.1f}x vs DCP's best repeat)"
+            )
     return "\n".join(L)
 
 
@@ -466,8 +456,12 @@ def main() -> None:
     ap.add_argument("--dir", default="/dev/shm", help="where checkpoints go (default /dev/shm)")
     ap.add_argument("--params-m", type=float, default=100.0, help="model size, millions of params")
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds after a warm-up")
-    ap.add_argument("--compute-factor", type=float, default=1.5,
-                    help="compute loop length as a multiple of the slower warm-up save")
+    ap.add_argument(
+        "--compute-factor",
+        type=float,
+        default=1.5,
+        help="compute loop length as a multiple of the slower warm-up save",
+    )
     ap.add_argument("--scale-ranks", type=int, default=8)
     ap.add_argument("--scale-count", type=int, default=20000, help="tiny tensors per rank")
     ap.add_argument("--scale-repeats", type=int, default=3)

@@ -43,7 +43,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-LAYERS = 24
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _model import LAYERS, build, local_tensors, width_for
+
 BUCKET = "bench"
 SYSTEMS = ("dckpt", "dcp")
 _MOTO = (
@@ -54,59 +56,6 @@ _MOTO = (
     "print(s.get_host_and_port()[1], flush=True)\n"
     "sys.stdin.read()\n"
 )
-
-
-class Stack(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(LAYERS))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
-def width_for(size_mb: float) -> int:
-    """Width giving about ``size_mb`` MB of fp32 params + two Adam moments (x64)."""
-    params = size_mb * 1e6 / 12
-    return max(64, round((params / LAYERS) ** 0.5 / 64) * 64)
-
-
-def build(width: int, mesh: Any, *, trained: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """FSDP2 model + Adam with its state; ``trained=False`` is a load target (other values)."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0 if trained else 1)
-    model = Stack(width)
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(torch.randn(4, width)).square().mean().backward()
-    optim.step()
-    optim.zero_grad(set_to_none=True)
-    return model, optim
-
-
-def local_tensors(model: nn.Module, optim: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    from torch.distributed.tensor import DTensor
-
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(node: Any, key: str) -> None:
-        if isinstance(node, torch.Tensor):
-            out[key] = node.to_local() if isinstance(node, DTensor) else node
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{key}.{k}")
-        elif isinstance(node, list | tuple):
-            for i, v in enumerate(node):
-                walk(v, f"{key}.{i}")
-
-    walk(get_state_dict(model, optim), "")
-    return out
 
 
 # ----------------------------------------------------------------------------- systems
@@ -178,7 +127,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
     options = {"dckpt": mine, "dcp": s3}
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
     mesh = init_device_mesh("cpu", (world,))
-    width = width_for(args.size_mb)
+    width = width_for(args.size_mb / 12)  # 12 bytes per parameter: fp32 + two Adam moments
     model, optim = build(width, mesh, trained=True)
     target, toptim = build(width, mesh, trained=False)
     ref = {k: v.clone() for k, v in local_tensors(model, optim).items()}

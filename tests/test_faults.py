@@ -23,10 +23,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dckpt
+from dckpt._cli import cli
 from dckpt._reader import open_checkpoint
 from tests._dist import RankPool, run_fresh
 
@@ -415,6 +417,14 @@ def _exercise(ck: Path) -> None:
                 assert torch.equal(reader.read_tensor(key), _CLEAN[key])
     except dckpt.CheckpointError:
         pass
+    for command in ("inspect", "verify"):  # the CLI: a clean exit code, never a traceback
+        result = CliRunner().invoke(cli, [command, "--json", str(ck)])
+        assert result.exit_code in (0, 1), (command, result.output, result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            result.exception
+        )
+        if result.exit_code == 0:
+            json.loads(result.output)
 
 
 @settings(
