@@ -156,19 +156,27 @@ class _Reuse:
 
 @dataclass
 class _PlanCache:
-    """Rank 0's memory of recent offers and plans; every rank's memory of its last key."""
+    """The last few structures saved on one group (a training job may save a few kinds of
+    state in turn): rank 0 keeps their offers, plans and manifest templates; every rank
+    keeps the structures it has committed and the plans it was sent."""
 
-    offers: dict[int, RankOffer] = field(default_factory=dict)
-    offer_keys: dict[int, bytes] = field(default_factory=dict)
+    offers: OrderedDict[tuple[int, bytes], RankOffer] = field(default_factory=OrderedDict)
     plans: OrderedDict[tuple[tuple[bytes, ...], frozenset[str]], tuple[int, SavePlan]] = field(
         default_factory=OrderedDict
     )
     serial: int = 0
     templates: dict[int, ManifestTemplate] = field(default_factory=dict)  # by plan serial
-    sent: dict[int, int] = field(default_factory=dict)  # rank -> serial it holds (rank 0)
-    my_last_key: bytes | None = None
-    my_last_plan: tuple[int, RankPlan] | None = None
+    sent: dict[int, set[int]] = field(default_factory=dict)  # rank -> plan serials it holds
+    my_keys: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    my_plans: OrderedDict[int, RankPlan] = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _remember(d: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    d[key] = value
+    d.move_to_end(key)
+    while len(d) > limit:
+        d.popitem(last=False)
 
 
 _caches: dict[str, _PlanCache] = {}
@@ -220,8 +228,8 @@ def _plan_from(
     keys: list[bytes] = []
     for m in messages:
         if isinstance(m, _Brief):
-            base = cache.offers.get(m.rank)
-            if base is None or cache.offer_keys.get(m.rank) != m.key:
+            base = cache.offers.get((m.rank, m.key))
+            if base is None:
                 return None
             bases.append(base)
             crcs.append(m.crcs)
@@ -229,8 +237,7 @@ def _plan_from(
             values.append(RankOffer(m.rank, (), m.values))
         else:
             keys.append(structure_key(m))
-            cache.offers[m.rank] = m
-            cache.offer_keys[m.rank] = keys[-1]
+            _remember(cache.offers, (m.rank, keys[-1]), m, _MAX_PLANS * len(messages))
             bases.append(m)
             crcs.append(_crcs(m))
             values.append(m)
@@ -292,7 +299,7 @@ def run_save(
             offer, known = checksum_plain(staged) if multi else (staged.offer, {})
             local.update(staged=staged, offer=offer, known=known, key=structure_key(offer))
         offer = local["offer"]
-        if not full and multi and cache.my_last_key == local["key"]:
+        if not full and multi and local["key"] in cache.my_keys:
             return _Brief(offer.rank, local["key"], _crcs(offer), offer.values)
         return offer
 
@@ -314,7 +321,7 @@ def run_save(
         leader.plan, leader.serial = plan, serial
         leader.template = cache.templates[serial]
         return [
-            _Reuse(serial, plan.save_id) if cache.sent.get(r.rank) == serial else (serial, r)
+            _Reuse(serial, plan.save_id) if serial in cache.sent.get(r.rank, ()) else (serial, r)
             for r in plan.ranks
         ]
 
@@ -322,18 +329,19 @@ def run_save(
     if answer == _RESEND:
         answer = coord.exchange("plan-full", lambda: offer(True), reduce_plan, scatter=True)
     if isinstance(answer, tuple):
-        cache.my_last_plan = answer
+        _remember(cache.my_plans, answer[0], answer[1], _MAX_PLANS)
 
     def my_plan() -> RankPlan:
         """This rank's plan; a rank whose cached plan is not the one rank 0 meant fails."""
         if isinstance(answer, _Reuse):
-            mine = cache.my_last_plan
-            if mine is None or mine[0] != answer.serial:
+            mine = cache.my_plans.get(answer.serial)
+            if mine is None:
                 raise CheckpointError(
                     "internal error: this rank's cached save plan is out of step with rank 0's; "
                     "the save was abandoned and the next one will plan afresh"
                 )
-            return renamed(mine[1], answer.save_id)
+            cache.my_plans.move_to_end(answer.serial)  # same recency order as rank 0's
+            return renamed(mine, answer.save_id)
         assert isinstance(answer, tuple)
         return answer[1]
 
@@ -348,8 +356,12 @@ def run_save(
         raise
     if coord.rank == 0:
         with cache.lock:
-            cache.sent = dict.fromkeys(range(coord.world_size), leader.serial)
-    cache.my_last_key = local["key"]
+            live = {serial for serial, _ in cache.plans.values()}
+            for r in range(coord.world_size):
+                held = cache.sent.setdefault(r, set())
+                held.add(leader.serial)
+                held &= live  # ranks keep as many plans as rank 0 does
+    _remember(cache.my_keys, local["key"], None, _MAX_PLANS)
 
 
 def _write_and_commit(

@@ -528,3 +528,43 @@ def test_ddp_tp_and_fsdp_tp_models_load_into_one_plain_process(
     want = ref_optim.state_dict()["state"]
     for i in want:
         torch.testing.assert_close(got[i]["exp_avg"], want[i]["exp_avg"], rtol=1e-5, atol=1e-6)
+
+
+def _w_alternating_structures(root: str) -> int:
+    """Saves of a few kinds of state in turn reuse their plans (no re-planning)."""
+    import dckpt._save as s
+
+    calls = []
+    real = s.plan_save
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    s.plan_save = counting  # type: ignore[assignment]
+    try:
+        kinds = [
+            {"a": torch.ones(10), "b": torch.zeros(3)},
+            {"c": torch.full((4, 4), float(dist.get_rank()))},
+            {"d": torch.arange(7), "step": 1},
+        ]
+        for i in range(12):
+            state = kinds[i % 3]
+            dckpt.save(state, f"{root}/s{i}")
+            out = {
+                k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0
+                for k, v in state.items()
+            }
+            dckpt.load(out, f"{root}/s{i}")
+            assert all(
+                torch.equal(out[k], v) if isinstance(v, torch.Tensor) else out[k] == v
+                for k, v in state.items()
+            )
+    finally:
+        s.plan_save = real
+    return len(calls)
+
+
+def test_alternating_structures_reuse_their_plans(rank_pool: Pools, tmp_path: Path) -> None:
+    planned = rank_pool(2).run(_w_alternating_structures, str(tmp_path))
+    assert planned[0] == 3  # once per structure, on rank 0
