@@ -596,3 +596,23 @@ def test_load_under_memory_budget(rank_pool: Pools, tmp_path: Path) -> None:
     slack = 4 << 20  # one checksum block of edge scratch, thread stacks, allocator arenas
     print(f"\nbudget load: peak RSS grew {grew / 2**20:.2f} MiB (budget 1 MiB)")
     assert grew < budget + slack, f"peak RSS grew {grew / 2**20:.1f} MiB over the destination"
+
+
+def test_coverage_guided_fuzzing_of_the_manifest_parser(tmp_path: Path) -> None:
+    """libFuzzer (through atheris) mutates manifests for a bounded number of runs; any
+    exception other than a CheckpointError would make it exit non-zero with the input."""
+    pytest.importorskip("atheris")
+    import subprocess
+    import sys
+
+    target = Path(__file__).parent / "fuzz" / "manifest_target.py"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    run = subprocess.run(
+        [sys.executable, str(target), "-runs=30000", f"-artifact_prefix={tmp_path}/", str(corpus)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Done 30000 runs" in run.stderr
