@@ -34,9 +34,9 @@ of DCP's blocking time (it is part of the user's call).
 from __future__ import annotations
 
 import argparse
-import importlib
 import contextlib
 import gc
+import importlib
 import json
 import os
 import shutil
