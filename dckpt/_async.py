@@ -1,8 +1,9 @@
 """``async_save``: snapshot now, write and commit in the background.
 
 The call blocks for the staging copy only. The write runs on one background thread per
-process (a thread, not a process: writes and checksums release the GIL, so training
-compute keeps its speed, and no second copy of the state crosses a process boundary).
+process: measured with ``bench/bench_writer.py``, a writer thread slows training compute
+no more than a writer process (writes and checksums release the GIL), and it needs no
+shared-memory copy of the state or inter-process protocol.
 Coordination goes through the c10d store under its own namespace, never through the
 training's process-group collectives, so it cannot deadlock with them.
 """
