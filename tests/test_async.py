@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 import dckpt
-from dckpt import _async, _plan
+from dckpt import _async
 from tests._dist import RankPool
+from tests._probes import counting_plans
 
 Pools = Callable[[int], RankPool]
 
@@ -74,18 +75,7 @@ def test_staging_limit_is_enforced(tmp_path: Path) -> None:
 
 def _w_back_to_back(root: str) -> list[bool]:
     rank = dist.get_rank()
-    calls = []
-    real = _plan.plan_save
-
-    def counting(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    _plan.plan_save = counting  # type: ignore[assignment]
-    import dckpt._save as s
-
-    s.plan_save = counting  # type: ignore[assignment]
-    try:
+    with counting_plans() as calls:
         w = torch.zeros(64, 64)
         for i in range(10):
             w.fill_(float(i))
@@ -94,9 +84,6 @@ def _w_back_to_back(root: str) -> list[bool]:
             )
             w.fill_(-1.0)  # the save holds the value at the call
         handle.result()
-    finally:
-        _plan.plan_save = real
-        s.plan_save = real
     ok = []
     for i in range(10):
         state = {"w": torch.zeros(64, 64), "r": torch.zeros(8), "i": -1}

@@ -19,6 +19,7 @@ from dckpt._manager import (
     step_name,
 )
 from tests._dist import RankPool
+from tests._probes import FailingState
 
 
 def state_for(step: int) -> dict[str, Any]:
@@ -106,15 +107,8 @@ def test_crash_leftovers_ignored_then_cleaned(tmp_path: Path) -> None:
     assert m.load(state) == 5  # the latest *committed* step
 
     # A save that fails inside a Stateful's state_dict() commits nothing.
-    class Broken:
-        def state_dict(self) -> dict[str, Any]:
-            raise RuntimeError("boom in state_dict")
-
-        def load_state_dict(self, sd: dict[str, Any]) -> None:
-            pass
-
     with pytest.raises(RuntimeError, match="boom"):
-        m.save(6, {"model": {"w": torch.ones(2)}, "broken": Broken()})
+        m.save(6, {"model": {"w": torch.ones(2)}, "broken": FailingState(RuntimeError("boom"))})
     assert m.steps() == [5]
     with pytest.raises(dckpt.CheckpointNotFoundError):
         m.load(state, step=6)

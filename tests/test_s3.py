@@ -29,6 +29,7 @@ import dckpt
 from dckpt._fsspec import FsspecStorage
 from dckpt._retry import classify, scrub, secret_values
 from tests._dist import RankPool
+from tests._probes import FailingState
 from tests.conftest import S3Server
 
 Pools = Callable[[int], RankPool]
@@ -151,17 +152,9 @@ def test_a_damaged_object_is_detected(s3: tuple[str, dict[str, Any]]) -> None:
 
 
 def _w_fail_before_commit(url: str, options: dict[str, Any]) -> str:
-    class Boom:
-        def state_dict(self) -> dict[str, object]:
-            if dist.get_rank() == 1:
-                raise ValueError("rank one broke")
-            return {}
-
-        def load_state_dict(self, sd: dict[str, object]) -> None:
-            pass
-
+    boom = FailingState(ValueError("rank one broke"), rank=1)
     with pytest.raises(dckpt.RankFailureError) as info:
-        dckpt.save({"w": torch.ones(1000), "b": Boom()}, url, storage_options=options, timeout=20)
+        dckpt.save({"w": torch.ones(1000), "b": boom}, url, storage_options=options, timeout=20)
     return str(info.value)
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import dckpt
 from tests._dist import RankPool, run_fresh
+from tests._probes import FailingState, counting_plans
 
 Pools = Callable[[int], RankPool]
 
@@ -383,15 +384,10 @@ def test_existing_checkpoint_needs_overwrite_and_survives_until_commit(tmp_path:
     with pytest.raises(dckpt.CheckpointExistsError):
         dckpt.save({"w": torch.zeros(4)}, path)
 
-    class Boom:
-        def state_dict(self) -> dict[str, object]:
-            raise RuntimeError("boom")
-
-        def load_state_dict(self, sd: dict[str, object]) -> None:
-            pass
-
     with pytest.raises(RuntimeError, match="boom"):
-        dckpt.save({"w": torch.zeros(4), "x": Boom()}, path, overwrite=True)
+        dckpt.save(
+            {"w": torch.zeros(4), "x": FailingState(RuntimeError("boom"))}, path, overwrite=True
+        )
     state = {"w": torch.zeros(4)}
     dckpt.load(state, path)
     assert torch.equal(state["w"], torch.ones(4))
@@ -405,17 +401,9 @@ def test_existing_checkpoint_needs_overwrite_and_survives_until_commit(tmp_path:
 
 
 def _w_fail_on_rank1(path: str) -> str:
-    class Boom:
-        def state_dict(self) -> dict[str, object]:
-            if dist.get_rank() == 1:
-                raise ValueError("rank one broke")
-            return {}
-
-        def load_state_dict(self, sd: dict[str, object]) -> None:
-            pass
-
+    boom = FailingState(ValueError("rank one broke"), rank=1)
     with pytest.raises(dckpt.RankFailureError) as info:
-        dckpt.save({"w": torch.ones(4), "b": Boom()}, path, timeout=20)
+        dckpt.save({"w": torch.ones(4), "b": boom}, path, timeout=20)
     assert isinstance(info.value.failures[1], ValueError)
     return str(info.value)
 
@@ -532,17 +520,7 @@ def test_ddp_tp_and_fsdp_tp_models_load_into_one_plain_process(
 
 def _w_alternating_structures(root: str) -> int:
     """Saves of a few kinds of state in turn reuse their plans (no re-planning)."""
-    import dckpt._save as s
-
-    calls = []
-    real = s.plan_save
-
-    def counting(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    s.plan_save = counting  # type: ignore[assignment]
-    try:
+    with counting_plans() as calls:
         kinds = [
             {"a": torch.ones(10), "b": torch.zeros(3)},
             {"c": torch.full((4, 4), float(dist.get_rank()))},
@@ -560,8 +538,6 @@ def _w_alternating_structures(root: str) -> int:
                 torch.equal(out[k], v) if isinstance(v, torch.Tensor) else out[k] == v
                 for k, v in state.items()
             )
-    finally:
-        s.plan_save = real
     return len(calls)
 
 
