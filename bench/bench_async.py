@@ -40,7 +40,6 @@ import importlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -55,6 +54,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import build, local_tensors, width_for
+from _ranks import free_port, gather, join_group
 
 MM = 384  # matmul size of the compute loop
 
@@ -71,12 +71,6 @@ def vm_rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def gather(value: Any, group: Any = None) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, value, group=group)
-    return out
 
 
 def rmtree_collective(path: str) -> None:
@@ -298,15 +292,7 @@ def scale(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
 def worker(
     rank: int, world: int, port: int, mode: str, opts: dict[str, Any], run_dir: str, q: Any
 ) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port)
     try:
         res = bench(opts, run_dir) if mode == "bench" else scale(opts, run_dir)
         if rank == 0:
@@ -324,9 +310,7 @@ def launch(mode: str, world: int, opts: dict[str, Any], run_dir: str) -> Any:
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [
         ctx.Process(target=worker, args=(r, world, port, mode, opts, run_dir, q), daemon=True)
         for r in range(world)

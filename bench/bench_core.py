@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import LAYERS, build, local_tensors, width_for
+from _ranks import free_port, gather, join_group, timed
 
 # ----------------------------------------------------------------------------- model
 
@@ -250,24 +250,10 @@ def floor_buffers(tensors: dict[str, torch.Tensor], n: int) -> list[list[memoryv
 # ----------------------------------------------------------------------------- timing
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    dist.barrier()
-    t0 = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - t0
-
-
 def all_ok(ok: bool) -> bool:
     flag = torch.tensor([0 if ok else 1])
     dist.all_reduce(flag)
     return int(flag.item()) == 0
-
-
-def gather(value: Any) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 # ----------------------------------------------------------------------------- phases
@@ -649,15 +635,7 @@ def worker(
     extra: Any,
     q: Any,
 ) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port)
     try:
         if mode == "bench":
             res = bench(opts, run_dir)
@@ -675,18 +653,12 @@ def worker(
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(mode: str, opts: dict[str, Any], run_dir: str, extra: Any = None) -> Any:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     world = opts["world_size"]
     procs = [
         ctx.Process(

@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +43,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import LAYERS, build, local_tensors, width_for
+from _ranks import free_port, join_group, timed
 
 BUCKET = "bench"
 SYSTEMS = ("dckpt", "dcp")
@@ -99,21 +98,12 @@ OPS: dict[str, tuple[Callable[..., None], Callable[..., None]]] = {
 }
 
 
-def timed(fn: Callable[[], None]) -> float:
-    dist.barrier()
-    t0 = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------- ranks
 
 
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    join_group(rank, world, port)
     import s3fs
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -207,9 +197,7 @@ def main() -> None:
             endpoint_url=args.endpoint, key="testing", secret="testing", skip_instance_cache=True
         )
         fs.call_s3("create_bucket", Bucket=BUCKET)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         out = os.path.join(tempfile.mkdtemp(prefix="dckpt-bench-s3-"), "result.json")
         import torch.multiprocessing as mp
 
