@@ -38,7 +38,7 @@ from dckpt._errors import (
     UnsafeCheckpointError,
 )
 from dckpt._format import MANIFEST_NAME, PathPart
-from dckpt._load import LoadPlan, LoadResult, _mismatch_message, _read_threads
+from dckpt._load import LoadPlan, LoadResult, _mismatch_message, _read_threads, require_same
 from dckpt._read import DEFAULT_MEMORY_BUDGET
 from dckpt._reader import KeyInfo
 from dckpt._reshard import Box, ChunkIndex
@@ -411,15 +411,11 @@ def load_dcp(
         )
         return int(crc32c.crc32c(raw))
 
-    def same_metadata(digests: list[int]) -> None:
-        if len(set(digests)) > 1:
-            raise CorruptCheckpointError(
-                f"ranks read different DCP metadata at {ctx['files'].storage.location}: the "
-                "checkpoint was replaced "
-                "during the load; load again"
-            )
-
-    coord.exchange("dcp-load-plan", local_prepare, same_metadata)
+    coord.exchange(
+        "dcp-load-plan",
+        local_prepare,
+        lambda digests: require_same(digests, "DCP metadata", ctx["files"].storage.location),
+    )
 
     def local_read() -> None:
         plan: _DcpPlan = ctx["plan"]

@@ -218,16 +218,12 @@ def load(
         )
         return int(crc32c.crc32c(raw))
 
-    def same_manifest(digests: list[int]) -> None:
-        if len(set(digests)) > 1:
-            raise CorruptCheckpointError(
-                f"ranks read different manifests at {ctx['storage'].location}: the checkpoint "
-                "was replaced "
-                "during the load; load again"
-            )
-
     with paused_gc():
-        coord.exchange("load-plan", local_prepare, same_manifest)
+        coord.exchange(
+            "load-plan",
+            local_prepare,
+            lambda digests: require_same(digests, "manifests", ctx["storage"].location),
+        )
 
     def local_read() -> None:
         lp: LoadPlan = ctx["plan"]
@@ -247,6 +243,15 @@ def load(
     coord.exchange("load-read", local_read)
     result: LoadResult = ctx["result"]
     return result
+
+
+def require_same(digests: list[int], what: str, location: str) -> None:
+    """Rank 0's check that every rank read the same bytes of the checkpoint's index."""
+    if len(set(digests)) > 1:
+        raise CorruptCheckpointError(
+            f"ranks read different {what} at {location}: the checkpoint was replaced during "
+            "the load; load again"
+        )
 
 
 def _read_threads() -> int:
