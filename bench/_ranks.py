@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -42,3 +43,11 @@ def timed(fn: Callable[[], Any]) -> float:
     fn()
     dist.barrier()
     return time.perf_counter() - t0
+
+
+def rmtree_collective(path: str) -> None:
+    """Remove a checkpoint once every rank is done with it."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()

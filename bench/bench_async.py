@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import build, local_tensors, width_for
-from _ranks import free_port, gather, join_group
+from _ranks import free_port, gather, join_group, rmtree_collective
 
 MM = 384  # matmul size of the compute loop
 
@@ -71,13 +71,6 @@ def vm_rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def rmtree_collective(path: str) -> None:
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
-    dist.barrier()
 
 
 class Compute:

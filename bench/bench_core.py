@@ -56,7 +56,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import LAYERS, build, local_tensors, width_for
-from _ranks import free_port, gather, join_group, timed
+from _ranks import free_port, gather, join_group, rmtree_collective, timed
 
 # ----------------------------------------------------------------------------- model
 
@@ -109,13 +109,6 @@ def peak_rss() -> int:
 
 
 # ----------------------------------------------------------------------------- systems
-
-
-def _rmtree_collective(path: str) -> None:
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
-    dist.barrier()
 
 
 class Systems:
@@ -344,7 +337,7 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
             if s == "tc":
                 t = run_tc_guarded(lambda p=path: save_fn["tc"](p))
                 if t is None:
-                    _rmtree_collective(path)
+                    rmtree_collective(path)
                     continue
             else:
                 t = timed(lambda p=path, s=s: save_fn[s](p))
@@ -372,13 +365,13 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
             if last and s in ("dckpt", "dcp", "tc"):
                 keep[s] = path
             else:
-                _rmtree_collective(path)
+                rmtree_collective(path)
 
         # floor, durable (fsync) - part of the durable-save figure
         path = f"{run_dir}/floor-r{rnd}"
         t = timed(lambda p=path: floor_write(p, buffers, fsync=True))
         record("save", "floor", rnd, t)
-        _rmtree_collective(path)
+        rmtree_collective(path)
 
         # non-durable saves
         nd = ["dckpt", "dcp", "floor"]
@@ -388,7 +381,7 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
             path = f"{run_dir}/nd-{s}-r{rnd}"
             got[s] = timed(lambda p=path, s=s: nd_fn[s](p))
             record("nondurable", s, rnd, got[s])
-            _rmtree_collective(path)
+            rmtree_collective(path)
         log("  non-durable " + "  ".join(f"{s} {v:.3f}s" for s, v in got.items()))
 
         # many small tensors
@@ -399,12 +392,12 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
             if s == "tc":
                 t = run_tc_guarded(lambda p=path: small_fn["tc"](small, p))
                 if t is None:
-                    _rmtree_collective(path)
+                    rmtree_collective(path)
                     continue
             else:
                 t = timed(lambda p=path, s=s: small_fn[s](small, p))
             record("small", s, rnd, t)
-            _rmtree_collective(path)
+            rmtree_collective(path)
             log(f"  small  {s:6s} {t:7.3f}s")
 
     sysm.close()
@@ -597,7 +590,7 @@ def profile_phase(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         if tool is not None:
             tool.stop()
-        _rmtree_collective(path)
+        rmtree_collective(path)
         return wall, tool
 
     for what in ("save", "load", "small"):  # warm-up: imports, plan cache, thread pools

@@ -38,7 +38,14 @@ from dckpt._errors import (
     UnsafeCheckpointError,
 )
 from dckpt._format import MANIFEST_NAME, PathPart
-from dckpt._load import LoadPlan, LoadResult, _mismatch_message, _read_threads, require_same
+from dckpt._load import (
+    LoadPlan,
+    LoadResult,
+    _mismatch_message,
+    _read_threads,
+    apply_loaded,
+    require_same,
+)
 from dckpt._read import DEFAULT_MEMORY_BUDGET
 from dckpt._reader import KeyInfo
 from dckpt._reshard import Box, ChunkIndex
@@ -425,10 +432,7 @@ def load_dcp(
             memory_budget=memory_budget,
             threads=_read_threads(),
         )
-        for setter, value in plan.lp.values:
-            setter(value)
-        for finish in ctx["resolved"].finish:
-            finish()
+        apply_loaded(plan.lp.values, ctx["resolved"])
 
     coord.exchange("dcp-load-read", local_read)
     result: LoadResult = ctx["result"]

@@ -235,14 +235,20 @@ def load(
             memory_budget=memory_budget,
             max_threads=_read_threads(),
         )
-        for setter, value in lp.values:
-            setter(value)
-        for finish in ctx["resolved"].finish:
-            finish()
+        apply_loaded(lp.values, ctx["resolved"])
 
     coord.exchange("load-read", local_read)
     result: LoadResult = ctx["result"]
     return result
+
+
+def apply_loaded(values: list[tuple[Any, object]], resolved: Resolved) -> None:
+    """Once the tensors are in: put the non-tensor values back, then let every Stateful
+    object (modules and optimizers through torch's helpers) take its state dict."""
+    for setter, value in values:
+        setter(value)
+    for finish in resolved.finish:
+        finish()
 
 
 def require_same(digests: list[int], what: str, location: str) -> None:
