@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -51,3 +53,58 @@ def rmtree_collective(path: str) -> None:
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
     dist.barrier()
+
+
+def _rank_main(
+    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], q: Any
+) -> None:
+    join_group(rank, world, port)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            q.put(("ok", result))
+    except BaseException:
+        q.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def run_on_ranks(world: int, label: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` on ``world`` fresh gloo ranks; rank 0's result, or the first error."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, fn, args, q), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        while True:
+            try:
+                kind, payload = q.get(timeout=1.0)
+            except Exception:  # queue.Empty
+                kind = None
+            if kind == "ok":
+                for p in procs:
+                    p.join(timeout=120)
+                return payload
+            if kind == "error":
+                raise RuntimeError(f"{label} phase failed on {payload}")
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"{label} phase: a rank exited with code {dead[0].exitcode}")
+            if all(p.exitcode == 0 for p in procs):
+                raise RuntimeError(f"{label} phase: ranks exited without a result")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
+            if p.is_alive():
+                p.kill()

@@ -34,7 +34,6 @@ of DCP's blocking time (it is part of the user's call).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
 import json
@@ -44,7 +43,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,7 +52,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import build, local_tensors, width_for
-from _ranks import free_port, gather, join_group, rmtree_collective
+from _ranks import gather, rmtree_collective, run_on_ranks
 
 MM = 384  # matmul size of the compute loop
 
@@ -282,58 +280,13 @@ def scale(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- launch
 
 
-def worker(
-    rank: int, world: int, port: int, mode: str, opts: dict[str, Any], run_dir: str, q: Any
-) -> None:
-    join_group(rank, world, port)
-    try:
-        res = bench(opts, run_dir) if mode == "bench" else scale(opts, run_dir)
-        if rank == 0:
-            q.put(("ok", res))
-    except BaseException:
-        q.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+def phase(mode: str, opts: dict[str, Any], run_dir: str) -> Any:
+    """What each rank runs for one phase of the benchmark (in fresh processes)."""
+    return bench(opts, run_dir) if mode == "bench" else scale(opts, run_dir)
 
 
 def launch(mode: str, world: int, opts: dict[str, Any], run_dir: str) -> Any:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=worker, args=(r, world, port, mode, opts, run_dir, q), daemon=True)
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        while True:
-            try:
-                kind, payload = q.get(timeout=1.0)
-            except Exception:  # queue.Empty
-                kind = None
-            if kind == "ok":
-                for p in procs:
-                    p.join(timeout=120)
-                return payload
-            if kind == "error":
-                raise RuntimeError(f"{mode} phase failed on {payload}")
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"{mode} phase: a rank exited with code {dead[0].exitcode}")
-            if all(p.exitcode == 0 for p in procs):
-                raise RuntimeError(f"{mode} phase: ranks exited without a result")
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    return run_on_ranks(world, mode, phase, mode, opts, run_dir)
 
 
 # ----------------------------------------------------------------------------- report

@@ -44,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -56,7 +55,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import LAYERS, build, local_tensors, width_for
-from _ranks import free_port, gather, join_group, rmtree_collective, timed
+from _ranks import gather, rmtree_collective, run_on_ranks, timed
 
 # ----------------------------------------------------------------------------- model
 
@@ -618,76 +617,17 @@ def profile_phase(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- workers
 
 
-def worker(
-    rank: int,
-    world: int,
-    port: int,
-    mode: str,
-    opts: dict[str, Any],
-    run_dir: str,
-    extra: Any,
-    q: Any,
-) -> None:
-    join_group(rank, world, port)
-    try:
-        if mode == "bench":
-            res = bench(opts, run_dir)
-        elif mode == "memory":
-            res = memory_phase(opts, extra[0], extra[1])
-        else:
-            res = profile_phase(opts, run_dir)
-        if rank == 0:
-            q.put(("ok", res))
-    except BaseException:
-        q.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+def phase(mode: str, opts: dict[str, Any], run_dir: str, extra: Any) -> Any:
+    """What each rank runs for one phase of the benchmark (in fresh processes)."""
+    if mode == "bench":
+        return bench(opts, run_dir)
+    if mode == "memory":
+        return memory_phase(opts, extra[0], extra[1])
+    return profile_phase(opts, run_dir)
 
 
 def launch(mode: str, opts: dict[str, Any], run_dir: str, extra: Any = None) -> Any:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    world = opts["world_size"]
-    procs = [
-        ctx.Process(
-            target=worker, args=(r, world, port, mode, opts, run_dir, extra, q), daemon=True
-        )
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    result: Any = None
-    try:
-        while True:
-            try:
-                kind, payload = q.get(timeout=1.0)
-            except Exception:  # queue.Empty
-                kind = None
-            if kind == "ok":
-                result = payload
-                break
-            if kind == "error":
-                raise RuntimeError(f"{mode} phase failed on {payload}")
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"{mode} phase: a rank exited with code {dead[0].exitcode}")
-            if all(p.exitcode == 0 for p in procs):
-                raise RuntimeError(f"{mode} phase: ranks exited without a result")
-        for p in procs:
-            p.join(timeout=120)
-        return result
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    return run_on_ranks(opts["world_size"], mode, phase, mode, opts, run_dir, extra)
 
 
 # ----------------------------------------------------------------------------- report
