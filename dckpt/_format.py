@@ -213,23 +213,37 @@ def ints_text(xs: tuple[int, ...]) -> str:
     return "[" + ",".join(map(str, xs)) + "]"
 
 
+def chunk_tail_text(
+    nbytes: int, offset: int, offsets: tuple[int, ...], sizes: tuple[int, ...], rank: int | None
+) -> str:
+    """A chunk's encoded fields after ``file``, closing brace included (keys in order)."""
+    rank_text = "" if rank is None else f',"rank":{rank}'
+    return (
+        f',"nbytes":{nbytes},"offset":{offset},"offsets":{ints_text(offsets)}{rank_text},'
+        f'"sizes":{ints_text(sizes)}}}'
+    )
+
+
+def tensor_tail_text(
+    dtype: str, path: tuple[PathPart, ...], per_rank: bool, shape: tuple[int, ...]
+) -> str:
+    """A tensor entry's encoded fields after its chunk list, closing brace included."""
+    per_rank_text = ',"per_rank":true' if per_rank else ""
+    return (
+        f'],"dtype":{json_str(dtype)},"path":{path_text(path)}{per_rank_text},'
+        f'"shape":{ints_text(shape)}}}'
+    )
+
+
 def _tensor_text(t: TensorEntry, names: dict[str, str]) -> str:
     chunks = []
     for c in t.chunks:
         name = names.get(c.file)
         if name is None:
             name = names[c.file] = json_str(c.file)
-        rank = "" if c.rank is None else f',"rank":{c.rank}'
-        chunks.append(
-            f'{{"crc32c":{ints_text(c.crc32c)},"file":{name},"nbytes":{c.nbytes},'
-            f'"offset":{c.offset},"offsets":{ints_text(c.offsets)}{rank},'
-            f'"sizes":{ints_text(c.sizes)}}}'
-        )
-    per_rank = ',"per_rank":true' if t.per_rank else ""
-    return (
-        f'{{"chunks":[{",".join(chunks)}],"dtype":{json_str(t.dtype)},"path":{path_text(t.path)}'
-        f'{per_rank},"shape":{ints_text(t.shape)}}}'
-    )
+        tail = chunk_tail_text(c.nbytes, c.offset, c.offsets, c.sizes, c.rank)
+        chunks.append(f'{{"crc32c":{ints_text(c.crc32c)},"file":{name}{tail}')
+    return '{"chunks":[' + ",".join(chunks) + tensor_tail_text(t.dtype, t.path, t.per_rank, t.shape)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -23,10 +23,11 @@ from dckpt._format import (
     ValueEntry,
     align,
     assemble,
+    chunk_tail_text,
     data_dir,
     ints_text,
     json_str,
-    path_text,
+    tensor_tail_text,
 )
 from dckpt._reshard import Box
 from dckpt._values import JSON
@@ -336,23 +337,17 @@ def manifest_template(plan: SavePlan) -> ManifestTemplate:
         for f, fp in enumerate(rank_plan.files):
             name = fp.name.removeprefix(prefix) + '"'
             for i, item in enumerate(fp.items):
-                rank = f',"rank":{rank_plan.rank}' if item.per_rank else ""
-                rest = (
-                    f',"nbytes":{item.nbytes},"offset":{item.offset},'
-                    f'"offsets":{ints_text(item.box.offsets)}{rank},'
-                    f'"sizes":{ints_text(item.box.sizes)}}}'
+                rank = rank_plan.rank if item.per_rank else None
+                rest = chunk_tail_text(
+                    item.nbytes, item.offset, item.box.offsets, item.box.sizes, rank
                 )
                 order = (rank_plan.rank if item.per_rank else 0, item.box.offsets)
                 slots[item.key].append((order, _Slot(r, f, i, name, rest)))
     tensors = []
     for key, meta in sorted(plan.tensors.items()):
         chunks = [s for _, s in sorted(slots[key], key=lambda o: o[0])]
-        per_rank = ',"per_rank":true' if meta.per_rank else ""
         before = f'{json_str(key)}:{{"chunks":['
-        after = (
-            f'],"dtype":{json_str(meta.dtype)},"path":{path_text(meta.path)}{per_rank},'
-            f'"shape":{ints_text(meta.shape)}}}'
-        )
+        after = tensor_tail_text(meta.dtype, meta.path, meta.per_rank, meta.shape)
         tensors.append((before, tuple(chunks), after))
     return ManifestTemplate(tuple(tensors))
 
