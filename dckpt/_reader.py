@@ -101,13 +101,19 @@ class CheckpointReader:
     def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Re-read every stored byte and check every checksum; returns the problems found."""
         problems: list[str] = []
+        bad_files: set[str] = set()
         for name in sorted(self.manifest.file_sizes):
             try:
                 check_files(self.storage, self.manifest, {name})
             except CheckpointError as exc:
                 problems.append(str(exc))
+                bad_files.add(name)
         for key, entry in sorted(self.manifest.tensors.items()):
             for c in entry.chunks:
+                if c.file in bad_files:  # reported once above; its chunks cannot be read
+                    if progress is not None:
+                        progress(c.nbytes)
+                    continue
                 box = Box(c.offsets, c.sizes)
                 scratch = torch.empty(c.sizes, dtype=torch_dtype(entry.dtype))
                 plan = ChunkIndex([box]).plan_copies(box, entry.itemsize)
