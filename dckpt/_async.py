@@ -18,10 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from dckpt._coord import coordinator_for
+from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._errors import CheckpointError, CheckpointTimeoutError
 from dckpt._gc import paused_gc
-from dckpt._save import DEFAULT_TIMEOUT, SaveOptions, Staged, _cache_for, run_save, stage
+from dckpt._save import SaveOptions, Staged, _cache_for, run_save, stage
 from dckpt._staging import StagingPool
 from dckpt._storage import open_storage
 

@@ -49,6 +49,9 @@ _MAX_TRACEBACK_NOTES = 3
 _OK = "ok"
 _FAIL = "fail"
 
+#: Seconds a collective save or load waits for the slowest rank before naming it.
+DEFAULT_TIMEOUT = 600.0
+
 _state_lock = threading.Lock()
 _epoch = "0"
 _calls: dict[tuple[str, str], int] = {}

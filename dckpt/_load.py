@@ -11,7 +11,7 @@ import crc32c
 import torch
 
 from dckpt._bytes import dtype_name, torch_dtype
-from dckpt._coord import coordinator_for
+from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._dtensor import dtensor_chunks, is_dtensor
 from dckpt._errors import (
     CheckpointNotFoundError,
@@ -25,8 +25,6 @@ from dckpt._reshard import Box, ChunkIndex
 from dckpt._state import Resolved, resolve
 from dckpt._storage import Storage, open_storage
 from dckpt._values import decode_value
-
-DEFAULT_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dckpt._coord import coordinator_for
+from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._errors import CheckpointError, CorruptCheckpointError
 from dckpt._format import DATA_DIR, MANIFEST_NAME, Manifest, data_dir, manifest_from_bytes
 from dckpt._storage import Storage, open_storage
 
-DEFAULT_TIMEOUT = 600.0
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

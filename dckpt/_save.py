@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dckpt._bytes import block_crcs, dtype_name, host_bytes
-from dckpt._coord import coordinator_for
+from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._dtensor import dtensor_chunks, is_dtensor
 from dckpt._errors import CheckpointError, CheckpointExistsError, UnsupportedStateError
 from dckpt._format import (
@@ -55,7 +55,6 @@ from dckpt._storage import Storage, open_storage
 from dckpt._values import encode_value
 from dckpt._write import KnownCrcs, SourceMap, write_rank
 
-DEFAULT_TIMEOUT = 600.0
 _clock = time.time  # replaced by the golden-format tests for byte-identical output
 
 
