@@ -14,9 +14,9 @@ over ``--rounds`` rounds of the collective call's wall time (barrier, call, barr
           ``FsspecReader`` (+ ``get_state_dict``/``set_state_dict``, part of the call)
 
 moto is a Python server sharing 2 cores with both ranks: it, not the network, bounds
-throughput (about 40 MB/s in, 130 MB/s out on this kind of machine), so the default
-size is 300 MB rather than the 1.2 GB of ``bench_core.py``, and the ratios say how much
-less work and waiting a client causes, not what real S3 would give.
+throughput (about 100 MB/s each way for DCP here), so the default size is 300 MB rather
+than the 1.2 GB of ``bench_core.py``, and the ratios say how much less server work and
+waiting a client causes, not what real S3 would give.
 
     python bench/bench_s3.py                     # 300 MB, 3 rounds
     python bench/bench_s3.py --size-mb 1200 --rounds 3

@@ -38,7 +38,7 @@ from dckpt._format import (
 )
 from dckpt._reshard import Box
 from dckpt._sources import ST_CODE, TORCH_SUFFIXES, Entry, Source, open_source, read_checked
-from dckpt._storage import open_storage
+from dckpt._storage import FileLayout, open_storage
 
 FORMATS = ("dckpt", "safetensors", "hf", "pt")
 HF_INDEX = "model.safetensors.index.json"
@@ -326,7 +326,9 @@ def write_dckpt(
             text = json.dumps(data, sort_keys=True, separators=(",", ":"))
             values.append(ValueOffer(e.key, e.path, data, text))
     plan = plan_save(
-        [RankOffer(0, tuple(tensors), tuple(values))], new_save_id(), max_files_per_rank=1
+        [RankOffer(0, tuple(tensors), tuple(values))],
+        new_save_id(),
+        layout=FileLayout(max_files=1),
     )
     lazy = _LazyTensors(src, {e.key: e for e in entries if e.kind == "tensor"})
     try:

@@ -7,10 +7,12 @@ become objects only when completed, and other backends' files are written whole.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import errno
 import io
+import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,16 +27,79 @@ if TYPE_CHECKING:
 _S3_MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
 
 
+class ViewsBody(io.RawIOBase):
+    """A seekable request body over a list of buffers, without joining them.
+
+    Request bodies point at the state's own memory (the writer's caller keeps it unchanged
+    until ``close``), so an upload holds no copy of what it sends; botocore may read the
+    body more than once (checksums, retries) and seeks back to the start each time.
+    """
+
+    def __init__(self, views: Sequence[memoryview]) -> None:
+        super().__init__()
+        self._views = list(views)
+        self._starts = list(itertools.accumulate((v.nbytes for v in self._views), initial=0))
+        self._size = self._starts[-1]
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        n = 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        while n < out.nbytes and self._pos < self._size:
+            view = self._views[i]
+            off = self._pos - self._starts[i]
+            k = min(view.nbytes - off, out.nbytes - n)
+            out[n : n + k] = view[off : off + k]
+            n += k
+            self._pos += k
+            i += 1
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = max(0, self._size - self._pos)
+        want = left if size is None or size < 0 else min(size, left)
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        if want and self._pos + want <= self._starts[i + 1]:  # within one view: one copy
+            off = self._pos - self._starts[i]
+            self._pos += want
+            return bytes(self._views[i][off : off + want])
+        out = bytearray(want)
+        return bytes(out[: self.readinto(out)])
+
+
 class S3Writer(Writer):
-    """Multipart upload: parts of ``part_size`` go up in parallel as the file is written;
-    a file smaller than one part is a single PUT. Nothing is visible until ``close``."""
+    """One PUT for a file up to ``multipart_threshold``; past that, a multipart upload whose
+    parts of ``part_size`` go up in parallel as the file is written. Nothing is visible
+    until ``close``. Bodies are views of the caller's buffers, never copies."""
 
     def __init__(self, st: FsspecStorage, name: str) -> None:
         self.st = st
         self.name = name
         self.bucket, self.key, _ = st.fs.split_path(st._path(name))
         self.part_size = st.options.part_size
-        self.buf = io.BytesIO()  # a file object: aiohttp streams it rather than copying
+        self.threshold = max(st.options.multipart_threshold, self.part_size)
+        self.pending: list[memoryview] = []  # written, not yet sent
+        self.pending_bytes = 0
         self.size = 0
         self.upload_id: str | None = None
         self.parts: list[tuple[concurrent.futures.Future[dict[str, Any]], Attempts]] = []
@@ -44,16 +109,32 @@ class S3Writer(Writer):
         self._raise_failed()
         for b in buffers:
             view = as_memoryview(b)
-            pos = 0
-            while pos < view.nbytes:
-                n = min(self.part_size - self.buf.tell(), view.nbytes - pos)
-                self.buf.write(view[pos : pos + n])
-                pos += n
-                if self.buf.tell() == self.part_size:
-                    self._send_part()
-            self.size += view.nbytes
+            if view.nbytes:
+                self.pending.append(view)
+                self.pending_bytes += view.nbytes
+                self.size += view.nbytes
+        if self.upload_id is None and self.pending_bytes <= self.threshold:
+            return  # may still be one PUT
+        while self.pending_bytes >= self.part_size:
+            self._send_part(self._take(self.part_size))
 
-    def _send_part(self) -> None:
+    def _take(self, nbytes: int) -> list[memoryview]:
+        """The first ``nbytes`` of the pending views (the last one split if need be)."""
+        out: list[memoryview] = []
+        got = 0
+        while got < nbytes:
+            view = self.pending[0]
+            if got + view.nbytes <= nbytes:
+                out.append(self.pending.pop(0))
+                got += view.nbytes
+            else:
+                out.append(view[: nbytes - got])
+                self.pending[0] = view[nbytes - got :]
+                got = nbytes
+        self.pending_bytes -= got
+        return out
+
+    def _send_part(self, views: list[memoryview]) -> None:
         st = self.st
         if self.upload_id is None:
             mpu = st._call("writing", self.name, "create_multipart_upload")
@@ -64,11 +145,10 @@ class S3Writer(Writer):
                 f"writing {st.url(self.name)} failed: more than {_S3_MAX_PARTS} parts; raise "
                 'storage_options["dckpt"]["part_size"]'
             )
-        body, self.buf = self.buf, io.BytesIO()
-        st._slots.acquire()  # bounds the parts in flight, and so their memory
+        st._slots.acquire()  # bounds the parts in flight
         attempts = Attempts()
         try:
-            coro = self._upload(number, body, attempts)
+            coro = self._upload(number, ViewsBody(views), attempts)
             fut = asyncio.run_coroutine_threadsafe(coro, st.fs.loop)
         except BaseException:
             st._slots.release()
@@ -77,7 +157,7 @@ class S3Writer(Writer):
         self.parts.append((fut, attempts))
         self._raise_failed()
 
-    async def _upload(self, number: int, body: io.BytesIO, attempts: Attempts) -> dict[str, Any]:
+    async def _upload(self, number: int, body: ViewsBody, attempts: Attempts) -> dict[str, Any]:
         async def once() -> dict[str, Any]:
             body.seek(0)
             out = await self.st.fs._call_s3(
@@ -100,10 +180,10 @@ class S3Writer(Writer):
     def close(self, *, durable: bool) -> int:
         st = self.st
         if self.upload_id is None:
-            st._put(self.name, self.buf)
+            st._put(self.name, ViewsBody(self._take(self.pending_bytes)))
         else:
-            if self.buf.tell():
-                self._send_part()
+            if self.pending_bytes:
+                self._send_part(self._take(self.pending_bytes))
             parts = []
             for fut, attempts in self.parts:
                 try:
@@ -124,7 +204,6 @@ class S3Writer(Writer):
                 if exc.errno != errno.ENOENT or st.size(self.name) != self.size:
                     raise
         self.done = True
-        self.buf = io.BytesIO()
         return self.size
 
     def abort(self) -> None:
@@ -139,7 +218,7 @@ class S3Writer(Writer):
                 self.st._call(
                     "aborting", self.name, "abort_multipart_upload", UploadId=self.upload_id
                 )
-        self.buf = io.BytesIO()
+        self.pending, self.pending_bytes = [], 0
 
 
 class StreamWriter(Writer):

@@ -30,10 +30,8 @@ from dckpt._format import (
     tensor_tail_text,
 )
 from dckpt._reshard import Box
+from dckpt._storage import LOCAL_LAYOUT, FileLayout
 from dckpt._values import JSON
-
-#: Bytes per data file before a rank splits its share over several files (parallel streams).
-FILE_TARGET_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +117,7 @@ class FileResult:
 
 
 def plan_save(
-    offers: Sequence[RankOffer], save_id: str, *, max_files_per_rank: int = 4
+    offers: Sequence[RankOffer], save_id: str, *, layout: FileLayout = LOCAL_LAYOUT
 ) -> SavePlan:
     """Decide, for every chunk any rank holds, which rank writes it to which file and offset."""
     world = len(offers)
@@ -174,7 +172,7 @@ def plan_save(
         load[writer] += nbytes
         assigned[writer].append((key, box, nbytes, per_rank))
 
-    ranks = tuple(_layout_rank(save_id, r, assigned[r], max_files_per_rank) for r in range(world))
+    ranks = tuple(_layout_rank(save_id, r, assigned[r], layout) for r in range(world))
     values = _plan_values(offers)
     clash = set(values) & set(tensors)
     if clash:
@@ -187,10 +185,10 @@ def _layout_rank(
     save_id: str,
     rank: int,
     items: list[tuple[str, Box, int, bool]],
-    max_files: int,
+    layout: FileLayout,
 ) -> RankPlan:
     total = sum(i[2] for i in items)
-    nfiles = max(1, min(max_files, -(-total // FILE_TARGET_BYTES)))
+    nfiles = max(1, min(layout.max_files, -(-total // layout.target_bytes)))
     # items arrive largest first: spread them over the files, least-filled first
     heap = [(0, f) for f in range(nfiles)]
     per_file: list[list[tuple[str, Box, int, bool]]] = [[] for _ in range(nfiles)]

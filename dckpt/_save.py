@@ -51,7 +51,7 @@ from dckpt._plan import (
 )
 from dckpt._reshard import Box
 from dckpt._state import resolve
-from dckpt._storage import Storage, open_storage
+from dckpt._storage import FileLayout, Storage, open_storage
 from dckpt._values import encode_value
 from dckpt._write import KnownCrcs, SourceMap, write_rank
 
@@ -160,9 +160,9 @@ class _PlanCache:
     keeps the structures it has committed and the plans it was sent."""
 
     offers: OrderedDict[tuple[int, bytes], RankOffer] = field(default_factory=OrderedDict)
-    plans: OrderedDict[tuple[tuple[bytes, ...], frozenset[str]], tuple[int, SavePlan]] = field(
-        default_factory=OrderedDict
-    )
+    plans: OrderedDict[
+        tuple[tuple[bytes, ...], frozenset[str], FileLayout], tuple[int, SavePlan]
+    ] = field(default_factory=OrderedDict)
     serial: int = 0
     templates: dict[int, ManifestTemplate] = field(default_factory=dict)  # by plan serial
     sent: dict[int, set[int]] = field(default_factory=dict)  # rank -> plan serials it holds
@@ -217,7 +217,7 @@ def _with_crcs(base: RankOffer, crcs: tuple[tuple[int, ...] | None, ...]) -> Ran
 
 
 def _plan_from(
-    cache: _PlanCache, messages: list[RankOffer | _Brief], max_files: int
+    cache: _PlanCache, messages: list[RankOffer | _Brief], layout: FileLayout
 ) -> tuple[int, SavePlan] | None:
     """The save plan, reusing a cached one when every rank's structure and the replica
     pattern are unchanged; None when a brief refers to an offer rank 0 no longer has."""
@@ -240,7 +240,7 @@ def _plan_from(
             bases.append(m)
             crcs.append(_crcs(m))
             values.append(m)
-    cache_key = (tuple(keys), _divergent(bases, crcs))
+    cache_key = (tuple(keys), _divergent(bases, crcs), layout)
     cached = cache.plans.get(cache_key)
     if cached is not None:
         cache.plans.move_to_end(cache_key)
@@ -250,7 +250,7 @@ def _plan_from(
         for b, c, m in zip(bases, crcs, messages, strict=True)
     ]
     offers = [RankOffer(o.rank, o.tensors, v.values) for o, v in zip(offers, values, strict=True)]
-    plan = plan_save(offers, new_save_id(), max_files_per_rank=max_files)
+    plan = plan_save(offers, new_save_id(), layout=layout)
     cache.serial += 1
     cache.plans[cache_key] = (cache.serial, plan)
     cache.templates[cache.serial] = manifest_template(plan)
@@ -277,7 +277,6 @@ class _Leader:
 class SaveOptions:
     overwrite: bool = False
     durable: bool = True
-    max_files_per_rank: int = 4
 
 
 def run_save(
@@ -306,7 +305,7 @@ def run_save(
         messages: list[RankOffer | _Brief],
     ) -> list[tuple[int, RankPlan] | _Reuse] | list[str]:
         with cache.lock:
-            found = _plan_from(cache, messages, options.max_files_per_rank)
+            found = _plan_from(cache, messages, storage.file_layout)
         if found is None:
             return [_RESEND] * len(messages)
         serial, plan = found

@@ -15,6 +15,7 @@ import secrets
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from dckpt._errors import CheckpointError, StorageError, UnsafeCheckpointError
 
@@ -26,7 +27,9 @@ class Writer(ABC):
     """A file being written sequentially from buffers; invisible to readers until committed."""
 
     @abstractmethod
-    def write(self, buffers: Sequence[Buffer]) -> None: ...
+    def write(self, buffers: Sequence[Buffer]) -> None:
+        """Append ``buffers``. They may be sent later, straight from their memory: the
+        caller keeps them alive and unchanged until ``close`` or ``abort`` returns."""
 
     @abstractmethod
     def close(self, *, durable: bool) -> int:
@@ -37,6 +40,19 @@ class Writer(ABC):
         """Drop the partial file; never raises."""
 
 
+@dataclass(frozen=True, slots=True)
+class FileLayout:
+    """How a save splits one rank's share into data files: up to ``max_files`` files of
+    about ``target_bytes`` each, written in parallel. Local disks want a few large files;
+    object stores want more objects, each small enough to go up as one PUT."""
+
+    max_files: int = 4
+    target_bytes: int = 64 << 20
+
+
+LOCAL_LAYOUT = FileLayout()
+
+
 class Storage(ABC):
     """One checkpoint's worth of storage, rooted at a directory or URL prefix."""
 
@@ -44,6 +60,8 @@ class Storage(ABC):
     location: str
     #: Whether ``commit`` replaces atomically (rename) rather than by last-writer-wins.
     atomic_commit: bool = True
+    #: The data-file layout saves to this storage use.
+    file_layout: FileLayout = LOCAL_LAYOUT
 
     @abstractmethod
     def read_file(self, name: str) -> bytes | None:

@@ -19,6 +19,7 @@ from dckpt._plan import (
     with_save_id,
 )
 from dckpt._reshard import Box
+from dckpt._storage import FileLayout
 
 
 def full(shape: tuple[int, ...]) -> Box:
@@ -77,7 +78,7 @@ def test_layout_is_aligned_disjoint_and_complete(
 ) -> None:
     tensors = tuple(plain(f"k{i}", (n,)) for i, n in enumerate(sizes))
     plan = plan_save(
-        [RankOffer(r, tensors, ()) for r in range(world)], "abc", max_files_per_rank=max_files
+        [RankOffer(r, tensors, ()) for r in range(world)], "abc", layout=FileLayout(max_files)
     )
     seen = set()
     for r in plan.ranks:

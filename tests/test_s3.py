@@ -34,7 +34,13 @@ from tests.conftest import S3Server
 
 Pools = Callable[[int], RankPool]
 MiB = 1 << 20
-FAST = {"part_size": 5 * MiB, "retry_initial": 0.01, "retry_timeout": 15}
+# Small parts and threshold so that a few MiB exercise multipart uploads (5 MiB: S3's min).
+FAST = {
+    "part_size": 5 * MiB,
+    "multipart_threshold": 5 * MiB,
+    "retry_initial": 0.01,
+    "retry_timeout": 15,
+}
 
 
 @pytest.fixture
@@ -179,8 +185,8 @@ def _killed_mid_upload_main(url: str, options_json: str) -> None:
     dckpt.save({"w": torch.full((1000,), 1.0)}, url, storage_options=options)
     real = f.S3Writer._send_part
 
-    def dying(self: Any) -> None:
-        real(self)
+    def dying(self: Any, views: Any) -> None:
+        real(self, views)
         os.kill(os.getpid(), signal.SIGKILL)
 
     f.S3Writer._send_part = dying  # type: ignore[method-assign]
@@ -203,8 +209,11 @@ def test_a_save_killed_mid_upload_keeps_the_old_checkpoint(s3: tuple[str, dict[s
     state = {"w": torch.zeros(1000)}
     dckpt.load(state, url, storage_options=options)
     assert torch.equal(state["w"], torch.full((1000,), 1.0))
-    # The interrupted upload never completed: no new object is visible, only the old save.
-    assert len({n.split("/")[1] for n in FsspecStorage(url, options).list("data")}) == 1
+    # The interrupted multipart upload never completed, so none of it is visible (a small
+    # object of that save may be, unreferenced, until a CheckpointManager tidies it up).
+    st = FsspecStorage(url, options)
+    sizes = {n: st.size(n) for n in st.list("data")}
+    assert sizes and all(n is not None and n < 6 * MiB for n in sizes.values()), sizes
 
 
 def test_overwrite_keeps_the_old_checkpoint_until_the_manifest_lands(

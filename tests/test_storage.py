@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dckpt._errors import CheckpointError, CorruptCheckpointError, StorageError
 from dckpt._fsspec import FsspecStorage, _plan_gets
+from dckpt._fsspec_write import ViewsBody
 from dckpt._readahead import ReadAhead
-from dckpt._storage import LocalStorage, Storage, open_storage
+from dckpt._storage import FileLayout, LocalStorage, Storage, open_storage
 from tests.conftest import S3Server
 
 MiB = 1 << 20
@@ -41,7 +44,12 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
     server: S3Server = request.getfixturevalue("s3_server")
     opts = {
         **server.options,
-        "dckpt": {"part_size": PART, "coalesce_gap": 1024, "retry_timeout": 10},
+        "dckpt": {
+            "part_size": PART,
+            "multipart_threshold": PART,
+            "coalesce_gap": 1024,
+            "retry_timeout": 10,
+        },
     }
     st = FsspecStorage(server.url(uuid.uuid4().hex), opts)
     yield st
@@ -193,3 +201,65 @@ def test_missing_backend_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(CheckpointError) as info:
         open_storage("s3://bucket/ck")
     assert str(info.value) == "s3:// needs s3fs: pip install 'dckpt[s3]'"
+
+
+def test_s3_objects_up_to_the_threshold_go_up_as_one_put(s3_server: S3Server) -> None:
+    """A multipart object's ETag ends in -<parts>; a single PUT's does not."""
+    opts = {**s3_server.options, "dckpt": {"part_size": PART, "multipart_threshold": 2 * PART}}
+    st3 = FsspecStorage(s3_server.url(uuid.uuid4().hex), opts)
+    try:
+        for name, n, parts in [("one", 2 * PART, None), ("three", 2 * PART + 1, 3)]:
+            data = os.urandom(n)
+            assert _write(st3, name, data) == n
+            etag = str(st3.fs.info(st3._path(name))["ETag"]).strip('"')
+            assert etag.endswith(f"-{parts}") if parts else "-" not in etag, (name, etag)
+            out = bytearray(n)
+            st3.read_into(name, 0, memoryview(out))
+            assert out == data
+        with pytest.raises(CheckpointError, match="at most"):
+            FsspecStorage(
+                s3_server.url("x"), {**s3_server.options, "dckpt": {"part_size": 6 << 30}}
+            )
+    finally:
+        st3.delete_prefix("")
+
+
+def test_object_stores_spread_a_rank_over_part_sized_objects() -> None:
+    st3 = FsspecStorage(
+        "memory://dckpt-layout/ck", {"dckpt": {"max_concurrency": 3, "part_size": 8 * MiB}}
+    )
+    assert st3.file_layout == FileLayout(max_files=3, target_bytes=8 * MiB)
+    assert LocalStorage("/nonexistent").file_layout == FileLayout()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 50), min_size=0, max_size=8),
+    ops=st.lists(st.tuples(st.integers(-5, 400), st.integers(-1, 120)), max_size=12),
+)
+def test_views_body_reads_like_the_joined_bytes(
+    sizes: list[int], ops: list[tuple[int, int]]
+) -> None:
+    data = os.urandom(sum(sizes))
+    views, pos = [], 0
+    for n in sizes:
+        views.append(memoryview(data)[pos : pos + n])
+        pos += n
+    body = ViewsBody([v for v in views if v.nbytes])
+    assert len(body) == len(data) and body.seekable() and body.readable()
+    assert body.read() == data and body.read(5) == b""
+    for where, size in ops:
+        body.seek(max(0, where))
+        at = body.tell()
+        if size % 2:
+            out = bytearray(max(0, size))
+            got = bytes(out[: body.readinto(out)])
+        else:
+            got = body.read(size)
+        want = data[at:] if size < 0 else data[at : at + size]
+        assert got == want and body.tell() == at + len(want)
+    if len(data) >= 3:
+        assert body.seek(-3, os.SEEK_END) == len(data) - 3 and body.read() == data[-3:]
+    else:
+        with pytest.raises(ValueError):
+            body.seek(-3, os.SEEK_END)
