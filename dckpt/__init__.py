@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from dckpt._async import AsyncSaveHandle, async_save, wait
+from dckpt._async import AsyncSaveHandle, async_save, prepare_async_save, wait
 from dckpt._convert import ConvertReport, convert
 from dckpt._errors import (
     CheckpointError,
@@ -51,6 +51,7 @@ __all__ = [
     "async_save",
     "convert",
     "load",
+    "prepare_async_save",
     "save",
     "wait",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,9 +22,11 @@ from typing import Any
 from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._errors import CheckpointError, CheckpointTimeoutError
 from dckpt._gc import paused_gc
-from dckpt._save import SaveOptions, Staged, _cache_for, run_save, stage
+from dckpt._save import SaveOptions, Staged, _cache_for, run_save, stage, staging_sources
 from dckpt._staging import StagingPool
 from dckpt._storage import open_storage
+
+_log = logging.getLogger("dckpt")
 
 
 class AsyncSaveHandle:
@@ -64,6 +67,7 @@ class _Saver:
         self.executor: ThreadPoolExecutor | None = None
         self.pool = StagingPool()
         self.inflight: AsyncSaveHandle | None = None
+        self.reserving: Future[None] | None = None  # a prepare_async_save in progress
 
     def submit(self, fn: Any) -> Future[None]:
         if self.executor is None:
@@ -90,8 +94,38 @@ def drain() -> None:
 
 
 def wait() -> None:
-    """Wait for every async save of this process to commit (also run at interpreter exit)."""
+    """Wait for every async save of this process to commit (also run at interpreter exit),
+    and for a :func:`prepare_async_save` in progress."""
     drain()
+    reserving, _saver.reserving = _saver.reserving, None
+    if reserving is not None:
+        reserving.result()  # its failures are logged there, not raised
+
+
+def prepare_async_save(state: Mapping[str, Any], *, staging_bytes: int | None = None) -> None:
+    """Reserve, in the background, the host buffers an ``async_save`` of ``state`` stages into.
+
+    The first ``async_save`` of a process otherwise pays for fresh memory while training
+    waits: first-touch page faults for CPU state (several times the copy itself), page
+    locking for GPU state. Call this once the state exists, e.g. after the first step or a
+    resume (optimizers without state yet are left out, never stepped), and the first save
+    blocks for one warm copy. Local to this process, not collective; returns at once, and
+    :func:`wait` waits for it. A ``CheckpointManager(async_save=True)`` calls it in ``load``.
+    """
+    with _saver.lock:
+        if staging_bytes is not None:
+            _saver.pool.capacity = staging_bytes
+        with paused_gc():
+            sources = staging_sources(state)
+        _saver.pool.check(sources)
+
+        def reserve() -> None:
+            try:
+                _saver.pool.reserve(sources)
+            except Exception as exc:  # not fatal: the first save allocates its own buffers
+                _log.warning("reserving staging memory for async saves failed: %s", exc)
+
+        _saver.reserving = _saver.submit(reserve)
 
 
 def async_save(

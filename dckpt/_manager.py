@@ -150,7 +150,9 @@ class CheckpointManager:
     ``save`` overwrites a step that is already committed (the old copy stays loadable
     until the new one commits). With ``async_save=True`` a save returns once the state
     is staged and the previous async save (if any) has finished; its retention runs when
-    it has committed, at the next ``save`` or at ``wait``.
+    it has committed, at the next ``save`` or at ``wait``. In async mode ``load`` also
+    reserves the staging memory (:func:`dckpt.prepare_async_save`), so that the first save
+    blocks no longer than later ones.
     """
 
     def __init__(
@@ -275,20 +277,23 @@ class CheckpointManager:
             return None if chosen is None else (chosen, self.path_of(chosen))
 
         target = coord.exchange("manager-pick", local, lambda picks: picks[0])
-        if target is None:
-            return None
-        chosen, path = target
-        from dckpt._load import load
+        if target is not None:
+            from dckpt._load import load
 
-        load(
-            state,
-            path,
-            process_group=self.process_group,
-            strict=strict,
-            timeout=self.timeout,
-            storage_options=self.storage_options,
-        )
-        return int(chosen)
+            load(
+                state,
+                target[1],
+                process_group=self.process_group,
+                strict=strict,
+                timeout=self.timeout,
+                storage_options=self.storage_options,
+            )
+        if self.async_save:
+            # The state is complete now: get the staging memory ready before the first save.
+            from dckpt._async import prepare_async_save
+
+            prepare_async_save(state)
+        return None if target is None else int(target[0])
 
     # -- deleting (rank 0) ------------------------------------------------------------
 

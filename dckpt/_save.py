@@ -50,7 +50,7 @@ from dckpt._plan import (
     with_save_id,
 )
 from dckpt._reshard import Box
-from dckpt._state import resolve
+from dckpt._state import Resolved, resolve
 from dckpt._storage import FileLayout, Storage, open_storage
 from dckpt._values import encode_value
 from dckpt._write import KnownCrcs, SourceMap, write_rank
@@ -80,6 +80,24 @@ class Staged:
 def stage(state: Mapping[str, Any], rank: int, *, allow_pickle: bool) -> Staged:
     """Resolve Stateful objects now and describe every chunk (no checksums yet)."""
     resolved = resolve(state)
+    tensors, sources = _describe(resolved)
+    values = []
+    for v in resolved.values:
+        data = encode_value(v.value, v.key, allow_pickle=allow_pickle)
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        values.append(ValueOffer(v.key, v.path, data, text))
+    return Staged(RankOffer(rank, tuple(tensors), tuple(values)), sources)
+
+
+def staging_sources(state: Mapping[str, Any]) -> dict[tuple[str, Box], torch.Tensor]:
+    """The chunks a save of ``state`` would copy, without side effects on the state:
+    optimizers that have no state yet are left out rather than stepped into having one."""
+    return _describe(resolve(state, fresh_optimizers=False))[1]
+
+
+def _describe(
+    resolved: Resolved,
+) -> tuple[list[TensorOffer], dict[tuple[str, Box], torch.Tensor]]:
     tensors: list[TensorOffer] = []
     sources: dict[tuple[str, Box], torch.Tensor] = {}
     for leaf in resolved.tensors:
@@ -105,12 +123,7 @@ def stage(state: Mapping[str, Any], rank: int, *, allow_pickle: bool) -> Staged:
             sources[(leaf.key, box)] = t
         chunks = (ChunkOffer(box),) if box.numel else ()
         tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, chunks))
-    values = []
-    for v in resolved.values:
-        data = encode_value(v.value, v.key, allow_pickle=allow_pickle)
-        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        values.append(ValueOffer(v.key, v.path, data, text))
-    return Staged(RankOffer(rank, tuple(tensors), tuple(values)), sources)
+    return tensors, sources
 
 
 def checksum_plain(staged: Staged) -> tuple[RankOffer, KnownCrcs]:

@@ -4,6 +4,10 @@ Buffers are keyed by chunk identity and dtype, so a second save of the same stru
 allocates nothing. Sources on a GPU are copied into page-locked buffers with
 non-blocking copies on a side stream; the call returns once that stream has finished,
 so the snapshot is complete when ``async_save`` returns.
+
+Fresh memory is the first save's main cost: first-touch page faults on the CPU (several
+times the copy itself), page-locking on a GPU host. ``reserve`` pays it ahead of time,
+off the training thread, so that even the first save blocks for one warm copy.
 """
 
 from __future__ import annotations
@@ -32,26 +36,38 @@ class StagingPool:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
+    def check(self, sources: Mapping[ChunkId, torch.Tensor]) -> None:
+        """Raise now if staging ``sources`` would exceed the configured limit."""
+        need = sum(t.numel() * t.element_size() for t in sources.values())
+        if self.capacity is not None and need > self.capacity:
+            raise CheckpointError(
+                f"async save needs {need} bytes of staging memory, over the configured "
+                f"limit of {self.capacity}; raise staging_bytes or use dckpt.save"
+            )
+
+    def reserve(self, sources: Mapping[ChunkId, torch.Tensor]) -> None:
+        """Make and touch the buffers a ``stage`` of ``sources`` will use (no copy).
+
+        Reads only shapes, dtypes and devices of ``sources``, so it may run on another
+        thread while training goes on."""
+        with self._lock:
+            self.check(sources)
+            for cid, src in sources.items():
+                if self._buffer_for(cid, src, make=False) is None:
+                    self._buffers[cid] = self._new_buffer(src).zero_()  # fault every page in
+
     def stage(self, sources: Mapping[ChunkId, torch.Tensor]) -> dict[ChunkId, torch.Tensor]:
         """Copy every source into its buffer; returns the buffers (valid until the next call)."""
         with self._lock:
-            need = sum(t.numel() * t.element_size() for t in sources.values())
-            if self.capacity is not None and need > self.capacity:
-                raise CheckpointError(
-                    f"async save needs {need} bytes of staging memory, over the configured "
-                    f"limit of {self.capacity}; raise staging_bytes or use dckpt.save"
-                )
+            self.check(sources)
             # Drop buffers this save does not use (the structure changed), then reuse or make.
             for cid in [c for c in self._buffers if c not in sources]:
                 del self._buffers[cid]
             staged: dict[ChunkId, torch.Tensor] = {}
             on_gpu = False
             for cid, src in sources.items():
-                buf = self._buffers.get(cid)
-                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                    pin = src.device.type == "cuda"
-                    buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-                    self._buffers[cid] = buf
+                buf = self._buffer_for(cid, src, make=True)
+                assert buf is not None
                 if src.device.type == "cuda":
                     on_gpu = True
                     stream = self._side_stream()
@@ -64,6 +80,26 @@ class StagingPool:
             if on_gpu and self._stream is not None:
                 self._stream.synchronize()
             return staged
+
+    def _buffer_for(self, cid: ChunkId, src: torch.Tensor, *, make: bool) -> torch.Tensor | None:
+        """The reusable buffer for ``src``; when there is none, a new one if ``make``."""
+        buf = self._buffers.get(cid)
+        if (
+            buf is not None
+            and buf.shape == src.shape
+            and buf.dtype == src.dtype
+            and (src.device.type != "cuda" or buf.is_pinned())
+        ):
+            return buf
+        if not make:
+            return None
+        buf = self._buffers[cid] = self._new_buffer(src)
+        return buf
+
+    @staticmethod
+    def _new_buffer(src: torch.Tensor) -> torch.Tensor:
+        pin = src.device.type == "cuda"
+        return torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None:

@@ -96,18 +96,30 @@ def flat_key(path: tuple[PathPart, ...]) -> str:
     return ".".join(str(p) for p in path)
 
 
-def resolve(state: Mapping[str, Any], *, strict: bool = True) -> Resolved:
-    """Flatten ``state`` into leaves; Stateful objects are asked for their state now."""
+def resolve(
+    state: Mapping[str, Any], *, strict: bool = True, fresh_optimizers: bool = True
+) -> Resolved:
+    """Flatten ``state`` into leaves; Stateful objects are asked for their state now.
+
+    ``fresh_optimizers=False`` leaves out optimizers that have no state yet: torch's
+    helpers would create it with a zero-gradient ``step()``, which a caller that only
+    wants to look (without saving) must not cause."""
     if not isinstance(state, Mapping):
         raise UnsupportedStateError(
             f"state must be a dict mapping names to modules, optimizers, tensors or values, "
             f"got {type(state).__name__}"
         )
-    modules = list(_modules_in(state))
     out = Resolved()
-    seen: dict[str, tuple[PathPart, ...]] = {}
-    _walk(state, (), out, modules, seen, strict, _no_set)
+    _walk(state, (), out, _Walk(list(_modules_in(state)), {}, strict, fresh_optimizers), _no_set)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    modules: list[torch.nn.Module]
+    seen: dict[str, tuple[PathPart, ...]]  # flat key -> the path that claimed it
+    strict: bool
+    fresh_optimizers: bool
 
 
 def _no_set(_value: object) -> None:
@@ -185,20 +197,25 @@ def _walk(
     node: object,
     path: tuple[PathPart, ...],
     out: Resolved,
-    modules: list[torch.nn.Module],
-    seen: dict[str, tuple[PathPart, ...]],
-    strict: bool,
+    ctx: _Walk,
     setter: Callable[[object], None],
 ) -> None:
     if isinstance(node, torch.Tensor):
-        out.tensors.append(TensorLeaf(_claim(path, seen), path, node))
+        out.tensors.append(TensorLeaf(_claim(path, ctx.seen), path, node))
         return
     if _is_stateful(node):
+        optim = node.optimizer if isinstance(node, OptimizerState) else node
+        if (
+            isinstance(optim, torch.optim.Optimizer)
+            and not optim.state
+            and not ctx.fresh_optimizers
+        ):
+            return
         obj: Any
         if isinstance(node, torch.nn.Module):
-            obj = _ModuleState(node, strict)
+            obj = _ModuleState(node, ctx.strict)
         elif isinstance(node, torch.optim.Optimizer):
-            obj = OptimizerState(_pair_optimizer(node, modules, path), node)
+            obj = OptimizerState(_pair_optimizer(node, ctx.modules, path), node)
         else:
             obj = node
         sd = obj.state_dict()
@@ -208,37 +225,32 @@ def _walk(
                 f"{type(sd).__name__}, expected a dict"
             )
         sd = dict(sd)
-        _walk_mapping(sd, path, out, modules, seen, strict)
+        _walk_mapping(sd, path, out, ctx)
         out.finish.append(_finisher(obj, sd))
         return
     if isinstance(node, Mapping) and _has_leaf_tensor(node):
-        _walk_mapping(node, path, out, modules, seen, strict)
+        _walk_mapping(node, path, out, ctx)
         return
     if isinstance(node, list) and _has_leaf_tensor(node):
         for i, v in enumerate(node):
-            _walk(v, (*path, i), out, modules, seen, strict, _list_setter(node, i))
+            _walk(v, (*path, i), out, ctx, _list_setter(node, i))
         return
     if isinstance(node, tuple) and _has_leaf_tensor(node):
         # Tuples cannot be updated in place: their tensors still load in place.
         for i, v in enumerate(node):
-            _walk(v, (*path, i), out, modules, seen, strict, _no_set)
+            _walk(v, (*path, i), out, ctx, _no_set)
         return
     if isinstance(node, Mapping) and node and all(isinstance(k, str) for k in node):
         # A dict of plain values: one leaf per entry, so keys line up with DCP's flattening.
-        _walk_mapping(node, path, out, modules, seen, strict)
+        _walk_mapping(node, path, out, ctx)
         return
     if not path:
         raise UnsupportedStateError("state must be a dict")
-    out.values.append(ValueLeaf(_claim(path, seen), path, node, setter))
+    out.values.append(ValueLeaf(_claim(path, ctx.seen), path, node, setter))
 
 
 def _walk_mapping(
-    node: Mapping[Any, Any],
-    path: tuple[PathPart, ...],
-    out: Resolved,
-    modules: list[torch.nn.Module],
-    seen: dict[str, tuple[PathPart, ...]],
-    strict: bool,
+    node: Mapping[Any, Any], path: tuple[PathPart, ...], out: Resolved, ctx: _Walk
 ) -> None:
     for k, v in node.items():
         if not isinstance(k, (str, int)) or isinstance(k, bool):
@@ -246,7 +258,7 @@ def _walk_mapping(
                 f"key {k!r} under {flat_key(path) or 'the state'!r} is a {type(k).__name__}; "
                 "state dict keys must be strings (or integers)"
             )
-        _walk(v, (*path, str(k)), out, modules, seen, strict, _dict_setter(node, k))
+        _walk(v, (*path, str(k)), out, ctx, _dict_setter(node, k))
 
 
 def _dict_setter(node: Mapping[Any, Any], k: object) -> Callable[[object], None]:

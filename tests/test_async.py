@@ -73,6 +73,49 @@ def test_staging_limit_is_enforced(tmp_path: Path) -> None:
     dckpt.wait()
 
 
+def _pool_ptrs() -> dict[tuple[str, object], int]:
+    return {cid: buf.data_ptr() for cid, buf in _async._saver.pool._buffers.items()}
+
+
+def test_prepare_reserves_the_buffers_the_first_save_uses(tmp_path: Path) -> None:
+    _async._saver.pool.release()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+    optim = torch.optim.Adam(model.parameters())
+    state = {"model": model, "optim": optim}
+
+    dckpt.prepare_async_save(state)  # before any step: the optimizer is left alone
+    dckpt.wait()
+    assert not optim.state and all(k[0].startswith("model.") for k in _pool_ptrs())
+    assert len(_pool_ptrs()) == 4
+
+    model(torch.randn(4, 32)).sum().backward()
+    optim.step()
+    dckpt.prepare_async_save(state)
+    dckpt.wait()
+    reserved = _pool_ptrs()
+    assert len(reserved) == 4 + 2 * 4 + 4  # params, exp_avg/exp_avg_sq, step counts
+    assert all(not b.any() for b in _async._saver.pool._buffers.values())  # touched, zeroed
+
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = dckpt.async_save(state, tmp_path / "ck")
+    assert _pool_ptrs() == reserved  # the first save allocated nothing
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    handle.result()
+    fresh = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+    dckpt.load({"model": fresh}, tmp_path / "ck", strict=False)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_prepare_checks_the_staging_limit_at_once() -> None:
+    with pytest.raises(dckpt.CheckpointError, match="staging"):
+        dckpt.prepare_async_save({"w": torch.ones(1000)}, staging_bytes=100)
+    _async._saver.pool.capacity = None
+    dckpt.wait()
+
+
 def _w_back_to_back(root: str) -> list[bool]:
     rank = dist.get_rank()
     with counting_plans() as calls:
@@ -126,10 +169,15 @@ def test_exit_without_wait_leaves_a_committed_checkpoint_or_none(tmp_path: Path)
 def test_cuda_sources_stage_through_pinned_memory(tmp_path: Path) -> None:
     w = torch.randn(1024, 1024, device="cuda")
     expected = w.cpu()
+    _async._saver.pool.release()
+    dckpt.prepare_async_save({"w": w})
+    dckpt.wait()
+    reserved = _pool_ptrs()
+    assert len(reserved) == 1 and all(b.is_pinned() for b in _async._saver.pool._buffers.values())
     handle = dckpt.async_save({"w": w}, tmp_path / "ck")
     w.zero_()
     handle.result()
-    assert all(b.is_pinned() for b in _async._saver.pool._buffers.values())
+    assert _pool_ptrs() == reserved
     out = {"w": torch.zeros(1024, 1024, device="cuda")}
     dckpt.load(out, tmp_path / "ck")
     assert torch.equal(out["w"].cpu(), expected)

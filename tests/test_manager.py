@@ -260,6 +260,22 @@ def test_real_async_save(tmp_path: Path) -> None:
     assert m.load(state) == 4 and state["step"] == 4
 
 
+def test_async_manager_load_reserves_staging_memory(tmp_path: Path) -> None:
+    from dckpt import _async
+
+    _async._saver.pool.release()
+    m = CheckpointManager(tmp_path, async_save=True)
+    state = {"w": torch.ones(300), "step": 0}
+    assert m.load(state) is None  # nothing yet: the staging memory is still reserved
+    dckpt.wait()
+    reserved = {cid: b.data_ptr() for cid, b in _async._saver.pool._buffers.items()}
+    assert [cid[0] for cid in reserved] == ["w"]
+    m.save(1, state)
+    assert {cid: b.data_ptr() for cid, b in _async._saver.pool._buffers.items()} == reserved
+    m.wait()
+    assert CheckpointManager(tmp_path).load({"w": torch.zeros(300)}, strict=False) == 1
+
+
 # -------------------------------------------------------------------------- two ranks
 
 
