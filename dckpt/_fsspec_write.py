@@ -180,7 +180,8 @@ class S3Writer(Writer):
     def close(self, *, durable: bool) -> int:
         st = self.st
         if self.upload_id is None:
-            st._put(self.name, ViewsBody(self._take(self.pending_bytes)))
+            with st._slots:  # one request in flight, counted like a part
+                st._put(self.name, ViewsBody(self._take(self.pending_bytes)))
         else:
             if self.pending_bytes:
                 self._send_part(self._take(self.pending_bytes))
