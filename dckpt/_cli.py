@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import click
-import torch
 
 from dckpt import __version__
 from dckpt._convert import FORMATS, convert, parse_size
+from dckpt._diff import diff_sources, shape_text
 from dckpt._errors import CheckpointError, CheckpointNotFoundError
-from dckpt._sources import Entry, Source, open_source, read_checked
+from dckpt._sources import open_source
 
 Progress = Callable[[int], None]
 
@@ -115,10 +114,6 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def _shape(shape: Sequence[int] | None) -> str:
-    return "-" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
-
-
 def _open(path: str) -> Any:
     from dckpt._reader import open_checkpoint
 
@@ -183,7 +178,7 @@ def inspect(path: str, as_json: bool) -> None:
             i.key + (" (per rank)" if i.per_rank else ""),
             i.kind,
             i.dtype or "-",
-            _shape(i.shape),
+            shape_text(i.shape),
             human(i.nbytes) if i.kind == "tensor" else _preview(reader, i.key),
             str(i.chunks) if i.kind == "tensor" else "-",
         ]
@@ -388,92 +383,6 @@ def convert_cmd(
 
 
 # --------------------------------------------------------------------------- diff
-
-
-@dataclass
-class Difference:
-    key: str
-    what: str  # "kind" | "dtype" | "shape" | "values" | "value"
-    a: str = ""
-    b: str = ""
-    max_abs_diff: float | None = None
-    elements: int | None = None  # how many elements differ
-
-
-@dataclass
-class DiffReport:
-    compared: int = 0
-    only_a: list[str] = field(default_factory=list)
-    only_b: list[str] = field(default_factory=list)
-    different: list[Difference] = field(default_factory=list)
-
-    @property
-    def identical(self) -> bool:
-        return not (self.only_a or self.only_b or self.different)
-
-
-def tensor_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int] | None:
-    """(max |a - b|, differing elements), or None when equal (NaNs in the same places
-    count as equal)."""
-    same = a == b
-    if a.is_floating_point() or a.is_complex():
-        same |= a.isnan() & b.isnan()
-    count = int((~same).sum())
-    if count == 0:
-        return None
-    if a.dtype == torch.bool:
-        return 1.0, count
-    if a.is_complex():
-        d = (a.to(torch.complex128) - b.to(torch.complex128)).abs()
-    elif a.is_floating_point():
-        d = (a.to(torch.float64) - b.to(torch.float64)).abs()
-    else:
-        d = (a.to(torch.int64) - b.to(torch.int64)).abs().to(torch.float64)
-    d = torch.where(same, torch.zeros((), dtype=d.dtype), d)
-    return float(d.max()), count
-
-
-def diff_sources(a: Source, b: Source, progress: Progress | None = None) -> DiffReport:
-    """Compare key by key, holding one tensor of each side at a time."""
-    ea: dict[str, Entry] = {e.key: e for e in a.entries()}
-    eb: dict[str, Entry] = {e.key: e for e in b.entries()}
-    report = DiffReport(only_a=sorted(set(ea) - set(eb)), only_b=sorted(set(eb) - set(ea)))
-    for key in sorted(set(ea) & set(eb)):
-        x, y = ea[key], eb[key]
-        report.compared += 1
-        if x.kind != y.kind:
-            report.different.append(Difference(key, "kind", x.kind, y.kind))
-        elif x.kind == "value":
-            va, vb = a.value(key), b.value(key)
-            if not _equal_values(va, vb):
-                report.different.append(Difference(key, "value", _short(va), _short(vb)))
-        elif x.dtype != y.dtype:
-            report.different.append(Difference(key, "dtype", str(x.dtype), str(y.dtype)))
-        elif x.shape != y.shape:
-            report.different.append(Difference(key, "shape", _shape(x.shape), _shape(y.shape)))
-        else:
-            delta = tensor_difference(read_checked(a, x), read_checked(b, y))
-            if delta is not None:
-                report.different.append(
-                    Difference(key, "values", max_abs_diff=delta[0], elements=delta[1])
-                )
-            if progress is not None:
-                progress(x.nbytes)
-    return report
-
-
-def _equal_values(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b) or (
-            isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
-        )
-    except Exception:
-        return False
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @cli.command()

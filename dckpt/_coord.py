@@ -30,12 +30,12 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal, TypeVar, overload
 
 import torch.distributed as dist
 
 from dckpt._errors import CheckpointTimeoutError, RankFailureError, RemoteError
+from dckpt._kvstore import KV, StoreLost, forget_clients, open_store
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -77,59 +77,6 @@ def _next_call(group_name: str, namespace: str) -> tuple[str, int]:
         return _epoch, call
 
 
-def _default_store() -> tuple[dist.Store, dist.TCPStore | None]:
-    """The default group's store, and the TCPStore under its PrefixStore wrappers if any."""
-    # The only private c10d APIs dckpt uses; both are stable since torch 2.0.
-    base = dist.distributed_c10d._get_default_store()
-    raw = (
-        base
-        if isinstance(base, dist.TCPStore)
-        else getattr(base, "_underlying_non_prefix_store", None)
-    )
-    return base, raw if isinstance(raw, dist.TCPStore) else None
-
-
-# One dedicated client per thread and server, reused across calls: every new connection
-# costs reverse-DNS lookups on both ends (c10d names its peers), which can stall for seconds.
-_clients = threading.local()
-
-
-def _open_store(prefix: str, timeout: float) -> dist.Store:
-    """Open the store for one call, on this thread's own connection to the default store.
-
-    A TCPStore client serialises its operations, so sharing training's connection would let a
-    long ``wait`` here (possibly from an async-save thread) stall training's own store calls;
-    and ``set_timeout`` on it would change training's timeouts.  Our own client avoids both
-    and carries our bound (connecting to a dead server gives up after about 1.7x timeout).
-    """
-    base, raw = _default_store()
-    if raw is None:
-        # Other stores (FileStore, HashStore, custom): share it; every wait below passes its
-        # own timeout and reads only keys known to exist, so its default never applies.
-        return dist.PrefixStore(prefix, base)
-    cache: dict[tuple[int, str, int], dist.TCPStore] = _clients.__dict__.setdefault("by_addr", {})
-    key = (os.getpid(), raw.host, raw.port)  # a forked child must not reuse our socket
-    client = cache.get(key)
-    if client is None:
-        client = dist.TCPStore(
-            raw.host,
-            raw.port,
-            None,
-            False,
-            timedelta(seconds=timeout),
-            wait_for_workers=False,
-            use_libuv=getattr(raw, "libuvBackend", True),
-        )
-        cache[key] = client
-    client.set_timeout(timedelta(seconds=timeout))
-    return dist.PrefixStore(prefix, client)
-
-
-def _forget_clients() -> None:
-    """Drop this thread's connections after a store failure; the next call reconnects."""
-    _clients.__dict__.pop("by_addr", None)
-
-
 def coordinator_for(
     process_group: dist.ProcessGroup | None, *, timeout: float, namespace: str = "sync"
 ) -> Coordinator | LocalCoordinator:
@@ -157,7 +104,7 @@ def coordinator_for(
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     # The restart count keeps a restarted job that shares the store from reading stale keys.
     prefix = f"dckpt/{namespace}/{group.group_name}/r{restart}.{epoch}/{call}"
-    connect = functools.partial(_open_store, prefix, timeout)
+    connect = functools.partial(open_store, prefix, timeout)
     return Coordinator(connect, rank=rank, world_size=world_size, timeout=timeout)
 
 
@@ -307,66 +254,6 @@ class _Record:
     timeout: float
 
 
-class _StoreLost(Exception):
-    """Internal: a store operation failed other than by a timeout we asked for (the cause)."""
-
-
-class _KV:
-    """Typed access to a c10d store; any failure but a requested timeout is ``_StoreLost``.
-
-    When the store's server dies (it lives in rank 0's process under ``init_process_group``),
-    operations raise ``DistNetworkError`` (a ``RuntimeError``) at once; c10d's stubs also
-    type values as ``str`` though bytes are accepted, hence ``Any`` inside.
-    """
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-
-    def _call(self, method: str, *args: Any) -> Any:
-        try:
-            return getattr(self._store, method)(*args)
-        except RuntimeError as exc:  # DistNetworkError / DistStoreError derive from it
-            raise _StoreLost from exc
-
-    def wait(self, keys: list[str], timeout: float) -> bool:
-        """Wait up to ``timeout`` s for all keys; False if some are still absent."""
-        if not keys:
-            return True
-        try:
-            self._store.wait(keys, timedelta(seconds=timeout))
-            return True
-        except RuntimeError:
-            pass  # timed out, or the store is gone: check() tells which
-        return self.check(keys)
-
-    def check(self, keys: list[str]) -> bool:
-        return bool(self._call("check", keys))
-
-    def set(self, key: str, value: bytes) -> None:
-        self._call("set", key, value)
-
-    def get(self, key: str) -> bytes:
-        return bytes(self._call("get", key))
-
-    def set_many(self, keys: list[str], values: list[bytes]) -> None:
-        if keys and self._store.has_extended_api():
-            self._call("multi_set", keys, values)
-            return
-        for key, value in zip(keys, values, strict=True):
-            self.set(key, value)
-
-    def get_many(self, keys: list[str]) -> list[bytes]:
-        if keys and self._store.has_extended_api():
-            return [bytes(v) for v in self._call("multi_get", keys)]
-        return [self.get(key) for key in keys]
-
-    def add(self, key: str, amount: int) -> int:
-        return int(self._call("add", key, amount))
-
-    def delete(self, key: str) -> None:
-        self._call("delete_key", key)
-
-
 def _ranks_text(ranks: Sequence[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
@@ -404,17 +291,17 @@ class Coordinator(_ExchangeAPI):
         self.world_size = world_size
         self.timeout = timeout
         self._connect = connect
-        self._kv: _KV | None = None
+        self._kv: KV | None = None
         self._seq = itertools.count()  # next() on it is atomic
         self._lock = threading.Lock()
 
-    def _store(self) -> _KV:
+    def _store(self) -> KV:
         with self._lock:
             if self._kv is None:
                 try:
-                    self._kv = _KV(self._connect())
+                    self._kv = KV(self._connect())
                 except RuntimeError as exc:
-                    raise _StoreLost from exc
+                    raise StoreLost from exc
             return self._kv
 
     def _exchange(
@@ -435,8 +322,8 @@ class Coordinator(_ExchangeAPI):
             if self.rank == 0:
                 return self._lead(base, phase, value, local_exc, reduce, scatter)
             return self._follow(base, phase, value, local_exc, scatter)
-        except _StoreLost as lost:
-            _forget_clients()
+        except StoreLost as lost:
+            forget_clients()
             cause = lost.__cause__
             err = CheckpointTimeoutError(
                 f"lost contact with the coordination store during {phase!r} (rank 0, which "
@@ -462,7 +349,7 @@ class Coordinator(_ExchangeAPI):
         if local_exc is not None:
             failures[0] = _Failure.of(local_exc)
             if not isinstance(local_exc, Exception):  # interrupt: tell the others, then go
-                with contextlib.suppress(_StoreLost):
+                with contextlib.suppress(StoreLost):
                     record = _Record(phase, failures, (), self.timeout)
                     self._publish(kv, base, _encode(_FAIL, record), scatter)
                 raise local_exc
@@ -487,7 +374,7 @@ class Coordinator(_ExchangeAPI):
                     return items[0]
                 self._publish(kv, base, _encode(_OK, result), False)
                 return result
-            except _StoreLost:
+            except StoreLost:
                 raise
             except BaseException as exc:  # reduce (or encoding its result) failed on rank 0
                 failures[0] = _Failure.of(exc)
@@ -498,7 +385,7 @@ class Coordinator(_ExchangeAPI):
             raise local_exc
         raise self._error(record, local_exc) from local_exc
 
-    def _gather(self, kv: _KV, base: str) -> tuple[dict[int, bytes], tuple[int, ...]]:
+    def _gather(self, kv: KV, base: str) -> tuple[dict[int, bytes], tuple[int, ...]]:
         """Wait up to ``timeout`` for the followers' outcomes; read and delete them."""
         keys = {r: f"{base}/in/{r}" for r in range(1, self.world_size)}
         if kv.wait(list(keys.values()), self.timeout):
@@ -511,7 +398,7 @@ class Coordinator(_ExchangeAPI):
             kv.delete(keys[r])
         return dict(zip(present, blobs, strict=True)), missing
 
-    def _publish(self, kv: _KV, base: str, blob: bytes | list[bytes], scatter: bool) -> None:
+    def _publish(self, kv: KV, base: str, blob: bytes | list[bytes], scatter: bool) -> None:
         """Publish one blob for all (``out``) or, with scatter, one per follower (``out/<r>``)."""
         if not scatter:
             assert isinstance(blob, bytes)
@@ -572,7 +459,7 @@ class Coordinator(_ExchangeAPI):
             kv.delete(f"{base}/in/{self.rank}")
         raise self._error(payload, local_exc) from local_exc
 
-    def _release(self, kv: _KV, base: str, key: str, scatter: bool) -> None:
+    def _release(self, kv: KV, base: str, key: str, scatter: bool) -> None:
         """Delete a result key once no follower needs it any more."""
         if scatter:  # out/<rank> is ours alone
             kv.delete(key)

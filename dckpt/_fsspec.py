@@ -154,7 +154,9 @@ class FsspecStorage(Storage):
         self.root = str(root).rstrip("/")
         self._s3 = hasattr(self.fs, "_call_s3") and hasattr(self.fs, "split_path")
         self._async = bool(getattr(self.fs, "async_impl", False))
-        self._slots = threading.BoundedSemaphore(o.max_concurrency)  # uploads in flight: parts and PUTs
+        self._slots = threading.BoundedSemaphore(
+            o.max_concurrency
+        )  # uploads in flight: parts and PUTs
         self._gets: asyncio.Semaphore | None = None  # GETs in flight (made on the loop)
         self._guard: dict[str, str | None] | None = None  # ETags read under commit_lock
         self._conditional = True

@@ -225,14 +225,9 @@ class CheckpointManager:
             "storage_options": self.storage_options,
         }
         if self.async_save:
-            import dckpt
+            from dckpt import _async
 
-            async_save = getattr(dckpt, "async_save", None)
-            if async_save is None:
-                raise CheckpointError(
-                    "async_save=True needs dckpt.async_save, which this build of dckpt lacks"
-                )
-            self._pending = async_save(state, path, **options)
+            self._pending = _async.async_save(state, path, **options)
             self._pending_step = step
             return
         from dckpt._save import save

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 from safetensors.torch import load_file
 
 import dckpt
-from dckpt._cli import cli, human, tensor_difference, want_progress
+from dckpt._cli import cli, human, want_progress
 from dckpt._manager import CheckpointManager, step_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,10 +230,6 @@ def test_diff(good: Path, tmp_path: Path) -> None:
 
 
 def test_helpers() -> None:
-    nan = float("nan")
-    assert tensor_difference(torch.tensor([1.0, nan]), torch.tensor([1.0, nan])) is None
-    assert tensor_difference(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 2.0])) == (0.5, 1)
-    assert tensor_difference(torch.tensor([True]), torch.tensor([False])) == (1.0, 1)
     assert human(0) == "0 B" and human(1536) == "1.5 KiB"
 
     class Tty(io.StringIO):

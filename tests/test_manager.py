@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import dckpt
+from dckpt import _async
 from dckpt._manager import (
     CheckpointManager,
     retained_steps,
@@ -217,7 +218,7 @@ def test_async_retention_waits_for_commit(tmp_path: Path, monkeypatch: pytest.Mo
         handles.append(_DeferredHandle(snapshot, path, options))
         return handles[-1]
 
-    monkeypatch.setattr(dckpt, "async_save", fake_async_save, raising=False)
+    monkeypatch.setattr(_async, "async_save", fake_async_save)
     m = CheckpointManager(tmp_path, keep_last=1, async_save=True)
     m.save(1, state_for(1))
     assert m.steps() == [] and (tmp_path / step_name(1)).exists()
@@ -238,7 +239,7 @@ def test_async_failure_surfaces_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
         def result(self) -> None:
             raise dckpt.StorageError("write failed")
 
-    monkeypatch.setattr(dckpt, "async_save", lambda *a, **k: Failing(), raising=False)
+    monkeypatch.setattr(_async, "async_save", lambda *a, **k: Failing())
     m = CheckpointManager(tmp_path, async_save=True)
     m.save(1, state_for(1))
     with pytest.raises(dckpt.StorageError, match="write failed"):
@@ -247,9 +248,6 @@ def test_async_failure_surfaces_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert m.steps() == []
 
 
-@pytest.mark.skipif(
-    not hasattr(dckpt, "async_save"), reason="dckpt.async_save (dckpt/_async.py) not available yet"
-)
 def test_real_async_save(tmp_path: Path) -> None:
     m = CheckpointManager(tmp_path, keep_last=2, async_save=True)
     for step in range(1, 5):
@@ -261,8 +259,6 @@ def test_real_async_save(tmp_path: Path) -> None:
 
 
 def test_async_manager_load_reserves_staging_memory(tmp_path: Path) -> None:
-    from dckpt import _async
-
     _async._saver.pool.release()
     m = CheckpointManager(tmp_path, async_save=True)
     state = {"w": torch.ones(300), "step": 0}
