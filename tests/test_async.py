@@ -141,6 +141,37 @@ def _w_back_to_back(root: str) -> list[bool]:
     return ok
 
 
+def _w_prepared_fsdp(root: str) -> tuple[bool, bool, bool]:
+    from tests.test_save_load import build, full_state, train
+
+    model, optim = build(fsdp=True)
+    train(model, optim, 1)
+    state = {"model": model, "optim": optim}
+    _async._saver.pool.release()
+    dckpt.prepare_async_save(state)
+    dckpt.wait()
+    reserved = _pool_ptrs()
+    expected = full_state(model, optim)
+    handle = dckpt.async_save(state, root)
+    allocated_nothing = _pool_ptrs() == reserved and len(reserved) > 0
+    train(model, optim, 1)  # the checkpoint keeps the values at the call
+    handle.result()
+    model2, optim2 = build(fsdp=True)
+    dckpt.load({"model": model2, "optim": optim2}, root)
+    got = full_state(model2, optim2)
+    same = sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+    moved = not torch.equal(
+        full_state(model, optim)["model.net3.weight"], expected["model.net3.weight"]
+    )
+    return allocated_nothing, same, moved
+
+
+def test_prepared_fsdp2_first_save_uses_the_reserved_shards(
+    rank_pool: Pools, tmp_path: Path
+) -> None:
+    assert rank_pool(2).run(_w_prepared_fsdp, str(tmp_path / "ck")) == [(True, True, True)] * 2
+
+
 def test_ten_back_to_back_async_saves_on_two_ranks_commit_and_load(
     rank_pool: Pools, tmp_path: Path
 ) -> None:
