@@ -12,9 +12,8 @@ part each, which go up in parallel as single PUTs straight from the state's memo
 objects over ``multipart_threshold`` become multipart uploads (measured against moto, one
 PUT per object did about half the server work of multipart, which assembles the object
 again at completion). Reads are ranged GETs, split and coalesced, run concurrently on
-fsspec's event loop. Transient
-failures are retried (``dckpt._retry``); permanent ones raise :class:`StorageError` naming
-the object and the status, never a credential.
+fsspec's event loop. Transient failures are retried (``dckpt._retry``); permanent ones
+raise :class:`StorageError` naming the object and the status, never a credential.
 
 dckpt's own knobs ride in ``storage_options={"dckpt": {...}}`` (see :class:`FsspecOptions`);
 everything else goes to the fsspec filesystem unchanged, which also reads its standard
@@ -154,9 +153,8 @@ class FsspecStorage(Storage):
         self.root = str(root).rstrip("/")
         self._s3 = hasattr(self.fs, "_call_s3") and hasattr(self.fs, "split_path")
         self._async = bool(getattr(self.fs, "async_impl", False))
-        self._slots = threading.BoundedSemaphore(
-            o.max_concurrency
-        )  # uploads in flight: parts and PUTs
+        # Uploads in flight (parts and single PUTs), each a view of state memory.
+        self._slots = threading.BoundedSemaphore(o.max_concurrency)
         self._gets: asyncio.Semaphore | None = None  # GETs in flight (made on the loop)
         self._guard: dict[str, str | None] | None = None  # ETags read under commit_lock
         self._conditional = True

@@ -14,6 +14,7 @@ roots may be URLs as well as local paths.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -25,6 +26,8 @@ from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._errors import CheckpointError, CorruptCheckpointError
 from dckpt._format import DATA_DIR, MANIFEST_NAME, Manifest, data_dir, manifest_from_bytes
 from dckpt._storage import Storage, open_storage
+
+log = logging.getLogger("dckpt")
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -285,9 +288,13 @@ class CheckpointManager:
             )
         if self.async_save:
             # The state is complete now: get the staging memory ready before the first save.
+            # Best effort: whatever stops it stops the first save too, and is raised there.
             from dckpt._async import prepare_async_save
 
-            prepare_async_save(state)
+            try:
+                prepare_async_save(state)
+            except CheckpointError as exc:
+                log.warning("could not reserve staging memory for async saves: %s", exc)
         return None if target is None else int(target[0])
 
     # -- deleting (rank 0) ------------------------------------------------------------

@@ -52,6 +52,7 @@ class StagingPool:
         thread while training goes on."""
         with self._lock:
             self.check(sources)
+            self._keep_only(sources)  # at most one copy of the state, as in stage
             for cid, src in sources.items():
                 if self._buffer_for(cid, src, make=False) is None:
                     self._buffers[cid] = self._new_buffer(src).zero_()  # fault every page in
@@ -60,9 +61,7 @@ class StagingPool:
         """Copy every source into its buffer; returns the buffers (valid until the next call)."""
         with self._lock:
             self.check(sources)
-            # Drop buffers this save does not use (the structure changed), then reuse or make.
-            for cid in [c for c in self._buffers if c not in sources]:
-                del self._buffers[cid]
+            self._keep_only(sources)  # the structure changed: drop what this save does not use
             staged: dict[ChunkId, torch.Tensor] = {}
             on_gpu = False
             for cid, src in sources.items():
@@ -80,6 +79,10 @@ class StagingPool:
             if on_gpu and self._stream is not None:
                 self._stream.synchronize()
             return staged
+
+    def _keep_only(self, sources: Mapping[ChunkId, torch.Tensor]) -> None:
+        for cid in [c for c in self._buffers if c not in sources]:
+            del self._buffers[cid]  # a save still writing from it holds its own reference
 
     def _buffer_for(self, cid: ChunkId, src: torch.Tensor, *, make: bool) -> torch.Tensor | None:
         """The reusable buffer for ``src``; when there is none, a new one if ``make``."""

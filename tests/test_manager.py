@@ -293,3 +293,18 @@ def test_two_rank_manager(rank_pool: Callable[[int], RankPool], tmp_path: Path) 
     results = rank_pool(2).run(_w_manager_roundtrip, str(tmp_path))
     assert results == [([20, 30], 30, 30.0, 20)] * 2
     assert dirs(tmp_path) == [step_name(20), step_name(30)]
+
+
+def test_async_manager_load_succeeds_when_reserving_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    CheckpointManager(tmp_path).save(1, {"w": torch.ones(300)})
+    _async._saver.pool.capacity = 100  # as if an earlier async_save set staging_bytes=100
+    try:
+        state = {"w": torch.zeros(300)}
+        with caplog.at_level("WARNING", logger="dckpt"):
+            assert CheckpointManager(tmp_path, async_save=True).load(state) == 1
+        assert torch.equal(state["w"], torch.ones(300))  # the load itself stands
+        assert "could not reserve staging memory" in caplog.text and "limit of 100" in caplog.text
+    finally:
+        _async._saver.pool.capacity = None
