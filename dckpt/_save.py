@@ -32,7 +32,7 @@ from dckpt._format import (
     MANIFEST_NAME,
     data_dir,
 )
-from dckpt._gc import paused_gc
+from dckpt._gc import gc_paused, paused_gc
 from dckpt._plan import (
     ChunkOffer,
     FileResult,
@@ -336,9 +336,11 @@ def run_save(
             for r in plan.ranks
         ]
 
-    answer = coord.exchange("plan", lambda: offer(False), reduce_plan, scatter=True)
+    answer = coord.exchange("plan", gc_paused(offer, False), gc_paused(reduce_plan), scatter=True)
     if answer == _RESEND:
-        answer = coord.exchange("plan-full", lambda: offer(True), reduce_plan, scatter=True)
+        answer = coord.exchange(
+            "plan-full", gc_paused(offer, True), gc_paused(reduce_plan), scatter=True
+        )
     if isinstance(answer, tuple):
         _remember(cache.my_plans, answer[0], answer[1], _MAX_PLANS)
 
@@ -414,7 +416,7 @@ def _write_and_commit(
         commit(storage, manifest, leader.previous, durable=options.durable)
 
     try:
-        coord.exchange("write", local_write, reduce_commit)
+        coord.exchange("write", local_write, gc_paused(reduce_commit))
     except BaseException:
         for f in planned[0].files if planned else ():
             with contextlib.suppress(Exception):
