@@ -65,7 +65,8 @@ class FsspecOptions:
     """dckpt's knobs for object stores: ``storage_options={"dckpt": {"part_size": ...}}``.
 
     ``max_concurrency`` bounds parts in flight and ranged GETs per storage (reads buffer
-    about ``max_concurrency * part_size``; uploads send views of the state, no copies), and
+    about ``max_concurrency * part_size``; uploads send views of the state, no copies, and
+    GPU tensors' host copies live until their object is sent), and
     a save spreads each rank's data over up to that many objects of about ``part_size``.
     An object up to ``multipart_threshold`` goes up as one PUT (no multipart bookkeeping,
     no server-side assembly, nothing left behind by a killed process), a larger one as a
