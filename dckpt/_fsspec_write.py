@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -98,7 +99,7 @@ class S3Writer(Writer):
         self.bucket, self.key, _ = st.fs.split_path(st._path(name))
         self.part_size = st.options.part_size
         self.threshold = max(st.options.multipart_threshold, self.part_size)
-        self.pending: list[memoryview] = []  # written, not yet sent
+        self.pending: collections.deque[memoryview] = collections.deque()  # not yet sent
         self.pending_bytes = 0
         self.size = 0
         self.upload_id: str | None = None
@@ -125,7 +126,7 @@ class S3Writer(Writer):
         while got < nbytes:
             view = self.pending[0]
             if got + view.nbytes <= nbytes:
-                out.append(self.pending.pop(0))
+                out.append(self.pending.popleft())
                 got += view.nbytes
             else:
                 out.append(view[: nbytes - got])
@@ -219,7 +220,8 @@ class S3Writer(Writer):
                 self.st._call(
                     "aborting", self.name, "abort_multipart_upload", UploadId=self.upload_id
                 )
-        self.pending, self.pending_bytes = [], 0
+        self.pending.clear()
+        self.pending_bytes = 0
 
 
 class StreamWriter(Writer):
