@@ -283,6 +283,45 @@ def test_manager_lists_and_retains_on_s3(s3: tuple[str, dict[str, Any]]) -> None
     }
 
 
+def test_cli_reads_s3_urls_configured_by_the_environment(
+    s3: tuple[str, dict[str, Any]], tmp_path: Any
+) -> None:
+    """The CLI takes no storage options: AWS_ENDPOINT_URL and the AWS_* keys (set by the
+    server fixture) reach moto, as they would reach S3."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dckpt._cli import cli
+
+    url, options = s3
+    mgr = dckpt.CheckpointManager(url, storage_options=options)
+    for step in (1, 2):
+        mgr.save(step, {"w": torch.full((10,), float(step)), "note": "hi"})
+
+    def run(*args: str) -> Any:
+        result = CliRunner().invoke(cli, list(args))
+        assert "testing" not in result.output  # the credentials never show
+        return result
+
+    step2 = f"{url}/step-00000002"
+    r = run("ls", url, "--json")
+    assert r.exit_code == 0, r.output
+    assert [e["step"] for e in json.loads(r.output) if e["committed"]] == [1, 2], r.output
+    r = run("inspect", step2, "--json")
+    assert r.exit_code == 0, r.output
+    keys = {k["key"]: k for k in json.loads(r.output)["keys"]}
+    assert keys["w"]["shape"] == [10] and keys["note"]["value"] == "'hi'"
+    assert run("verify", step2).exit_code == 0
+    r = run("diff", f"{url}/step-00000001", step2)
+    assert r.exit_code == 1 and "w" in r.output, r.output
+    out = tmp_path / "w.safetensors"
+    assert run("convert", step2, str(out)).exit_code == 0
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(out)["w"], torch.full((10,), 2.0))
+
+
 # ----------------------------------------------------------------------------- credentials
 
 
