@@ -283,6 +283,26 @@ def test_manager_lists_and_retains_on_s3(s3: tuple[str, dict[str, Any]]) -> None
     }
 
 
+def test_async_save_to_s3_and_save_load_through_memory_urls(
+    s3: tuple[str, dict[str, Any]],
+) -> None:
+    url, options = s3
+    state = {"big": torch.arange(3 * MiB // 4, dtype=torch.float32), "step": 5}
+    handle = dckpt.async_save(state, url, storage_options=options)
+    state["big"].zero_()  # the checkpoint keeps the values at the call
+    handle.result()
+    out = {"big": torch.empty(3 * MiB // 4), "step": 0}
+    dckpt.load(out, url, storage_options=options)
+    assert torch.equal(out["big"], torch.arange(3 * MiB // 4, dtype=torch.float32))
+    assert out["step"] == 5
+    mem = f"memory://dckpt-e2e-{uuid.uuid4().hex}/ck"
+    dckpt.save({"w": torch.full((7,), 2.0)}, mem)
+    got = {"w": torch.zeros(7)}
+    dckpt.load(got, mem)
+    assert torch.equal(got["w"], torch.full((7,), 2.0))
+    FsspecStorage(mem).delete_prefix("")
+
+
 def test_cli_reads_s3_urls_configured_by_the_environment(
     s3: tuple[str, dict[str, Any]], tmp_path: Any
 ) -> None:
