@@ -3,14 +3,18 @@
 
 An FSDP2 model (a stack of Linear layers, about ``--params-m`` million parameters) plus
 Adam after one training step, on 2 gloo ranks on the CPU (one compute thread per rank).
-Systems alternate (the starting one rotates each round); every figure is the median
-over ``--rounds`` rounds after a warm-up round, taken as the max over ranks.
+Systems alternate (the starting one rotates each round); every later-save figure is the
+median over ``--rounds`` rounds after two warm-up rounds, taken as the max over ranks.
 
 Figures
-  * first blocking  wall time of the first async_save call of the process (dckpt first,
-                    then DCP; torch's state-dict helpers, which both use, imported before)
-  * first, prepared the same in fresh ranks, dckpt's after ``dckpt.prepare_async_save``
-                    (waited for), then DCP's
+  * first blocking  wall time of the first async_save call of a process: each system in
+                    its own fresh ranks (so none reuses memory another just freed), median
+                    over ``--first-runs`` (3) launches each, the systems rotating; torch's
+                    state-dict helpers, which both use, imported before
+  * first, prepared the same for dckpt after ``dckpt.prepare_async_save`` (waited for)
+  * fresh floor     a plain ``copy_`` of the local state into new, never-touched buffers,
+                    in fresh ranks like the first saves: what any first save that
+                    snapshots by copying pays at least
   * later blocking  the same for every later save (median), next to the floor: a plain
                     ``copy_`` of the rank's local state into preallocated buffers
   * compute         a fixed loop of matmuls run right after async_save returns, while
@@ -37,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import os
 import shutil
@@ -136,14 +139,12 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
         msd, osd = get_state_dict(model, optim)
         fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path, process_group=dcp_pg)
         block = time.perf_counter() - t0
-        res = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse or Future
+        res: Any = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse or Future
         return block, res.result, path
 
     starts = {"dckpt": start_dckpt, "dcp": start_dcp}
     R: dict[str, Any] = {
         "local_bytes": local_bytes,
-        "first": {},
-        "first_total": {},
         "block": {"dckpt": [], "dcp": []},
         "floor": [],
         "frac": {"dckpt": [], "dcp": []},
@@ -155,31 +156,16 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
         if rank == 0 and not opts["quiet"]:
             print(f"  [{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    # ---- first saves. Both systems extract state with torch's state-dict helpers; import
-    # those (and DCP itself) before timing, so a shared import lands on neither system.
-    importlib.import_module("torch.distributed.checkpoint.state_dict")  # (a local `import
-    # torch...` here would make `torch` a local name of this whole function)
-
-    for system in ("dckpt", "dcp"):
-        t0 = time.perf_counter()
-        block, wait, path = starts[system]()
-        wait()
-        total = time.perf_counter() - t0
-        R["first"][system] = max(gather(block))
-        R["first_total"][system] = max(gather(total))
-        rmtree_collective(path)
-        log(
-            f"first {system}: blocking {R['first'][system]:.3f} s, to commit {R['first_total'][system]:.3f} s"
-        )
-
-    # ---- warm-up (second saves) and compute sizing
-    longest = 0.0
-    for system in ("dckpt", "dcp"):
-        t0 = time.perf_counter()
-        block, wait, path = starts[system]()
-        wait()
-        longest = max(longest, max(gather(time.perf_counter() - t0)))
-        rmtree_collective(path)
+    # ---- warm-up: the first saves (measured in fresh ranks by ``first``) and the second,
+    # which sizes the compute loop
+    for _warm in range(2):
+        longest = 0.0
+        for system in ("dckpt", "dcp"):
+            t0 = time.perf_counter()
+            block, wait, path = starts[system]()
+            wait()
+            longest = max(longest, max(gather(time.perf_counter() - t0)))
+            rmtree_collective(path)
     compute.calibrate(max(0.3, min(60.0, longest * opts["compute_factor"])))
     iters = max(gather(compute.iters))
     compute.iters = iters
@@ -233,47 +219,83 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return R
 
 
-# ----------------------------------------------------------------------------- prepared phase
+# ----------------------------------------------------------------------------- first saves
 
 
-def prepared(opts: dict[str, Any], run_dir: str) -> dict[str, float]:
-    """First saves in fresh processes again, dckpt's after ``prepare_async_save`` (waited
-    for, so the reservation does not overlap the timing), set up as in ``bench``."""
+FIRST_KINDS = ("dckpt", "dckpt-prepared", "dcp", "copy")
+
+
+def first_save(opts: dict[str, Any], run_dir: str) -> dict[str, float]:
+    """One first save of a process, of one kind, in fresh ranks set up as in ``bench``.
+
+    Each kind gets its own processes, so no system reuses memory another just freed and
+    the order of the systems does not matter. ``dckpt-prepared`` calls
+    ``prepare_async_save`` first and waits for it, so the reservation does not overlap
+    the timing; ``copy`` times a plain ``copy_`` into new buffers instead of a save."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
     import dckpt
 
+    kind = opts["first_kind"]
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model, optim = build(width_for(opts["params_m"]), mesh, trained=True)
     dcp_pg = dist.new_group(backend="gloo")
-    floor_bufs = [t.clone() for t in local_tensors(model, optim).values()]  # as in bench
+    tensors = list(local_tensors(model, optim).values())
+    floor_bufs = [t.clone() for t in tensors]  # as in bench
     state = {"model": model, "optimizer": optim}
-    t0 = time.perf_counter()
-    dckpt.prepare_async_save(state)
-    call = time.perf_counter() - t0
-    dckpt.wait()
-    reserve = time.perf_counter() - t0
-    out = {"prepare_call": max(gather(call)), "prepare_total": max(gather(reserve))}
+    path = os.path.join(run_dir, f"first-{kind}")
+    out: dict[str, float] = {}
+    if kind == "dckpt-prepared":
+        t0 = time.perf_counter()
+        dckpt.prepare_async_save(state)
+        call = time.perf_counter() - t0
+        dckpt.wait()
+        out["prepare_call"] = max(gather(call))
+        out["prepare_total"] = max(gather(time.perf_counter() - t0))
     dist.barrier()
     t0 = time.perf_counter()
-    h = dckpt.async_save(state, os.path.join(run_dir, "prepared-dckpt"))
-    out["dckpt"] = max(gather(time.perf_counter() - t0))
-    h.result()
-    dist.barrier()
-    t0 = time.perf_counter()
-    msd, osd = get_state_dict(model, optim)
-    fut = dcp.async_save(
-        {"model": msd, "optim": osd},
-        checkpoint_id=os.path.join(run_dir, "prepared-dcp"),
-        process_group=dcp_pg,
-    )
-    out["dcp"] = max(gather(time.perf_counter() - t0))
-    getattr(fut, "upload_completion", fut).result()
-    for name in ("prepared-dckpt", "prepared-dcp"):
-        rmtree_collective(os.path.join(run_dir, name))
+    if kind == "copy":
+        # The floor of a copy-based first save: copy_ into buffers never touched before.
+        fresh = [torch.empty_like(t) for t in tensors]
+        for f, t in zip(fresh, tensors, strict=True):
+            f.copy_(t)
+        out["block"] = out["total"] = max(gather(time.perf_counter() - t0))
+        del floor_bufs, fresh
+        return out
+    if kind == "dcp":
+        msd, osd = get_state_dict(model, optim)
+        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path, process_group=dcp_pg)
+        block = time.perf_counter() - t0
+        res: Any = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse or Future
+        res.result()
+    else:
+        h = dckpt.async_save(state, path)
+        block = time.perf_counter() - t0
+        h.result()
+    out["block"] = max(gather(block))
+    out["total"] = max(gather(time.perf_counter() - t0))
+    rmtree_collective(path)
     del floor_bufs
+    return out
+
+
+def firsts(opts: dict[str, Any], run_dir: str) -> dict[str, list[dict[str, float]]]:
+    """``--first-runs`` launches of each kind, the kinds rotating from run to run."""
+    out: dict[str, list[dict[str, float]]] = {k: [] for k in FIRST_KINDS}
+    for run in range(opts["first_runs"]):
+        for i in range(len(FIRST_KINDS)):
+            kind = FIRST_KINDS[(run + i) % len(FIRST_KINDS)]
+            r = launch("first", 2, {**opts, "first_kind": kind}, run_dir)
+            out[kind].append(r)
+            if not opts["quiet"]:
+                print(
+                    f"  [{time.strftime('%H:%M:%S')}] first save, {kind} "
+                    f"(run {run + 1}/{opts['first_runs']}): blocking {r['block']:.3f} s, "
+                    f"to commit {r['total']:.3f} s",
+                    flush=True,
+                )
     return out
 
 
@@ -328,7 +350,7 @@ def scale(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 def phase(mode: str, opts: dict[str, Any], run_dir: str) -> Any:
     """What each rank runs for one phase of the benchmark (in fresh processes)."""
-    return {"bench": bench, "prepared": prepared, "scale": scale}[mode](opts, run_dir)
+    return {"bench": bench, "first": first_save, "scale": scale}[mode](opts, run_dir)
 
 
 def launch(mode: str, world: int, opts: dict[str, Any], run_dir: str) -> Any:
@@ -357,21 +379,35 @@ def report(res: dict[str, Any] | None, sc: dict[str, Any] | None, opts: dict[str
         L.append(
             f"  {'figure':<40}{'dckpt':>10}{'DCP':>10}{'floor':>10}   n   (s; median, max over ranks)"
         )
-        f, b = res["first"], res["block"]
+        b = res["block"]
+        fs = res["firsts"]
+        fb = {k: [r["block"] for r in v] for k, v in fs.items()}
+        n1 = len(fb["dckpt"])
         L.append(
-            f"  {'first async_save, blocking':<40}{f['dckpt']:>10.3f}{f['dcp']:>10.3f}{'':>10}   1"
+            f"  {'first async_save, blocking':<40}{med(fb['dckpt']):>10.3f}{med(fb['dcp']):>10.3f}"
+            f"{'':>10}{n1:>4}   (fresh ranks per save)"
+        )
+        fresh = fb["copy"]
+        mm1 = [f"{min(x):.3f}-{max(x):.3f}" for x in (fb["dckpt"], fb["dcp"], fresh)]
+        L.append(
+            f"  {'  first blocking, min-max':<40}dckpt {mm1[0]}, DCP {mm1[1]}, fresh floor {mm1[2]}"
         )
         L.append(
-            f"  {'first async_save, to commit':<40}{res['first_total']['dckpt']:>10.3f}"
-            f"{res['first_total']['dcp']:>10.3f}{'':>10}   1"
+            f"  {'  floor: copy_ into fresh buffers':<40}{med(fresh):>10.3f}{'':>10}{'':>10}"
+            f"{len(fresh):>4}   (never-touched memory: page faults included)"
         )
-        pp = res.get("prepared")
-        if pp:
-            L.append(
-                f"  {'first, after prepare_async_save':<40}{pp['dckpt']:>10.3f}{pp['dcp']:>10.3f}"
-                f"{'':>10}   1   (fresh ranks; the reservation took {pp['prepare_total']:.3f} s "
-                f"in the background, {pp['prepare_call']:.3f} s in the call)"
-            )
+        tot = {k: [r["total"] for r in v] for k, v in fs.items()}
+        L.append(
+            f"  {'first async_save, to commit':<40}{med(tot['dckpt']):>10.3f}"
+            f"{med(tot['dcp']):>10.3f}{'':>10}{n1:>4}"
+        )
+        pp = fs["dckpt-prepared"]
+        L.append(
+            f"  {'first, after prepare_async_save':<40}{med(fb['dckpt-prepared']):>10.3f}"
+            f"{med(fb['dcp']):>10.3f}{'':>10}{len(pp):>4}   (the reservation took "
+            f"{med([r['prepare_total'] for r in pp]):.3f} s in the background, "
+            f"{med([r['prepare_call'] for r in pp]):.3f} s in the call)"
+        )
         L.append(
             f"  {'later async_save, blocking':<40}{med(b['dckpt']):>10.3f}{med(b['dcp']):>10.3f}"
             f"{med(res['floor']):>10.3f}{len(b['dckpt']):>4}"
@@ -400,13 +436,14 @@ def report(res: dict[str, Any] | None, sc: dict[str, Any] | None, opts: dict[str
         )
         L.append("")
         L.append("  targets (informative)")
-        r1 = f["dckpt"] / f["dcp"]
+        r1 = med(fb["dckpt"]) / med(fb["dcp"])
         L.append(f"    first blocking  dckpt/DCP      {r1:6.2f}x  (<= 0.50x)  {verdict(r1 <= 0.5)}")
-        if pp:
-            r1p = pp["dckpt"] / pp["dcp"]
-            L.append(
-                f"    first blocking, prepared, dckpt/DCP {r1p:6.2f}x  (<= 0.50x)  {verdict(r1p <= 0.5)}"
-            )
+        r1f = med(fresh) / med(fb["dcp"])
+        L.append(f"      (the fresh-buffer copy_ alone is {r1f:.2f}x DCP's first)")
+        r1p = med(fb["dckpt-prepared"]) / med(fb["dcp"])
+        L.append(
+            f"    first blocking, prepared, dckpt/DCP {r1p:6.2f}x  (<= 0.50x)  {verdict(r1p <= 0.5)}"
+        )
         r2 = med(b["dckpt"]) / med(b["dcp"])
         L.append(f"    later blocking  dckpt/DCP      {r2:6.2f}x  (<= 1.00x)  {verdict(r2 <= 1.0)}")
         r3 = med(b["dckpt"]) / med(res["floor"])
@@ -455,6 +492,9 @@ def main() -> None:
         default=1.5,
         help="compute loop length as a multiple of the slower warm-up save",
     )
+    ap.add_argument(
+        "--first-runs", type=int, default=3, help="fresh-rank launches per kind of first save"
+    )
     ap.add_argument("--scale-ranks", type=int, default=8)
     ap.add_argument("--scale-count", type=int, default=20000, help="tiny tensors per rank")
     ap.add_argument("--scale-repeats", type=int, default=3)
@@ -468,7 +508,7 @@ def main() -> None:
     try:
         if not opts["only_scale"]:
             res = launch("bench", 2, opts, run_dir)
-            res["prepared"] = launch("prepared", 2, opts, run_dir)
+            res["firsts"] = firsts(opts, run_dir)
             print(report(res, None, opts), flush=True)  # before the (long) scale phase
             dump(opts, res, sc)
         if not opts["no_scale"]:
