@@ -9,6 +9,7 @@ first index.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 from collections.abc import Sequence
@@ -204,22 +205,21 @@ def dtensor_chunks(dt: Any) -> list[tuple[Box, torch.Tensor]]:
     coordinate = mesh.get_coordinate()
     if coordinate is None:
         return []
-    specs = placement_specs(dt.placements)
+    placements = tuple(dt.placements)
     global_shape = tuple(int(n) for n in dt.shape)
     mesh_shape = tuple(int(n) for n in mesh.shape)
     coord = tuple(int(c) for c in coordinate)
     try:
-        runs = _held_runs(global_shape, mesh_shape, coord, specs)
+        expected, pieces = _layout(global_shape, mesh_shape, coord, placements)
     except ValueError as e:
         raise UnsupportedStateError(
-            f"cannot save DTensor with placements {tuple(dt.placements)} on mesh {mesh_shape}: {e}"
+            f"cannot save DTensor with placements {placements} on mesh {mesh_shape}: {e}"
         ) from e
-    expected = tuple(sum(b - a for a, b in r) for r in runs)
     local = dt.to_local()
     actual = tuple(int(n) for n in local.shape)
     if actual != expected:
         raise UnsupportedStateError(
-            f"DTensor with global shape {global_shape} and placements {tuple(dt.placements)} "
+            f"DTensor with global shape {global_shape} and placements {placements} "
             f"on mesh {mesh_shape} at coordinate {coord} should hold a local tensor of shape "
             f"{expected} (torch.chunk semantics) but holds {actual}, so its placements do not "
             "say which rows it holds. FSDP2 over tensor parallelism does this when a sharded "
@@ -227,4 +227,17 @@ def dtensor_chunks(dt: Any) -> list[tuple[Box, torch.Tensor]]:
             "to a multiple of it, or build the DTensor with distribute_tensor / "
             "DTensor.from_local using torch.chunk-sized local tensors"
         )
-    return [(box, local[slices]) for box, slices in _boxes(runs)]
+    return [(box, local[slices]) for box, slices in pieces]
+
+
+@functools.lru_cache(maxsize=65536)
+def _layout(
+    global_shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    coordinate: tuple[int, ...],
+    placements: tuple[object, ...],
+) -> tuple[tuple[int, ...], tuple[tuple[Box, tuple[slice, ...]], ...]]:
+    """Expected local shape and held boxes, memoized: every save asks again for the same
+    few layouts (a model's parameters and optimizer states), and async saves block on it."""
+    runs = _held_runs(global_shape, mesh_shape, coordinate, placement_specs(placements))
+    return tuple(sum(b - a for a, b in r) for r in runs), tuple(_boxes(runs))
