@@ -30,7 +30,7 @@ class StagingPool:
         self.capacity = capacity
         self._buffers: dict[ChunkId, torch.Tensor] = {}
         self._lock = threading.Lock()
-        self._stream: torch.cuda.Stream | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per GPU
 
     @property
     def nbytes(self) -> int:
@@ -63,21 +63,23 @@ class StagingPool:
             self.check(sources)
             self._keep_only(sources)  # the structure changed: drop what this save does not use
             staged: dict[ChunkId, torch.Tensor] = {}
-            on_gpu = False
+            used: dict[torch.device, torch.cuda.Stream] = {}
             for cid, src in sources.items():
                 buf = self._buffer_for(cid, src, make=True)
                 assert buf is not None
                 if src.device.type == "cuda":
-                    on_gpu = True
-                    stream = self._side_stream()
-                    stream.wait_stream(torch.cuda.current_stream(src.device))
+                    stream = used.get(src.device)
+                    if stream is None:
+                        # Wait for the work that produced the values, once per device.
+                        stream = used[src.device] = self._side_stream(src.device)
+                        stream.wait_stream(torch.cuda.current_stream(src.device))
                     with torch.cuda.stream(stream):
                         buf.copy_(src.detach(), non_blocking=True)
                 else:
                     buf.copy_(src.detach())
                 staged[cid] = buf
-            if on_gpu and self._stream is not None:
-                self._stream.synchronize()
+            for stream in used.values():
+                stream.synchronize()  # the snapshot is complete before the call returns
             return staged
 
     def _keep_only(self, sources: Mapping[ChunkId, torch.Tensor]) -> None:
@@ -104,10 +106,11 @@ class StagingPool:
         pin = src.device.type == "cuda"
         return torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
 
-    def _side_stream(self) -> torch.cuda.Stream:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        return self._stream
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
 
     def release(self) -> None:
         with self._lock:

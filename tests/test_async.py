@@ -212,3 +212,20 @@ def test_cuda_sources_stage_through_pinned_memory(tmp_path: Path) -> None:
     out = {"w": torch.zeros(1024, 1024, device="cuda")}
     dckpt.load(out, tmp_path / "ck")
     assert torch.equal(out["w"].cpu(), expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_sources_on_two_devices_snapshot_queued_work(tmp_path: Path) -> None:
+    # Values still being computed on each device's stream when async_save is called: the
+    # side stream of each device must wait for them, and the call for both side streams.
+    base = {f"d{i}": torch.randn(2048, 2048, device=f"cuda:{i}") for i in range(2)}
+    expected = {k: (v @ v).cpu() for k, v in base.items()}
+    state = {k: v @ v for k, v in base.items()}  # queued, not yet finished
+    handle = dckpt.async_save(state, tmp_path / "ck")
+    for v in state.values():
+        v.zero_()
+    handle.result()
+    out = {k: torch.zeros(2048, 2048) for k in base}
+    dckpt.load(out, tmp_path / "ck")
+    for k in base:
+        torch.testing.assert_close(out[k], expected[k])
