@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import tempfile
 
 import torch
@@ -61,10 +60,11 @@ def init_model(world_size: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.Adam(model.parameters(), lr=0.1)
 
 
-def run(rank: int, world_size: int, port: int, ckpt_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def run(rank: int, world_size: int, rendezvous: str, ckpt_dir: str) -> None:
+    # A file rendezvous: no port to pick, so nothing else on the machine can take it first.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
+    )
     torch.set_num_threads(1)
     try:
         model, optim = init_model(world_size)
@@ -95,15 +95,12 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="dckpt-example-")
     ckpt_dir = args.dir or os.path.join(tmp, "checkpoint")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    rendezvous = os.path.join(tmp, "rendezvous")
     print(f"Running the stateful checkpoint example on {args.world_size} CPU ranks -> {ckpt_dir}")
     try:
-        mp.spawn(run, args=(args.world_size, port, ckpt_dir), nprocs=args.world_size, join=True)
+        mp.spawn(run, args=(args.world_size, rendezvous, ckpt_dir), nprocs=args.world_size)
     finally:
-        if args.dir is None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # with --dir, the checkpoint stays there
 
 
 if __name__ == "__main__":
