@@ -22,6 +22,8 @@ Figures
                     running (the loop is sized to outlast the slower system's write)
   * memory          VmRSS after each of 10 consecutive dckpt async saves (each waited
                     for); growth from save 2 to save 10
+  * many tensors    later blocking time with ``--many-count`` (20k) one-element tensors
+                    per rank instead of the model: per-tensor overhead (median of 3)
   * scale           coordination cost on ``--scale-ranks`` (8) gloo ranks of a save of
                     ``--scale-count`` (20k) one-element tensors per rank: first save and
                     repeated saves (plan caching), dckpt vs DCP (default planner, and
@@ -216,7 +218,40 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
     R["rss_growth"] = max(series[9][r] - series[1][r] for r in range(world))
     log("memory series done")
     dckpt.wait()
+    if opts["many_count"]:
+        R["many"] = many_small(opts, run_dir, dcp_pg)
+        log("many-small-tensors phase done")
     return R
+
+
+def many_small(opts: dict[str, Any], run_dir: str, dcp_pg: Any) -> dict[str, list[float]]:
+    """Blocking time of later async saves of ``--many-count`` one-element tensors per rank:
+    there, per-tensor overhead, not the copy, is what training waits for."""
+    import torch.distributed.checkpoint as dcp
+
+    import dckpt
+
+    rank = dist.get_rank()
+    small = {f"r{rank}.t{i:05d}": torch.full((1,), float(i)) for i in range(opts["many_count"])}
+    out: dict[str, list[float]] = {"dckpt": [], "dcp": []}
+    for i in range(4):  # the first of each is a warm-up
+        for system in ("dckpt", "dcp"):
+            path = os.path.join(run_dir, f"many-{system}-{i}")
+            dist.barrier()
+            t0 = time.perf_counter()
+            if system == "dckpt":
+                h = dckpt.async_save({"small": small}, path)
+                block = time.perf_counter() - t0
+                h.result()
+            else:
+                fut = dcp.async_save({"small": small}, checkpoint_id=path, process_group=dcp_pg)
+                block = time.perf_counter() - t0
+                res: Any = getattr(fut, "upload_completion", fut)
+                res.result()
+            if i:
+                out[system].append(max(gather(block)))
+            rmtree_collective(path)
+    return out
 
 
 # ----------------------------------------------------------------------------- first saves
@@ -434,6 +469,14 @@ def report(res: dict[str, Any] | None, sc: dict[str, Any] | None, opts: dict[str
             f"  VmRSS growth save 2 -> 10: {growth / 2**20:+.1f} MiB "
             f"({100 * growth / res['local_bytes']:+.2f}% of the local state)"
         )
+        many = res.get("many")
+        if many:
+            L.append(
+                f"  {'later blocking, ' + str(opts['many_count']) + ' tiny tensors/rank':<40}"
+                f"{med(many['dckpt']):>10.3f}{med(many['dcp']):>10.3f}{'':>10}"
+                f"{len(many['dckpt']):>4}   (dckpt {med(many['dcp']) / med(many['dckpt']):.1f}x "
+                "faster)"
+            )
         L.append("")
         L.append("  targets (informative)")
         r1 = med(fb["dckpt"]) / med(fb["dcp"])
@@ -494,6 +537,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--first-runs", type=int, default=3, help="fresh-rank launches per kind of first save"
+    )
+    ap.add_argument(
+        "--many-count",
+        type=int,
+        default=20000,
+        help="one-element tensors per rank for the many-small-tensors figure (0: skip)",
     )
     ap.add_argument("--scale-ranks", type=int, default=8)
     ap.add_argument("--scale-count", type=int, default=20000, help="tiny tensors per rank")

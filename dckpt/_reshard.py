@@ -35,10 +35,12 @@ class Box:
     sizes: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if len(self.offsets) != len(self.sizes):
-            raise ValueError(f"Box offsets {self.offsets} and sizes {self.sizes} differ in rank")
-        if any(o < 0 for o in self.offsets) or any(s < 0 for s in self.sizes):
-            raise ValueError(f"Box offsets {self.offsets} and sizes {self.sizes} must be >= 0")
+        # min() rather than any(<genexpr>): saves of many small tensors make millions of boxes.
+        offsets, sizes = self.offsets, self.sizes
+        if len(offsets) != len(sizes):
+            raise ValueError(f"Box offsets {offsets} and sizes {sizes} differ in rank")
+        if offsets and (min(offsets) < 0 or min(sizes) < 0):
+            raise ValueError(f"Box offsets {offsets} and sizes {sizes} must be >= 0")
 
     @property
     def numel(self) -> int:

@@ -105,7 +105,7 @@ def _describe(
         name = dtype_name(t.dtype)
         if name not in DTYPE_ITEMSIZE:
             raise UnsupportedStateError(f"key {leaf.key!r}: dtype {t.dtype} cannot be saved")
-        if t.layout is not torch.strided or t.is_quantized or t.device.type == "meta":
+        if t.layout is not torch.strided or t.is_quantized or t.is_meta:
             raise UnsupportedStateError(
                 f"key {leaf.key!r}: {t.layout} / quantized / meta tensors cannot be saved; "
                 "convert it to a dense tensor first"
@@ -119,10 +119,11 @@ def _describe(
             tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, True, chunks))
             continue
         box = Box((0,) * len(shape), shape)
-        if box.numel:
+        if t.numel():
             sources[(leaf.key, box)] = t
-        chunks = (ChunkOffer(box),) if box.numel else ()
-        tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, chunks))
+            tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, (ChunkOffer(box),)))
+        else:
+            tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, ()))
     return tensors, sources
 
 

@@ -38,7 +38,7 @@ class StagingPool:
 
     def check(self, sources: Mapping[ChunkId, torch.Tensor]) -> None:
         """Raise now if staging ``sources`` would exceed the configured limit."""
-        need = sum(t.numel() * t.element_size() for t in sources.values())
+        need = sum(t.nbytes for t in sources.values())
         if self.capacity is not None and need > self.capacity:
             raise CheckpointError(
                 f"async save needs {need} bytes of staging memory, over the configured "
@@ -64,10 +64,12 @@ class StagingPool:
             self._keep_only(sources)  # the structure changed: drop what this save does not use
             staged: dict[ChunkId, torch.Tensor] = {}
             used: dict[torch.device, torch.cuda.Stream] = {}
+            cpu_dst: list[torch.Tensor] = []
+            cpu_src: list[torch.Tensor] = []
             for cid, src in sources.items():
                 buf = self._buffer_for(cid, src, make=True)
                 assert buf is not None
-                if src.device.type == "cuda":
+                if src.is_cuda:
                     stream = used.get(src.device)
                     if stream is None:
                         # Wait for the work that produced the values, once per device.
@@ -76,8 +78,10 @@ class StagingPool:
                     with torch.cuda.stream(stream):
                         buf.copy_(src.detach(), non_blocking=True)
                 else:
-                    buf.copy_(src.detach())
+                    cpu_dst.append(buf)
+                    cpu_src.append(src)
                 staged[cid] = buf
+            _copy_all(cpu_dst, cpu_src)
             for stream in used.values():
                 stream.synchronize()  # the snapshot is complete before the call returns
             return staged
@@ -93,7 +97,7 @@ class StagingPool:
             buf is not None
             and buf.shape == src.shape
             and buf.dtype == src.dtype
-            and (src.device.type != "cuda" or buf.is_pinned())
+            and (not src.is_cuda or buf.is_pinned())
         ):
             return buf
         if not make:
@@ -103,8 +107,7 @@ class StagingPool:
 
     @staticmethod
     def _new_buffer(src: torch.Tensor) -> torch.Tensor:
-        pin = src.device.type == "cuda"
-        return torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
+        return torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._streams.get(device)
@@ -115,3 +118,12 @@ class StagingPool:
     def release(self) -> None:
         with self._lock:
             self._buffers.clear()
+
+
+def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """All CPU copies in one call: with thousands of small tensors, a ``copy_`` each
+    costs more in per-call overhead than in copying."""
+    if not dsts:
+        return
+    with torch.no_grad():  # sources may require grad; the buffers must not join a graph
+        torch._foreach_copy_(dsts, srcs)
