@@ -209,8 +209,9 @@ def dtensor_chunks(dt: Any) -> list[tuple[Box, torch.Tensor]]:
     global_shape = tuple(int(n) for n in dt.shape)
     mesh_shape = tuple(int(n) for n in mesh.shape)
     coord = tuple(int(c) for c in coordinate)
+    layout = _layout if _hashable(placements) else _layout.__wrapped__
     try:
-        expected, pieces = _layout(global_shape, mesh_shape, coord, placements)
+        expected, pieces = layout(global_shape, mesh_shape, coord, placements)
     except ValueError as e:
         raise UnsupportedStateError(
             f"cannot save DTensor with placements {placements} on mesh {mesh_shape}: {e}"
@@ -241,3 +242,11 @@ def _layout(
     few layouts (a model's parameters and optimizer states), and async saves block on it."""
     runs = _held_runs(global_shape, mesh_shape, coordinate, placement_specs(placements))
     return tuple(sum(b - a for a, b in r) for r in runs), tuple(_boxes(runs))
+
+
+def _hashable(value: object) -> bool:
+    try:
+        hash(value)
+    except TypeError:  # a custom placement type; placement_specs will reject it clearly
+        return False
+    return True

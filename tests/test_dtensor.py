@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -273,6 +274,22 @@ def test_unsupported_dtensors() -> None:
         )
         with pytest.raises(UnsupportedStateError, match=r"\(2, 3\).*\(1, 3\)"):
             dtensor_chunks(wrong)
+
+
+def test_unhashable_custom_placement_is_rejected_clearly() -> None:
+    # Layouts are memoized by placements; one that cannot be hashed still gets the clear
+    # error, not a TypeError from the cache.
+    class Odd:
+        __hash__ = None  # type: ignore[assignment]
+
+    with fake_rank(0, 2):
+        mesh = init_device_mesh("cpu", (2,))
+        real = DTensor.from_local(torch.zeros(2, 3), mesh, [Shard(0)])
+        stand_in = SimpleNamespace(
+            device_mesh=mesh, placements=(Odd(),), shape=real.shape, to_local=real.to_local
+        )
+        with pytest.raises(UnsupportedStateError, match="Odd.*not supported"):
+            dtensor_chunks(stand_in)
 
 
 def fsdp_tp_layout(
