@@ -1,7 +1,8 @@
-"""Writers for object stores: S3 multipart uploads, and fsspec's buffered files elsewhere.
+"""Writers for object stores: on S3 one PUT per file (a multipart upload past a
+threshold), sent from views of the caller's buffers; fsspec's buffered files elsewhere.
 
-A data file is invisible to readers until its writer closes it: S3 multipart uploads
-become objects only when completed, and other backends' files are written whole.
+A data file is invisible to readers until its writer closes it: on S3 the PUT is made,
+or the multipart upload completed, in ``close``; other backends' files are written whole.
 """
 
 from __future__ import annotations

@@ -155,19 +155,15 @@ def _read_verified(
         lo = first_full * block_bytes
         hi = min(last_full * block_bytes, c.nbytes)
         view = as_memoryview(out)[lo - s0 : hi - s0]
-        if src.fd >= 0:
-            # Local files: read a block, check it while it is still in the CPU cache.
-            for b in range(first_full, last_full):
-                blo = b * block_bytes
-                block = view[blo - lo : min(blo + block_bytes, c.nbytes) - lo]
-                src.read(c.offset + blo, block)
-                _check(t, b, block, src)
-        else:
+        local = src.fd >= 0
+        if not local:
             src.read(c.offset + lo, view)  # remote: one ranged request, then the checks
-            for b in range(first_full, last_full):
-                blo = b * block_bytes
-                bhi = min(blo + block_bytes, c.nbytes)
-                _check(t, b, view[blo - lo : bhi - lo], src)
+        for b in range(first_full, last_full):
+            blo = b * block_bytes
+            block = view[blo - lo : min(blo + block_bytes, c.nbytes) - lo]
+            if local:  # read a block, check it while it is still in the CPU cache
+                src.read(c.offset + blo, block)
+            _check(t, b, block, src)
     for b in {b0, b1 - 1}:
         if first_full <= b < last_full:
             continue

@@ -34,7 +34,7 @@ class StagingPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return sum(b.nbytes for b in self._buffers.values())
 
     def check(self, sources: Mapping[ChunkId, torch.Tensor]) -> None:
         """Raise now if staging ``sources`` would exceed the configured limit."""
@@ -54,7 +54,7 @@ class StagingPool:
             self.check(sources)
             self._keep_only(sources)  # at most one copy of the state, as in stage
             for cid, src in sources.items():
-                if self._buffer_for(cid, src, make=False) is None:
+                if self._reusable(cid, src) is None:
                     self._buffers[cid] = self._new_buffer(src).zero_()  # fault every page in
 
     def stage(self, sources: Mapping[ChunkId, torch.Tensor]) -> dict[ChunkId, torch.Tensor]:
@@ -67,8 +67,9 @@ class StagingPool:
             cpu_dst: list[torch.Tensor] = []
             cpu_src: list[torch.Tensor] = []
             for cid, src in sources.items():
-                buf = self._buffer_for(cid, src, make=True)
-                assert buf is not None
+                buf = self._reusable(cid, src)
+                if buf is None:
+                    buf = self._buffers[cid] = self._new_buffer(src)
                 if src.is_cuda:
                     stream = used.get(src.device)
                     if stream is None:
@@ -90,8 +91,8 @@ class StagingPool:
         for cid in [c for c in self._buffers if c not in sources]:
             del self._buffers[cid]  # a save still writing from it holds its own reference
 
-    def _buffer_for(self, cid: ChunkId, src: torch.Tensor, *, make: bool) -> torch.Tensor | None:
-        """The reusable buffer for ``src``; when there is none, a new one if ``make``."""
+    def _reusable(self, cid: ChunkId, src: torch.Tensor) -> torch.Tensor | None:
+        """The buffer ``src`` can be staged into as it is, if the pool has one."""
         buf = self._buffers.get(cid)
         if (
             buf is not None
@@ -100,10 +101,7 @@ class StagingPool:
             and (not src.is_cuda or buf.is_pinned())
         ):
             return buf
-        if not make:
-            return None
-        buf = self._buffers[cid] = self._new_buffer(src)
-        return buf
+        return None
 
     @staticmethod
     def _new_buffer(src: torch.Tensor) -> torch.Tensor:
