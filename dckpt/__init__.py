@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 from dckpt._async import AsyncSaveHandle, async_save, prepare_async_save, wait
 from dckpt._convert import ConvertReport, convert
 from dckpt._errors import (
+    ArgumentError,
+    ArgumentTypeError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -30,6 +32,8 @@ from dckpt._save import save
 from dckpt._state import OptimizerState, Stateful
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "AsyncSaveHandle",
     "CheckpointError",
     "CheckpointExistsError",

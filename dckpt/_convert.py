@@ -23,8 +23,11 @@ from typing import Any
 
 import torch
 
+from dckpt._args import check_int, check_options, check_path
 from dckpt._bytes import as_memoryview, host_bytes
 from dckpt._errors import (
+    ArgumentError,
+    ArgumentTypeError,
     CheckpointError,
     CheckpointExistsError,
     UnsupportedStateError,
@@ -299,6 +302,7 @@ def write_dckpt(
 ) -> tuple[str, ...]:
     """A one-rank dckpt save through the planning/writing layers, one tensor at a time."""
     from dckpt import __version__
+    from dckpt._commit import commit
     from dckpt._plan import (
         ChunkOffer,
         RankOffer,
@@ -307,7 +311,7 @@ def write_dckpt(
         build_manifest,
         plan_save,
     )
-    from dckpt._save import commit, new_save_id
+    from dckpt._save import new_save_id
     from dckpt._values import encode_value
     from dckpt._write import write_rank
 
@@ -340,10 +344,14 @@ def write_dckpt(
             plan, [results], created=time.time(), block_bytes=DEFAULT_BLOCK_BYTES,
             library=f"dckpt {__version__}",
         )  # fmt: skip
-        if results:
-            storage.sync_dir(data_dir(plan.save_id))
-            storage.sync_dir("data")
-        commit(storage, manifest_to_bytes(manifest), None, durable=True)
+        commit(
+            storage,
+            manifest_to_bytes(manifest),
+            None,
+            durable=True,
+            save_id=plan.save_id,
+            files=[f.name for f in results],
+        )
     except BaseException:
         with contextlib.suppress(Exception):
             storage.delete_prefix(data_dir(plan.save_id))
@@ -380,12 +388,16 @@ def convert(
     are skipped and listed in the report. ``progress`` receives byte counts as tensors
     are written.
     """
+    check_path(src, "src")
+    check_path(dst, "dst")
+    check_options(storage_options)
+    check_int("shard_size", shard_size, minimum=1)
+    if prefix is not None and not isinstance(prefix, str):
+        raise ArgumentTypeError(f"prefix must be a str or None, got {prefix!r}")
     dst_text = os.fspath(dst)
     fmt = to or infer_format(dst_text)
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+        raise ArgumentError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     source = open_source(src, storage_options)
     try:
         entries = _select(source.entries(), prefix)

@@ -11,6 +11,8 @@ that matches, so ``except FileNotFoundError`` keeps working::
     ├── StateMismatchError(KeyError)                 requested keys absent, shape/dtype differ
     ├── UnsupportedStateError(TypeError)             a value dckpt cannot store as asked
     ├── StorageError(OSError)                        the disk or object store failed
+    ├── ArgumentError(ValueError)                    a bad argument value: names it, says why
+    │   └── ArgumentTypeError(TypeError)             an argument of the wrong type
     └── RankFailureError                             one or more ranks failed; keeps each error
         └── CheckpointTimeoutError(TimeoutError)     ranks did not arrive in time
 """
@@ -82,6 +84,14 @@ class StorageError(CheckpointError, OSError):
     def __reduce__(self) -> tuple[object, ...]:
         # Errors travel between ranks pickled; keep errno (an OSError slot, not in __dict__).
         return (_rebuild_storage_error, (type(self), str(self), self.errno))
+
+
+class ArgumentError(CheckpointError, ValueError):
+    """An argument to a dckpt call is invalid; the message names it and what is expected."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument to a dckpt call has the wrong type."""
 
 
 class RankFailureError(CheckpointError):
