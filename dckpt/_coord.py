@@ -34,7 +34,9 @@ from typing import Any, Literal, TypeVar, overload
 
 import torch.distributed as dist
 
-from dckpt._errors import CheckpointTimeoutError, RankFailureError, RemoteError
+from dckpt._args import check_process_group, check_timeout
+from dckpt._errors import ArgumentError, CheckpointTimeoutError, RankFailureError, RemoteError
+from dckpt._faults import fault_point
 from dckpt._kvstore import KV, StoreLost, forget_clients, open_store
 
 T = TypeVar("T")
@@ -85,8 +87,8 @@ def coordinator_for(
     Collective: every rank of the group must call it, once per save/load and in the same
     order, because each call allocates the next key space from an in-process counter.
     """
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    timeout = check_timeout(timeout)
+    check_process_group(process_group)
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return LocalCoordinator(timeout=timeout)
@@ -97,7 +99,10 @@ def coordinator_for(
     world_size = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if rank < 0:
-        raise ValueError("this process is not a member of the given process group")
+        raise ArgumentError(
+            f"this process (global rank {dist.get_rank()}) is not a member of process_group "
+            f"{group.group_name!r}; call save/load only on the group's ranks"
+        )
     if world_size == 1:
         return LocalCoordinator(timeout=timeout)
     epoch, call = _next_call(group.group_name, namespace)
@@ -315,6 +320,7 @@ class Coordinator(_ExchangeAPI):
         value: Any = None
         local_exc: BaseException | None = None
         try:
+            fault_point(f"coord.{phase}.enter")
             value = local()
         except BaseException as exc:  # published first; interrupts are re-raised after
             local_exc = exc
@@ -355,6 +361,7 @@ class Coordinator(_ExchangeAPI):
                 raise local_exc
         values: list[Any] = [value] + [None] * (self.world_size - 1)
         outcomes, missing = self._gather(kv, base)
+        fault_point(f"coord.{phase}.gathered")
         for rank, blob in outcomes.items():
             try:
                 kind, payload = pickle.loads(blob)
@@ -371,8 +378,10 @@ class Coordinator(_ExchangeAPI):
                 if scatter:
                     items = _scattered(result, self.world_size)
                     self._publish(kv, base, [_encode(_OK, item) for item in items[1:]], True)
+                    fault_point(f"coord.{phase}.published")
                     return items[0]
                 self._publish(kv, base, _encode(_OK, result), False)
+                fault_point(f"coord.{phase}.published")
                 return result
             except StoreLost:
                 raise
@@ -427,6 +436,7 @@ class Coordinator(_ExchangeAPI):
             blob = _encode(_FAIL, _Failure.of(local_exc))
         kv = self._store()
         kv.set(f"{base}/in/{self.rank}", blob)
+        fault_point(f"coord.{phase}.sent")
         if local_exc is not None and not isinstance(local_exc, Exception):
             raise local_exc
         key = f"{base}/out/{self.rank}" if scatter else f"{base}/out"
@@ -441,6 +451,7 @@ class Coordinator(_ExchangeAPI):
             raise err from local_exc
         raw = kv.get(key)
         self._release(kv, base, key, scatter)
+        fault_point(f"coord.{phase}.received")
         try:
             kind, payload = pickle.loads(raw)
         except Exception as exc:

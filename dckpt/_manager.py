@@ -6,10 +6,36 @@ read too. A step counts only once committed (its ``manifest.json`` exists and is
 manifest), so a crashed save is never picked up as the latest.
 
 Every method is collective where it touches checkpoints (``save``, ``load``, ``wait``);
-listing is done by each rank on its own. Deletions (retention, leftovers of crashed saves)
-happen on rank 0 only, after the new step has committed, and never touch a step that a
-save of this manager is still writing. All access goes through :mod:`dckpt._storage`, so
-roots may be URLs as well as local paths.
+listing is done by each rank on its own. Deletions happen on rank 0 only; a save returns
+on every rank once rank 0 has applied them, so every rank then lists the same steps. All
+access goes through :mod:`dckpt._storage`, so roots may be URLs as well as local paths.
+
+Cleanup deletes only what is provably dead, so that several managers (or jobs) sharing a
+root never delete each other's saves in progress:
+
+- Local filesystems: for the whole save of a step, rank 0 holds a shared ``flock`` on
+  ``<step>/.dckpt.writing`` (see :mod:`dckpt._tidy`). A cleanup touches a step (deletes
+  it, or the data of killed saves inside it) only while it holds that lock exclusively,
+  which it gets only when no live manager is saving the step: the kernel drops a dead
+  process's lock. Files under a step written by something else than a manager (a plain
+  ``dckpt.save`` into a step directory) are not protected by the lock.
+- Object stores, and filesystems without ``flock`` (no lock to ask): an uncommitted step
+  is deleted when this manager's own save of it failed, or when every data directory in
+  it is named by a save id planned more than ``max(2 x timeout, 1 hour)`` ago; one whose
+  data cannot be dated that way is never deleted automatically. Inside committed steps,
+  the data of saves planned before the committed one, or beyond that grace period, goes.
+
+Uncommitted steps are removed by the save of a later step only (a higher-numbered one may
+be another job's save in progress); corrupt manifests are never deleted, so they can be
+inspected.
+
+Rollback: saving step ``s`` while committed steps newer than ``s`` exist means the run was
+rolled back (it loaded an older step, or restarted from scratch). The newer steps belong
+to the abandoned timeline; they would otherwise shadow the new one as the latest step,
+and retention would delete the new steps first. So once ``s`` has committed, rank 0
+deletes every committed step newer than ``s`` (logging their numbers at INFO level), and
+retention then counts from ``s``. The step just saved is never removed by its own
+retention.
 """
 
 from __future__ import annotations
@@ -17,18 +43,29 @@ from __future__ import annotations
 import logging
 import os
 import re
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dckpt._args import (
+    check_bool,
+    check_int,
+    check_options,
+    check_path,
+    check_process_group,
+    check_state,
+    check_timeout,
+)
 from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._errors import CheckpointError, CorruptCheckpointError
-from dckpt._format import DATA_DIR, MANIFEST_NAME, Manifest, data_dir, manifest_from_bytes
+from dckpt._format import DATA_DIR, MANIFEST_NAME, Manifest, manifest_from_bytes
 from dckpt._storage import Storage, open_storage
+from dckpt._tidy import StepCleaner, WriterMarker
 
 log = logging.getLogger("dckpt")
 
+# A torch DCP checkpoint in a step directory (a job switching to dckpt): not ours to delete.
+_DCP_METADATA = ".metadata"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -48,8 +85,9 @@ class StepEntry:
     """One ``step-<n>`` directory under a root, committed or not.
 
     ``status`` is ``"committed"``, ``"incomplete"`` (no manifest: a save that never
-    committed) or ``"corrupt"`` (a manifest that does not parse; never deleted
-    automatically, so it can be inspected). ``size`` counts data bytes: the manifest's
+    committed), ``"corrupt"`` (a manifest that does not parse; never deleted
+    automatically, so it can be inspected) or ``"foreign"`` (a torch DCP checkpoint; never
+    deleted or loaded by the manager). ``size`` counts data bytes: the manifest's
     files when committed, whatever is on storage otherwise (only with ``sizes=True``).
     """
 
@@ -120,6 +158,8 @@ def _entry(storage: Storage, name: str, rels: list[str], sizes: bool) -> StepEnt
             {r.split("/")[1] for r in rels if r.startswith(f"{DATA_DIR}/") and r.count("/") >= 2}
         )
     )
+    if MANIFEST_NAME not in rels and _DCP_METADATA in rels:
+        return StepEntry(step, name, "foreign", data_ids=data_ids)
     if MANIFEST_NAME not in rels:
         size = sum(storage.size(f"{name}/{r}") or 0 for r in rels) if sizes else None
         return StepEntry(step, name, "incomplete", size=size, data_ids=data_ids)
@@ -146,6 +186,16 @@ def _read_manifest(storage: Storage, name: str) -> Manifest:
     return manifest_from_bytes(raw, source=source)
 
 
+@dataclass
+class _InFlight:
+    """An async save of this manager that has not been waited for yet."""
+
+    handle: Any
+    step: int
+    name: str
+    marker: WriterMarker | None
+
+
 class CheckpointManager:
     """Saves numbered steps under ``root``; keeps the newest ``keep_last`` (plus every
     ``keep_every``-th step); loads the latest committed one.
@@ -156,6 +206,19 @@ class CheckpointManager:
     it has committed, at the next ``save`` or at ``wait``. In async mode ``load`` also
     reserves the staging memory (:func:`dckpt.prepare_async_save`), so that the first save
     blocks no longer than later ones.
+
+    Rollback: saving step ``s`` while committed steps newer than ``s`` exist (after
+    ``load(state, step=s0)`` with ``s0 < s``, or a run restarted from scratch in the same
+    root) abandons those newer steps: once ``s`` has committed they are deleted (rank 0,
+    logged at INFO level), so that ``latest_step()`` and ``load()`` resume from ``s``, and
+    retention counts from ``s``. The step just saved is never deleted by its own
+    retention. If the process dies between the commit of ``s`` and that deletion, the
+    newer steps are still there and the next start resumes from them.
+
+    Several managers may share a root: a cleanup deletes only steps and files whose
+    writers are provably gone (see the module docstring). Their retention and rollback
+    deletions still apply to every step under the root, so jobs that must keep their
+    own steps need their own roots.
     """
 
     def __init__(
@@ -169,10 +232,13 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        if keep_last is not None and (isinstance(keep_last, bool) or keep_last < 0):
-            raise ValueError(f"keep_last must be None or >= 0, got {keep_last!r}")
-        if keep_every is not None and (isinstance(keep_every, bool) or keep_every < 1):
-            raise ValueError(f"keep_every must be None or >= 1, got {keep_every!r}")
+        check_path(root, "root")
+        check_int("keep_last", keep_last, minimum=0, optional=True)
+        check_int("keep_every", keep_every, minimum=1, optional=True)
+        check_bool("async_save", async_save)
+        check_process_group(process_group)
+        check_options(storage_options)
+        check_timeout(timeout)
         self.root = os.fspath(root)
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -181,8 +247,9 @@ class CheckpointManager:
         self.storage_options = storage_options
         self.timeout = timeout
         self._storage = open_storage(self.root, storage_options)
-        self._pending: Any = None  # the handle of the in-flight async save
-        self._pending_step: int | None = None
+        self._cleaner = StepCleaner(self._storage, timeout=timeout)
+        self._inflight: _InFlight | None = None
+        self._abandoned: set[int] = set()  # steps whose save by this manager failed
 
     # -- listing ----------------------------------------------------------------------
 
@@ -195,49 +262,61 @@ class CheckpointManager:
         return [e.step for e in self.entries() if e.committed]
 
     def latest_step(self) -> int | None:
+        """The step a resumed job should load: the newest committed one (after a rollback,
+        the newer steps of the abandoned run are gone once the rolled-back save commits)."""
         steps = self.steps()
         return steps[-1] if steps else None
 
     def path_of(self, step: int) -> str:
         """Where ``step`` lives: its existing directory (committed preferred), else the
         zero-padded name."""
+        return join_path(self.root, self._name_of(step))
+
+    def _name_of(self, step: int) -> str:
         for e in self.entries():
             if e.step == step:
-                return join_path(self.root, e.name)
-        return join_path(self.root, step_name(step))
+                return e.name
+        return step_name(step)
 
     # -- saving -----------------------------------------------------------------------
 
     def save(self, step: int, state: Mapping[str, Any]) -> None:
-        """Save ``state`` as ``step`` (collective), then apply retention on rank 0.
+        """Save ``state`` as ``step`` (collective), then apply rollback and retention on
+        rank 0; returns on every rank once those deletions are done.
 
         In async mode this first finishes the previous async save, raising its error if
         it failed (this save is then not started).
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        check_int("step", step, minimum=0)
+        check_state(state)
         self._finish_pending()
         rank = self._rank()
-        if rank == 0:
-            self._cleanup(saving=step)
-        path = self.path_of(step)
+        name = self._name_of(step)
+        marker = self._cleaner.hold(name) if rank == 0 else None
+        path = join_path(self.root, name)
         options: dict[str, Any] = {
             "process_group": self.process_group,
             "overwrite": True,
             "timeout": self.timeout,
             "storage_options": self.storage_options,
         }
-        if self.async_save:
-            from dckpt import _async
+        try:
+            if rank == 0:
+                self._cleanup(saving=step)
+            if self.async_save:
+                from dckpt import _async
 
-            self._pending = _async.async_save(state, path, **options)
-            self._pending_step = step
-            return
-        from dckpt._save import save
+                handle = _async.async_save(state, path, **options)
+                self._inflight = _InFlight(handle, step, name, marker)
+                return
+            from dckpt._save import save
 
-        save(state, path, **options)
-        if rank == 0:
-            self._retain()
+            save(state, path, **options)
+        except BaseException:
+            if rank == 0:
+                self._abandon(step, name, marker)
+            raise
+        self._committed(step, marker)
 
     def wait(self) -> None:
         """Block until the in-flight async save (if any) has committed; apply retention.
@@ -247,16 +326,41 @@ class CheckpointManager:
         self._finish_pending()
 
     def _finish_pending(self) -> None:
-        handle, self._pending = self._pending, None
-        self._pending_step = None
-        if handle is None:
+        job, self._inflight = self._inflight, None
+        if job is None:
             return
-        handle.result()
-        if self._rank() == 0:
-            self._retain()
+        try:
+            job.handle.result()
+        except BaseException:
+            if self._rank() == 0:
+                self._abandon(job.step, job.name, job.marker)
+            raise
+        self._committed(job.step, job.marker)
+
+    def _committed(self, step: int, marker: WriterMarker | None) -> None:
+        """After ``step`` committed: rank 0 applies rollback and retention while the other
+        ranks wait, so that no rank lists steps that are about to go."""
+        if marker is not None:
+            marker.release()
+        self._abandoned.discard(step)
+        coord = coordinator_for(self.process_group, timeout=self.timeout, namespace="manager")
+
+        def local() -> None:
+            if coord.rank == 0:
+                self._retire(saved=step)
+
+        try:
+            coord.exchange("manager-retire", local)
+        except CheckpointError as exc:
+            # The step is committed; only the cleanup, or waiting for it, went wrong.
+            log.warning(
+                "step %d was saved under %s, but cleaning up after it failed: %s",
+                step,
+                self._storage.location,
+                exc,
+            )
 
     # -- loading ----------------------------------------------------------------------
-
     def load(
         self, state: Mapping[str, Any], step: int | None = None, *, strict: bool = True
     ) -> int | None:
@@ -265,6 +369,9 @@ class CheckpointManager:
         Returns None, leaving ``state`` untouched, when no step has committed yet. Ranks
         agree on the step through rank 0, so they never load different ones.
         """
+        check_state(state)
+        check_int("step", step, minimum=0, optional=True)
+        check_bool("strict", strict)
         self._finish_pending()
         coord = coordinator_for(self.process_group, timeout=self.timeout, namespace="manager")
 
@@ -307,50 +414,60 @@ class CheckpointManager:
         return int(dist.get_rank(self.process_group))
 
     def _busy(self) -> set[int]:
-        return set() if self._pending_step is None else {self._pending_step}
+        return set() if self._inflight is None else {self._inflight.step}
+
+    def _abandon(self, step: int, name: str, marker: WriterMarker | None) -> None:
+        """After this manager's save of ``step`` failed (rank 0)."""
+        self._abandoned.add(step)
+        self._cleaner.abandon(name, marker)
 
     def _cleanup(self, *, saving: int) -> None:
-        """Remove what crashed saves left: uncommitted steps older than ``saving`` and
-        data directories inside committed steps that their manifest does not reference."""
+        """Remove what crashed saves left, where provably dead: uncommitted steps older
+        than ``saving``, and data directories inside committed steps that their manifest
+        does not reference."""
         busy = self._busy() | {saving}
         for e in _scan_all(self._storage):
             if e.step in busy:
                 continue
             if e.status == "incomplete" and e.step < saving:
-                self._delete_step(e)
-            elif e.committed:
-                for sid in e.data_ids:
-                    if sid != e.save_id:
-                        self._quietly(self._storage.delete_prefix, f"{e.name}/{data_dir(sid)}")
+                abandoned = e.step in self._abandoned
+                self._cleaner.remove_dead_step(e.name, e.data_ids, abandoned=abandoned)
+            elif e.committed and e.save_id is not None and set(e.data_ids) - {e.save_id}:
+                self._cleaner.tidy_step(e.name, e.data_ids, e.save_id)
+        self._abandoned = {s for s in self._abandoned if s >= saving}
 
-    def _retain(self) -> None:
-        """Delete committed steps beyond the retention policy (never the newest one)."""
+    def _retire(self, *, saved: int) -> None:
+        """After ``saved`` committed: delete the committed steps newer than it (an abandoned
+        timeline), then those beyond the retention policy counted from ``saved``."""
         committed = [e for e in self.entries() if e.committed]
-        keep = retained_steps(
-            [e.step for e in committed], keep_last=self.keep_last, keep_every=self.keep_every
-        )
         busy = self._busy()
-        for e in committed:
-            if e.step not in keep and e.step not in busy:
-                self._delete_step(e)
-
-    def _delete_step(self, e: StepEntry) -> None:
-        # The manifest goes first, so a half-deleted step never looks committed.
-        if self._quietly(self._storage.delete, f"{e.name}/{MANIFEST_NAME}"):
-            self._quietly(self._storage.delete_prefix, e.name)
-
-    def _quietly(self, fn: Callable[[str], None], name: str) -> bool:
-        """Deletion failures must not fail a save that has already committed."""
-        try:
-            fn(name)
-        except (CheckpointError, OSError) as exc:
-            warnings.warn(
-                f"dckpt: could not remove an old checkpoint under {self._storage.location}: {exc}",
-                RuntimeWarning,
-                stacklevel=3,
+        newer = [e for e in committed if e.step > saved and e.step not in busy]
+        removed = [e.step for e in newer if self._cleaner.delete_if_free(e.name)]
+        if removed:
+            log.info(
+                "step %d was saved after steps %s under %s: the run was rolled back, so those "
+                "steps of the abandoned run were deleted",
+                saved,
+                ", ".join(map(str, removed)),
+                self._storage.location,
             )
-            return False
-        return True
+        if len(removed) < len(newer):
+            log.warning(
+                "steps %s under %s are newer than the step just saved (%d) but could not be "
+                "deleted (another job is writing them, or deleting failed); they stay the "
+                "latest steps until removed",
+                ", ".join(str(e.step) for e in newer if e.step not in removed),
+                self._storage.location,
+                saved,
+            )
+        older = [e for e in committed if e.step <= saved]
+        keep = retained_steps(
+            [e.step for e in older], keep_last=self.keep_last, keep_every=self.keep_every
+        )
+        keep.add(saved)
+        for e in older:
+            if e.step not in keep and e.step not in busy:
+                self._cleaner.delete_if_free(e.name)
 
 
 def retained_steps(steps: list[int], *, keep_last: int | None, keep_every: int | None) -> set[int]:

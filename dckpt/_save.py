@@ -9,8 +9,8 @@ every chunk.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -22,15 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from dckpt._args import check_save
 from dckpt._bytes import block_crcs, dtype_name, host_bytes
+from dckpt._commit import abandon, commit, commit_uncertain
 from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._dtensor import dtensor_chunks, is_dtensor
-from dckpt._errors import CheckpointError, CheckpointExistsError, UnsupportedStateError
+from dckpt._errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    UnsupportedStateError,
+)
+from dckpt._faults import fault_point
 from dckpt._format import (
     DEFAULT_BLOCK_BYTES,
     DTYPE_ITEMSIZE,
     MANIFEST_NAME,
-    data_dir,
 )
 from dckpt._gc import gc_paused, paused_gc
 from dckpt._plan import (
@@ -55,6 +61,7 @@ from dckpt._storage import FileLayout, Storage, open_storage
 from dckpt._values import encode_value
 from dckpt._write import KnownCrcs, SourceMap, write_rank
 
+_log = logging.getLogger("dckpt")
 _clock = time.time  # replaced by the golden-format tests for byte-identical output
 
 
@@ -105,11 +112,9 @@ def _describe(
         name = dtype_name(t.dtype)
         if name not in DTYPE_ITEMSIZE:
             raise UnsupportedStateError(f"key {leaf.key!r}: dtype {t.dtype} cannot be saved")
-        if t.layout is not torch.strided or t.is_quantized or t.is_meta:
-            raise UnsupportedStateError(
-                f"key {leaf.key!r}: {t.layout} / quantized / meta tensors cannot be saved; "
-                "convert it to a dense tensor first"
-            )
+        problem = _unsavable(t)
+        if problem:
+            raise UnsupportedStateError(f"key {leaf.key!r}: {problem}")
         shape = tuple(t.shape)
         if is_dtensor(t):
             pieces = dtensor_chunks(t)
@@ -125,6 +130,20 @@ def _describe(
         else:
             tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, ()))
     return tensors, sources
+
+
+def _unsavable(t: torch.Tensor) -> str:
+    """Why ``t`` cannot be stored as a dense array of bytes, or "" when it can."""
+    if t.is_meta:
+        return (
+            "a meta tensor has no data to save; materialize it first "
+            "(e.g. module.to_empty(device=...) and initialize it)"
+        )
+    if t.is_quantized:
+        return "a quantized tensor cannot be saved; dequantize it (t.dequantize()) first"
+    if t.layout is not torch.strided:
+        return f"a {t.layout} tensor cannot be saved; convert it with t.to_dense() first"
+    return ""
 
 
 def checksum_plain(staged: Staged) -> tuple[RankOffer, KnownCrcs]:
@@ -392,7 +411,8 @@ def _write_and_commit(
     def local_write() -> list[FileResult]:
         planned.append(my_plan())
         rank_plan = planned[0]
-        return write_rank(
+        fault_point("save.write.before")
+        results = write_rank(
             storage,
             rank_plan,
             sources,
@@ -400,6 +420,8 @@ def _write_and_commit(
             block_bytes=DEFAULT_BLOCK_BYTES,
             known_crcs=known,
         )
+        fault_point("save.write.after")
+        return results
 
     def reduce_commit(results: list[list[FileResult]]) -> None:
         assert leader.plan is not None and leader.template is not None
@@ -411,20 +433,34 @@ def _write_and_commit(
             block_bytes=DEFAULT_BLOCK_BYTES,
             library=_library_version(),
         )
-        if options.durable:
-            storage.sync_dir(data_dir(leader.plan.save_id))
-            storage.sync_dir("data")
-        commit(storage, manifest, leader.previous, durable=options.durable)
+        files = [f for rank_files in results for f in rank_files]
+        commit(
+            storage,
+            manifest,
+            leader.previous,
+            durable=options.durable,
+            save_id=leader.plan.save_id,
+            files=[f.name for f in files],
+        )
+        fault_point("save.commit.after")
 
     try:
         coord.exchange("write", local_write, gc_paused(reduce_commit))
-    except BaseException:
-        for f in planned[0].files if planned else ():
-            with contextlib.suppress(Exception):
-                storage.delete(f.name)
-        if coord.rank == 0 and leader.plan is not None:
-            with contextlib.suppress(Exception):
-                storage.delete_prefix(data_dir(leader.plan.save_id))
+    except BaseException as exc:
+        if commit_uncertain(exc):
+            raise  # the manifest may land later: deleting its files could break it
+        save_id = planned[0].save_id if planned else None
+        if save_id is None and coord.rank == 0 and leader.plan is not None:
+            save_id = leader.plan.save_id
+        if save_id is not None and abandon(storage, save_id, planned, coord.rank == 0):
+            # The commit happened although this rank lost contact before hearing of it
+            # (rank 0 left right after committing, say): the save succeeded.
+            _log.warning(
+                "lost contact with the other ranks after checkpoint %s was committed; "
+                "the save succeeded",
+                storage.location,
+            )
+            return
         raise
 
 
@@ -442,6 +478,16 @@ def save(
     """Save ``state`` to ``path``; collective over ``process_group`` (or one process)."""
     from dckpt._async import drain
 
+    check_save(
+        state=state,
+        path=path,
+        process_group=process_group,
+        timeout=timeout,
+        storage_options=storage_options,
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+        durable=durable,
+    )
     drain()  # one save at a time per process; surfaces an unobserved async failure
     coord = coordinator_for(process_group, timeout=timeout)
     storage = open_storage(path, storage_options)
@@ -453,30 +499,3 @@ def save(
             SaveOptions(overwrite=overwrite, durable=durable),
             _cache_for("sync", process_group),
         )
-
-
-def commit(storage: Storage, manifest: bytes, previous: bytes | None, *, durable: bool) -> None:
-    """Publish the manifest unless another job committed since we planned, then tidy up."""
-    with storage.commit_lock():
-        current = storage.read_file(MANIFEST_NAME)
-        if current != previous:
-            raise CheckpointExistsError(
-                f"another save committed to {storage.location} while this one was running; "
-                "this save was discarded and the other checkpoint kept. Give concurrent jobs "
-                "different paths."
-            )
-        storage.commit(MANIFEST_NAME, manifest, durable=durable)
-    old = _save_id_of(previous)
-    if old is not None and old != _save_id_of(manifest):
-        with contextlib.suppress(Exception):
-            storage.delete_prefix(data_dir(old))
-
-
-def _save_id_of(raw: bytes | None) -> str | None:
-    if raw is None:
-        return None
-    with contextlib.suppress(Exception):
-        sid = json.loads(raw)["save_id"]
-        if isinstance(sid, str) and sid.isalnum():
-            return sid
-    return None
