@@ -10,9 +10,6 @@ like dckpt's own: each rank reads only the chunks that overlap what it holds.
 
 from __future__ import annotations
 
-import io
-import pickle
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,11 +19,11 @@ import crc32c
 import torch
 
 from dckpt._bytes import dtype_name
+from dckpt._dcp_files import DcpFiles, decode, decode_tensor
 from dckpt._dcp_meta import (
     _RANK_FILE,
     DCP_METADATA,
     DcpChunk,
-    DcpItem,
     DcpMetadata,
     DcpTensor,
     read_metadata,
@@ -35,7 +32,6 @@ from dckpt._errors import (
     CheckpointError,
     CorruptCheckpointError,
     StateMismatchError,
-    UnsafeCheckpointError,
 )
 from dckpt._format import MANIFEST_NAME, PathPart
 from dckpt._load import (
@@ -54,8 +50,6 @@ from dckpt._storage import Storage, open_storage
 
 __all__ = ["DCP_METADATA", "DcpMetadata", "DcpReader", "is_dcp_checkpoint", "load_dcp"]
 
-_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
-
 
 def is_dcp_checkpoint(path: Any, storage_options: dict[str, Any] | None = None) -> bool:
     """True for a directory with DCP's ``.metadata`` and no dckpt manifest; never raises."""
@@ -67,91 +61,6 @@ def is_dcp_checkpoint(path: Any, storage_options: dict[str, Any] | None = None) 
 
 
 # -- reading archives -----------------------------------------------------------------------
-
-
-class _Files:
-    """Checks each data file once: present, and long enough for every range read from it."""
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-        self._sizes: dict[str, int] = {}
-
-    def require(self, item: DcpItem) -> None:
-        size = self._sizes.get(item.file)
-        if size is None:
-            got = self.storage.size(item.file)
-            if got is None:
-                raise CorruptCheckpointError(
-                    f"data file {self.storage.location}/{item.file} is missing; "
-                    "the checkpoint is damaged"
-                )
-            size = self._sizes[item.file] = got
-        if item.offset + item.length > size:
-            raise CorruptCheckpointError(
-                f"data file {self.storage.location}/{item.file} has {size} bytes but the "
-                f"metadata places an item at byte {item.offset} of length {item.length}; "
-                "it was truncated"
-            )
-
-    def read(self, item: DcpItem) -> bytes:
-        self.require(item)
-        buf = bytearray(item.length)
-        self.storage.read_into(item.file, item.offset, memoryview(buf))
-        return bytes(buf)
-
-
-def _check_archive(data: bytes, what: str) -> None:
-    """torch's zip reader ignores the CRC-32 each archive member carries; DCP has no other."""
-    try:
-        bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
-    except Exception as exc:
-        raise CorruptCheckpointError(
-            f"{what} is not a torch.save archive ({type(exc).__name__}: {exc})"
-        ) from None
-    if bad is not None:
-        raise CorruptCheckpointError(f"{what} fails the CRC check of its member {bad!r}")
-
-
-def decode(data: bytes, what: str, *, allow_pickle: bool = False) -> Any:
-    """One ``torch.save`` archive, via ``weights_only`` unless the caller opted in to pickle."""
-    _check_archive(data, what)
-    for weights_only in (True, False):
-        try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
-        except pickle.UnpicklingError as exc:
-            if not weights_only or _WEIGHTS_ONLY_REFUSAL not in str(exc):
-                raise CorruptCheckpointError(f"{what} cannot be unpickled: {exc}") from None
-            if not allow_pickle:
-                raise UnsafeCheckpointError(
-                    f"{what} holds objects that torch.load(weights_only=True) refuses; it needs "
-                    "an unsafe unpickle, which could run code from the checkpoint, and dckpt "
-                    "refuses that. Pass allow_pickle=True only if you trust this checkpoint."
-                ) from None
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise CorruptCheckpointError(
-                f"{what} is not a readable torch.save archive ({type(exc).__name__}: {first})"
-            ) from None
-    raise AssertionError("unreachable")
-
-
-def decode_tensor(data: bytes, what: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Any:
-    """A chunk as a CPU tensor, checked against the metadata's dtype and shape."""
-    try:
-        obj = decode(data, what)
-    except UnsafeCheckpointError:
-        raise UnsafeCheckpointError(
-            f"{what} holds objects that torch.load(weights_only=True) refuses; a tensor chunk "
-            "never needs them, so dckpt refuses to unpickle it"
-        ) from None
-    if type(obj) is not torch.Tensor:
-        raise CorruptCheckpointError(f"{what} holds a {type(obj).__name__}, not a tensor")
-    if obj.dtype != dtype or tuple(obj.shape) != shape:
-        raise CorruptCheckpointError(
-            f"{what} holds {dtype_name(obj.dtype)}{list(obj.shape)}, the metadata promises "
-            f"{dtype_name(dtype)}{list(shape)}"
-        )
-    return obj
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,15 +98,16 @@ def _add_copies(
             job.dests.append(_Dest(cp.overlap, dest, want))
 
 
-def _run_job(files: _Files, job: _Job) -> None:
+def _run_job(files: DcpFiles, job: _Job) -> None:
     t, c = job.tensor, job.chunk
     what = f"chunk {c.box} of {t.key!r} ({files.storage.location}/{c.item.file} @{c.item.offset})"
+    files.require_chunk(t, c)
     src = decode_tensor(files.read(c.item), what, t.dtype, c.box.sizes)
     for d in job.dests:
         d.dest[d.overlap.relative_to(d.dest_box)].copy_(src[d.overlap.relative_to(c.box)])
 
 
-def _run_jobs(files: _Files, jobs: list[_Job], *, memory_budget: int, threads: int) -> None:
+def _run_jobs(files: DcpFiles, jobs: list[_Job], *, memory_budget: int, threads: int) -> None:
     """Decode each chunk once, copy it out, drop it; waves keep decoded bytes near the budget."""
     jobs = sorted(jobs, key=lambda j: (j.chunk.item.file, j.chunk.item.offset))
     limit = max(1, memory_budget // 2)  # an archive and its decoded tensor live together
@@ -214,7 +124,8 @@ def _run_jobs(files: _Files, jobs: list[_Job], *, memory_budget: int, threads: i
             list(pool.map(lambda j: _run_job(files, j), wave))
 
 
-def read_whole(files: _Files, saved: DcpTensor) -> torch.Tensor:
+def read_whole(files: DcpFiles, saved: DcpTensor) -> torch.Tensor:
+    files.require_tensor(saved)  # the shape is a claim: bound it by the files before allocating
     out = torch.empty(saved.shape, dtype=saved.dtype)
     jobs: dict[tuple[str, int], _Job] = {}
     _add_copies(jobs, saved, [(Box((0,) * out.ndim, saved.shape), out)])
@@ -234,7 +145,7 @@ class _DcpPlan:
 
 
 class _Planner:
-    def __init__(self, files: _Files, md: DcpMetadata, allow_pickle: bool) -> None:
+    def __init__(self, files: DcpFiles, md: DcpMetadata, allow_pickle: bool) -> None:
         self.files = files
         self.md = md
         self.allow_pickle = allow_pickle
@@ -399,7 +310,7 @@ def load_dcp(
     def local_prepare() -> int:
         storage = open_storage(path, storage_options)
         md, raw = read_metadata(storage)
-        files = _Files(storage)
+        files = DcpFiles(storage)
         resolved = resolve(state, strict=strict)
         planner = _Planner(files, md, allow_pickle)  # collects problems; decodes values now
         for t in resolved.tensors:
@@ -410,7 +321,7 @@ def load_dcp(
         if strict and (lp.missing or lp.problems):
             raise StateMismatchError(_mismatch_message(storage.location, lp))
         for job in plan.jobs.values():
-            files.require(job.chunk.item)
+            files.require_chunk(job.tensor, job.chunk)
         unexpected = sorted(set(md.keys()) - plan.consumed)
         ctx.update(files=files, plan=plan, resolved=resolved)
         ctx["result"] = LoadResult(
@@ -454,7 +365,7 @@ class DcpReader:
     def __init__(self, storage: Storage, metadata: DcpMetadata) -> None:
         self.storage = storage
         self.metadata = metadata
-        self._files = _Files(storage)
+        self._files = DcpFiles(storage)
         names = {i.file for i in metadata.values.values()}
         names |= {c.item.file for t in metadata.tensors.values() for c in t.chunks}
         names |= {n for n in storage.list() if "/" not in n}

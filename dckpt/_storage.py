@@ -18,9 +18,23 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from dckpt._errors import CheckpointError, StorageError, UnsafeCheckpointError
+from dckpt._faults import fault_point
+from dckpt._format import MAX_MANIFEST_BYTES
+from dckpt._localfs import (
+    fsync_dir,
+    open_dir,
+    open_regular,
+    oserror,
+    read_fd_into,
+    read_limited,
+    refusal,
+    require_inside,
+    write_fd,
+)
 
 Buffer = memoryview
-_IOV_MAX = 512
+#: The most ``read_file`` reads by default; a larger file is refused before reading it.
+MAX_READ_BYTES = MAX_MANIFEST_BYTES
 
 
 class Writer(ABC):
@@ -64,8 +78,10 @@ class Storage(ABC):
     file_layout: FileLayout = LOCAL_LAYOUT
 
     @abstractmethod
-    def read_file(self, name: str) -> bytes | None:
-        """The whole file, or None when it does not exist."""
+    def read_file(self, name: str, *, max_bytes: int = MAX_READ_BYTES) -> bytes | None:
+        """The whole file, or None when it does not exist. A file over ``max_bytes`` is a
+        CorruptCheckpointError naming it, its size and the limit, raised before reading it
+        (and raised too if it grows past the limit while being read)."""
 
     @abstractmethod
     def read_into(self, name: str, offset: int, out: Buffer) -> None:
@@ -113,18 +129,12 @@ class Storage(ABC):
         """Make newly created names under ``prefix`` durable (a no-op where that is implied)."""
 
 
-def _oserror(action: str, path: str, exc: OSError) -> StorageError:
-    what = exc.strerror or str(exc)
-    hint = ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = "; free space or save elsewhere (older checkpoints are untouched)"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "; check the permissions of the checkpoint directory"
-    return StorageError(f"{action} {path} failed: {what}{hint}", errno=exc.errno)
-
-
 class LocalStorage(Storage):
-    """A checkpoint directory on a local or network filesystem."""
+    """A checkpoint directory on a local or network filesystem.
+
+    Nothing is created, written, renamed or deleted through a symbolic link below the
+    root, and no file that is not regular is opened (see :mod:`dckpt._localfs`).
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
@@ -149,22 +159,9 @@ class LocalStorage(Storage):
 
     # -- reading -------------------------------------------------------------------
     def _open_read(self, name: str) -> int:
-        path = self._checked(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeCheckpointError(
-                    f"{path} is a symbolic link; checkpoint files must be regular files"
-                ) from None
-            raise _oserror("opening", path, exc) from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise UnsafeCheckpointError(f"{path} is not a regular file; refusing to read it")
-        return fd
+        return open_regular(self._checked(name), os.O_RDONLY, "read", "opening")
 
-    def read_file(self, name: str) -> bytes | None:
+    def read_file(self, name: str, *, max_bytes: int = MAX_READ_BYTES) -> bytes | None:
         try:
             fd = self._open_read(name)
         except StorageError as exc:
@@ -172,15 +169,7 @@ class LocalStorage(Storage):
                 return None
             raise
         try:
-            chunks = []
-            while True:
-                b = os.read(fd, 1 << 24)
-                if not b:
-                    break
-                chunks.append(b)
-            return b"".join(chunks)
-        except OSError as exc:
-            raise _oserror("reading", self._abs(name), exc) from None
+            return read_limited(fd, self._abs(name), max_bytes)
         finally:
             os.close(fd)
 
@@ -202,7 +191,7 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _oserror("inspecting", path, exc) from None
+            raise oserror("inspecting", path, exc) from None
         if stat.S_ISLNK(st.st_mode):
             raise UnsafeCheckpointError(
                 f"{path} is a symbolic link; checkpoint files must be regular files"
@@ -210,7 +199,20 @@ class LocalStorage(Storage):
         return st.st_size
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self._abs(prefix) if prefix else self.root
+        base = self.root
+        for part in prefix.split("/") if prefix else ():
+            # a linked prefix would name files outside, which a later delete might target
+            base = os.path.join(base, part)
+            try:
+                mode = os.lstat(base).st_mode
+            except FileNotFoundError:
+                return []
+            except OSError as exc:
+                raise oserror("listing", base, exc) from None
+            if stat.S_ISLNK(mode):
+                raise refusal(base, mode, "list files", "a directory")
+            if not stat.S_ISDIR(mode):
+                return []
         out: list[str] = []
         for dirpath, _dirs, files in os.walk(base):
             rel = os.path.relpath(dirpath, self.root)
@@ -222,67 +224,119 @@ class LocalStorage(Storage):
         return os.path.isdir(self.root)
 
     # -- writing -------------------------------------------------------------------
-    def open_writer(self, name: str) -> Writer:
-        path = self._abs(name)
+    def _create(self, dir_fd: int, path: str) -> int:
+        """Create ``path`` (in the directory open as ``dir_fd``) for writing, exclusively.
+
+        By its full path, as the OS reports errors against it, then checked to be the
+        entry of ``dir_fd``: a link swapped in above it meanwhile is refused unwritten.
+        """
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(
                 path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
             )
         except OSError as exc:
-            raise _oserror("creating", path, exc) from None
-        return _LocalWriter(fd, path)
+            raise oserror("creating", path, exc) from None
+        try:
+            require_inside(fd, dir_fd, os.path.basename(path), path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def open_writer(self, name: str) -> Writer:
+        fault_point("storage.create")
+        *parents, base = name.split("/")
+        dir_fd = open_dir(self.root, parents, "create files", create=True)
+        assert dir_fd is not None
+        try:
+            fd = self._create(dir_fd, self._abs(name))
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return _LocalWriter(fd, self._abs(name), dir_fd, base)
 
     def commit(self, name: str, data: bytes, *, durable: bool) -> None:
+        parents = name.split("/")[:-1]
         path = self._abs(name)
         tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+        dir_fd = open_dir(self.root, parents, "commit", create=True)
+        assert dir_fd is not None
         try:
-            os.makedirs(self.root, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = self._create(dir_fd, tmp)
             try:
                 write_fd(fd, [memoryview(data)], tmp)
                 if durable:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            fault_point("storage.commit.tmp")
             os.replace(tmp, path)
-        except OSError as exc:
+            fault_point("storage.commit.rename")
+            if durable:
+                fsync_dir(dir_fd, os.path.dirname(path))
+        except BaseException as exc:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise _oserror("committing", path, exc) from None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(os.path.basename(tmp), dir_fd=dir_fd)
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                raise oserror("committing", path, exc) from None
             raise
-        if durable:
-            self.sync_dir("")
+        finally:
+            os.close(dir_fd)
 
     def sync_dir(self, prefix: str) -> None:
         path = self._abs(prefix) if prefix else self.root
+        fd = open_dir(self.root, prefix.split("/") if prefix else (), "sync", create=False)
+        if fd is None:
+            missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            raise oserror("syncing directory", path, missing)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _oserror("syncing directory", path, exc) from None
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-                raise _oserror("syncing directory", path, exc) from None
+            fsync_dir(fd, path)
         finally:
             os.close(fd)
 
     def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._checked(name))
+        fault_point("storage.delete")
+        *parents, base = name.split("/")
+        dir_fd = open_dir(self.root, parents, "delete files", create=False)
+        if dir_fd is None:
+            return
+        try:
+            os.unlink(base, dir_fd=dir_fd)  # a link itself goes, never what it points to
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise oserror("deleting", self._abs(name), exc) from None
+        finally:
+            os.close(dir_fd)
 
     def delete_prefix(self, prefix: str) -> None:
         import shutil
 
-        path = self._abs(prefix)
-        if os.path.islink(path):
-            os.unlink(path)
+        fault_point("storage.delete")
+        if not prefix:
+            shutil.rmtree(self.root, ignore_errors=True)  # never follows links inside
             return
-        shutil.rmtree(path, ignore_errors=True)
+        *parents, base = prefix.split("/")
+        dir_fd = open_dir(self.root, parents, "delete files", create=False)
+        if dir_fd is None:
+            return
+        try:
+            try:
+                mode = os.stat(base, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                return
+            if stat.S_ISLNK(mode):
+                raise refusal(self._abs(prefix), mode, "delete files", "a directory")
+            if stat.S_ISDIR(mode):
+                # relative to a descriptor reached without links; rmtree follows none below
+                shutil.rmtree(base, dir_fd=dir_fd, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(base, dir_fd=dir_fd)
+        except OSError as exc:
+            raise oserror("deleting", self._abs(prefix), exc) from None
+        finally:
+            os.close(dir_fd)
 
     @contextlib.contextmanager
     def commit_lock(self) -> Iterator[None]:
@@ -291,9 +345,9 @@ class LocalStorage(Storage):
         path = os.path.join(self.root, ".dckpt.lock")
         try:
             os.makedirs(self.root, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise _oserror("locking", path, exc) from None
+            raise oserror("locking", path, exc) from None
+        fd = open_regular(path, os.O_WRONLY | os.O_CREAT, "lock", "locking")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -302,73 +356,48 @@ class LocalStorage(Storage):
 
 
 class _LocalWriter(Writer):
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, path: str, dir_fd: int, name: str) -> None:
         self.fd = fd
         self.path = path
         self.size = 0
+        self._dir_fd = dir_fd  # where the file was created: abort unlinks it there
+        self._name = name
 
     def write(self, buffers: Sequence[Buffer]) -> None:
+        fault_point("storage.write")
         try:
             self.size += write_fd(self.fd, buffers, self.path)
         except OSError as exc:
-            raise _oserror("writing", self.path, exc) from None
+            raise oserror("writing", self.path, exc) from None
 
     def close(self, *, durable: bool) -> int:
         try:
             if durable:
+                fault_point("storage.fsync")
                 os.fsync(self.fd)
         except OSError as exc:
-            raise _oserror("flushing (fsync)", self.path, exc) from None
+            raise oserror("flushing (fsync)", self.path, exc) from None
         finally:
-            fd, self.fd = self.fd, -1
-            if fd >= 0:
-                os.close(fd)
+            self._close(file=True)
+        self._close(file=False)  # kept after a failure: abort still unlinks there
         return self.size
 
     def abort(self) -> None:
-        if self.fd >= 0:
+        if self._dir_fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(self.fd)
+                os.unlink(self._name, dir_fd=self._dir_fd)
+        self._close(file=True)
+        self._close(file=False)
+
+    def _close(self, *, file: bool) -> None:
+        fd = self.fd if file else self._dir_fd
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if file:
             self.fd = -1
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-
-
-def write_fd(fd: int, buffers: Sequence[Buffer], path: str) -> int:
-    """Write every buffer, batching with writev and resuming after short writes."""
-    total = 0
-    pending = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in buffers if b.nbytes]
-    while pending:
-        batch = pending[:_IOV_MAX]
-        n = os.writev(fd, batch)
-        total += n
-        # drop fully written buffers; trim a partially written one
-        i = 0
-        while i < len(batch) and n >= batch[i].nbytes:
-            n -= batch[i].nbytes
-            i += 1
-        pending = pending[i:]
-        if n:
-            pending[0] = pending[0][n:]
-    return total
-
-
-def read_fd_into(fd: int, offset: int, out: Buffer, path: str) -> None:
-    view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
-    done = 0
-    while done < view.nbytes:
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as exc:
-            raise _oserror("reading", path, exc) from None
-        if n == 0:
-            from dckpt._errors import CorruptCheckpointError
-
-            raise CorruptCheckpointError(
-                f"{path} is truncated: wanted {view.nbytes} bytes at offset {offset}, "
-                f"file ends after {offset + done}"
-            )
-        done += n
+        else:
+            self._dir_fd = -1
 
 
 def open_storage(path: object, storage_options: dict[str, object] | None = None) -> Storage:
