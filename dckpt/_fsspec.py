@@ -15,6 +15,12 @@ again at completion). Reads are ranged GETs, split and coalesced, run concurrent
 fsspec's event loop. Transient failures are retried (``dckpt._retry``); permanent ones
 raise :class:`StorageError` naming the object and the status, never a credential.
 
+``retry_timeout`` bounds each request, retries included: on async filesystems (S3, GCS)
+a try that gets no answer is cancelled when the budget is spent, so an endpoint that
+stops answering fails the operation with a :class:`StorageError` after about that long,
+and the requests queued behind it (or the cleanup after it) get a short budget instead of
+each waiting out a whole one (:class:`dckpt._retry.Breaker`).
+
 dckpt's own knobs ride in ``storage_options={"dckpt": {...}}`` (see :class:`FsspecOptions`);
 everything else goes to the fsspec filesystem unchanged, which also reads its standard
 environment (for S3: ``AWS_*``, ``AWS_ENDPOINT_URL``, ``~/.aws``). A multipart upload cut
@@ -27,20 +33,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import inspect
-import io
 import logging
-import os
 import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from dckpt._bytes import as_memoryview
 from dckpt._errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError
+from dckpt._faults import fault_point
+from dckpt._fsspec_support import (
+    FsspecOptions,
+    Get,
+    accepts,
+    breaker_of,
+    filesystem,
+    filesystem_class,
+    read_body,
+)
+from dckpt._fsspec_support import (
+    plan_gets as _plan_gets,
+)
+from dckpt._fsspec_write import ViewsBody
 from dckpt._retry import (
     Attempts,
+    Progress,
     RetryPolicy,
     classify,
     describe,
@@ -49,7 +66,7 @@ from dckpt._retry import (
     retry_sync,
     secret_values,
 )
-from dckpt._storage import Buffer, FileLayout, Storage, Writer
+from dckpt._storage import MAX_READ_BYTES, Buffer, FileLayout, Storage, Writer
 
 T = TypeVar("T")
 log = logging.getLogger("dckpt")
@@ -57,69 +74,6 @@ log = logging.getLogger("dckpt")
 _MiB = 1 << 20
 _S3_MIN_PART = 5 * _MiB
 _S3_MAX_PUT = 5 << 30  # S3's limit on one PUT or part
-_INSTALL = {"s3": "'dckpt[s3]'", "s3a": "'dckpt[s3]'"}  # otherwise: the missing module
-
-
-@dataclass(frozen=True, slots=True)
-class FsspecOptions:
-    """dckpt's knobs for object stores: ``storage_options={"dckpt": {"part_size": ...}}``.
-
-    ``max_concurrency`` bounds parts in flight and ranged GETs per storage (reads buffer
-    about ``max_concurrency * part_size``; uploads send views of the state, no copies, and
-    GPU tensors' host copies live until their object is sent), and
-    a save spreads each rank's data over up to that many objects of about ``part_size``.
-    An object up to ``multipart_threshold`` goes up as one PUT (no multipart bookkeeping,
-    no server-side assembly, nothing left behind by a killed process), a larger one as a
-    multipart upload in parts of ``part_size``. ``retry_timeout`` bounds the total time one
-    request is retried; ``coalesce_gap`` merges planned reads that close into one GET.
-    """
-
-    max_concurrency: int = 16
-    part_size: int = 16 * _MiB
-    multipart_threshold: int = 64 * _MiB
-    retry_timeout: float = 60.0
-    retry_initial: float = 0.1
-    retry_max: float = 5.0
-    coalesce_gap: int = 1 * _MiB
-
-    @classmethod
-    def parse(cls, raw: object) -> FsspecOptions:
-        if raw is None:
-            return cls()
-        if not isinstance(raw, Mapping):
-            raise CheckpointError(f'storage_options["dckpt"] must be a dict, not {type(raw)}')
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise CheckpointError(
-                f'unknown storage_options["dckpt"] keys {unknown}; known: {sorted(known)}'
-            )
-        values: dict[str, Any] = {}
-        for k, v in raw.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise CheckpointError(f'storage_options["dckpt"]["{k}"] must be a positive number')
-            values[k] = int(v) if known[k].type == "int" else float(v)
-        return cls(**values)
-
-
-def _filesystem_class(protocol: str) -> Any:
-    import fsspec
-
-    try:
-        return fsspec.get_filesystem_class(protocol)
-    except ImportError as exc:  # fsspec knows the backend; its package is not installed
-        cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
-        module = cause.name or "its fsspec backend"
-        why = "" if protocol not in _INSTALL or module == "s3fs" else f" (missing {module})"
-        module = "s3fs" if protocol in _INSTALL else module
-        raise CheckpointError(
-            f"{protocol}:// needs {module}{why}: pip install {_INSTALL.get(protocol, module)}"
-        ) from None
-    except ValueError:
-        raise CheckpointError(
-            f"{protocol}:// is not a storage fsspec knows; use a local path or a URL such as "
-            "s3://bucket/prefix"
-        ) from None
 
 
 class FsspecStorage(Storage):
@@ -138,16 +92,16 @@ class FsspecStorage(Storage):
         user, _, password = (userinfo.group(1) if userinfo else "").partition(":")
         self._secrets = (*secret_values(options), *(s for s in (user, password) if s))
         protocol = (fsspec.core.split_protocol(url)[0] or "file").lower()
-        cls = _filesystem_class(protocol)
+        cls = filesystem_class(protocol)
         try:
             if "::" in url:  # chained (simplecache::s3://...): fsspec builds the stack
                 self.fs, root = fsspec.core.url_to_fs(url, **options)
             else:
                 kwargs = {**cls._get_kwargs_from_urls(url), **options}
-                if user and _accepts(cls, "username") and "key" not in kwargs:
+                if user and accepts(cls, "username") and "key" not in kwargs:
                     kwargs.setdefault("username", user)
                     kwargs.setdefault("password", password)
-                self.fs = _filesystem(cls, kwargs, o)
+                self.fs = filesystem(cls, kwargs, o)
                 root = cls._strip_protocol(redact_url(url))
         except Exception as exc:
             raise self._error("opening", "", exc) from None
@@ -158,6 +112,7 @@ class FsspecStorage(Storage):
         self._slots = threading.BoundedSemaphore(o.max_concurrency)
         self._gets: asyncio.Semaphore | None = None  # GETs in flight (made on the loop)
         self._guard: dict[str, str | None] | None = None  # ETags read under commit_lock
+        self._breaker = breaker_of(self.fs)  # shared by this process's storages on it
         self._conditional = True
         if self._s3 and o.part_size < _S3_MIN_PART:
             raise CheckpointError(
@@ -195,20 +150,39 @@ class FsspecStorage(Storage):
         """``op`` with retries, from a plain thread (any backend)."""
         attempts = Attempts()
         try:
-            return retry_sync(op, self.policy, attempts)
+            return retry_sync(op, self.policy, attempts, breaker=self._breaker)
         except Exception as exc:
             raise self._error(action, name, exc, attempts) from None
 
-    def _run(self, action: str, name: str, op: Callable[[], Awaitable[T]]) -> T:
+    def _retried(
+        self, op: Callable[[], Awaitable[T]], attempts: Attempts, progress: Progress | None = None
+    ) -> Awaitable[T]:
+        """``op`` retried, each try bounded by the budget; to await on the event loop."""
+        return retry_async(op, self.policy, attempts, breaker=self._breaker, progress=progress)
+
+    def _run(
+        self,
+        action: str,
+        name: str,
+        op: Callable[[], Awaitable[T]],
+        progress: Progress | None = None,
+    ) -> T:
         """A retried coroutine on the filesystem's event loop, from a plain thread."""
         from fsspec.asyn import sync
 
         attempts = Attempts()
         try:
-            result: T = sync(self.fs.loop, retry_async, op, self.policy, attempts)
+            result: T = sync(self.fs.loop, self._retried, op, attempts, progress)
         except Exception as exc:
             raise self._error(action, name, exc, attempts) from None
         return result
+
+    def _fs_call(self, action: str, name: str, method: str, *args: Any) -> Any:
+        """``fs.<method>(*args)`` retried; on an async filesystem its coroutine, so that
+        a try that gets no answer is cancelled when the budget is spent."""
+        if self._async:
+            return self._run(action, name, lambda: getattr(self.fs, f"_{method}")(*args))
+        return self._sync(action, name, lambda: getattr(self.fs, method)(*args))
 
     def _call(self, action: str, name: str, method: str, **kwargs: Any) -> Any:
         """One retried S3 API call on ``name``'s object."""
@@ -230,27 +204,62 @@ class FsspecStorage(Storage):
             self.fs.invalidate_cache(self._path(name))
 
     # -- reading -------------------------------------------------------------------
-    def read_file(self, name: str) -> bytes | None:
+    def read_file(self, name: str, *, max_bytes: int = MAX_READ_BYTES) -> bytes | None:
+        """The whole object; one over ``max_bytes`` is refused before its body is read."""
+        etag: str | None = ""
         if self._s3:
-            got = self._missing_ok(lambda: self._run("reading", name, lambda: self._get(name)))
+            progress = Progress()
+            got = self._missing_ok(
+                lambda: self._run(
+                    "reading", name, lambda: self._get(name, max_bytes, progress), progress
+                )
+            )
             data, etag = got if got is not None else (None, None)
         else:
-            path = self._path(name)
-            data = self._missing_ok(
-                lambda: self._sync("reading", name, lambda: self.fs.cat_file(path))
-            )
-            etag = ""
+            data = self._read_whole(name, max_bytes)
         if self._guard is not None:
             self._guard[name] = etag
         return data
 
-    async def _get(self, name: str) -> tuple[bytes, str]:
+    def _read_whole(self, name: str, max_bytes: int) -> bytes | None:
+        size = self.size(name)
+        if size is None:
+            return None
+        self._check_size(name, size, max_bytes)
+        if size == 0:
+            return b""  # a range of an empty object is out of range on some stores
+        # One byte more than allowed: an object replaced since is refused, not cut short.
+        path, end = self._path(name), max_bytes + 1
+        data = self._missing_ok(lambda: self._fs_call("reading", name, "cat_file", path, 0, end))
+        if data is not None:
+            self._check_size(name, len(data), max_bytes, grew=True)
+        return None if data is None else bytes(data)
+
+    def _check_size(self, name: str, size: int, max_bytes: int, *, grew: bool = False) -> None:
+        if size <= max_bytes:
+            return
+        if grew:
+            raise CorruptCheckpointError(
+                f"{self.url(name)} grew past the {max_bytes}-byte limit for this file while "
+                "it was being read; something else is writing it, or it is not a checkpoint file"
+            )
+        raise CorruptCheckpointError(
+            f"{self.url(name)} is {size} bytes, over the {max_bytes}-byte limit for this file; "
+            "it is damaged or not a checkpoint file (nothing was read)"
+        )
+
+    async def _get(self, name: str, max_bytes: int, progress: Progress) -> tuple[bytes, str]:
+        """The object and its ETag from one GET: its length is checked before its body is
+        read, and no more than one byte past ``max_bytes`` is ever read."""
         bucket, key, _ = self.fs.split_path(self._path(name))
         resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
         try:
-            return await resp["Body"].read(), str(resp.get("ETag", ""))
+            self._check_size(name, int(resp.get("ContentLength") or 0), max_bytes)
+            data = await read_body(resp["Body"], max_bytes, progress)
         finally:
             resp["Body"].close()
+        self._check_size(name, len(data), max_bytes, grew=True)
+        return data, str(resp.get("ETag", ""))
 
     def size(self, name: str) -> int | None:
         if self._s3:
@@ -258,7 +267,7 @@ class FsspecStorage(Storage):
             return None if head is None else int(head["ContentLength"])
         self._invalidate(name)
         path = self._path(name)
-        info = self._missing_ok(lambda: self._sync("inspecting", name, lambda: self.fs.info(path)))
+        info = self._missing_ok(lambda: self._fs_call("inspecting", name, "info", path))
         return None if info is None or info.get("type") == "directory" else int(info["size"])
 
     def read_into(self, name: str, offset: int, out: Buffer) -> None:
@@ -285,25 +294,33 @@ class FsspecStorage(Storage):
         path = self._path(name)
         for g in groups:
 
-            def get(g: _Get = g) -> bytes:
+            def get(g: Get = g) -> bytes:
                 return bytes(self.fs.cat_file(path, g.start, g.end))
 
             self._scatter(name, g, self._sync("reading", name, get))
 
-    async def _get_groups(self, name: str, groups: list[_Get]) -> None:
+    async def _get_groups(self, name: str, groups: list[Get]) -> None:
         if self._gets is None:
             self._gets = asyncio.Semaphore(self.options.max_concurrency)
         gets, path = self._gets, self._path(name)
+        bucket, key, _ = self.fs.split_path(path) if self._s3 else ("", "", None)
 
-        async def one(g: _Get) -> None:
-            attempts = Attempts()
+        async def get(g: Get, progress: Progress) -> bytes:
+            if not self._s3:
+                return bytes(await self.fs._cat_file(path, start=g.start, end=g.end))
+            resp = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={g.start}-{g.end - 1}"
+            )
+            try:
+                return await read_body(resp["Body"], g.end - g.start, progress)
+            finally:
+                resp["Body"].close()
+
+        async def one(g: Get) -> None:
+            attempts, progress = Attempts(), Progress()
             async with gets:
                 try:
-                    data = await retry_async(
-                        lambda: self.fs._cat_file(path, start=g.start, end=g.end),
-                        self.policy,
-                        attempts,
-                    )
+                    data = await self._retried(lambda: get(g, progress), attempts, progress)
                 except Exception as exc:
                     if not classify(exc).out_of_range:
                         raise self._error("reading", name, exc, attempts) from None
@@ -317,7 +334,7 @@ class FsspecStorage(Storage):
             for t in tasks:
                 t.cancel()
 
-    def _scatter(self, name: str, g: _Get, data: bytes) -> None:
+    def _scatter(self, name: str, g: Get, data: bytes) -> None:
         if len(data) < g.end - g.start:
             raise CorruptCheckpointError(
                 f"{self.url(name)} is truncated: wanted bytes {g.start}..{g.end}, the object "
@@ -330,7 +347,7 @@ class FsspecStorage(Storage):
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix.rstrip("/"))
         self._invalidate(prefix)
-        found = self._sync("listing", prefix, lambda: self.fs.find(base))
+        found = self._fs_call("listing", prefix, "find", base)
         skip = len(self.root) + 1 if self.root else 0
         return sorted(
             str(p)[skip:]
@@ -340,7 +357,7 @@ class FsspecStorage(Storage):
 
     def exists(self) -> bool:
         self._invalidate("")
-        return bool(self._sync("inspecting", "", lambda: self.fs.exists(self.root)))
+        return bool(self._fs_call("inspecting", "", "exists", self.root))
 
     # -- writing -------------------------------------------------------------------
     def open_writer(self, name: str) -> Writer:
@@ -350,10 +367,14 @@ class FsspecStorage(Storage):
 
     def commit(self, name: str, data: bytes, *, durable: bool) -> None:
         """One PUT. Under :meth:`commit_lock` on S3 it is conditional on what was read."""
-        if not self._s3:
-            path = self._path(name)
-            self._sync("committing", name, lambda: self.fs.pipe_file(path, data))
-            return
+        fault_point("storage.commit.tmp")  # the same steps as the local rename protocol
+        if self._s3:
+            self._commit_s3(name, data)
+        else:
+            self._fs_call("committing", name, "pipe_file", self._path(name), data)
+        fault_point("storage.commit.rename")
+
+    def _commit_s3(self, name: str, data: bytes) -> None:
         cond: dict[str, str] = {}
         if self._guard is not None and name in self._guard and self._conditional:
             etag = self._guard[name]
@@ -380,15 +401,15 @@ class FsspecStorage(Storage):
             self._conditional = False
             self._put(name, data)
 
-    def _put(self, name: str, data: bytes | io.IOBase, **extra: str) -> None:
-        body = data if isinstance(data, io.IOBase) else io.BytesIO(data)
+    def _put(self, name: str, data: bytes | ViewsBody, **extra: str) -> None:
+        body = data if isinstance(data, ViewsBody) else ViewsBody([memoryview(data)])
         bucket, key, _ = self.fs.split_path(self._path(name))
 
         async def put() -> Any:
             body.seek(0)  # every try sends the whole body
             return await self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body, **extra)
 
-        self._run("writing", name, put)
+        self._run("writing", name, put, body.progress)
 
     @contextlib.contextmanager
     def commit_lock(self) -> Iterator[None]:
@@ -402,92 +423,18 @@ class FsspecStorage(Storage):
             self._guard = None
 
     def delete(self, name: str) -> None:
+        fault_point("storage.delete")
         if self._s3:
             self._missing_ok(lambda: self._call("deleting", name, "delete_object"))
         else:
             path = self._path(name)
-            self._missing_ok(lambda: self._sync("deleting", name, lambda: self.fs.rm_file(path)))
+            self._missing_ok(lambda: self._fs_call("deleting", name, "rm_file", path))
         self._invalidate(name)
 
     def delete_prefix(self, prefix: str) -> None:
         # Objects only, by name: a recursive rm of a bucket-level root would drop the bucket.
         files = [f"{self.root}/{n}" if self.root else n for n in self.list(prefix)]
         if files:
-            self._missing_ok(lambda: self._sync("deleting", prefix, lambda: self.fs.rm(files)))
+            fault_point("storage.delete")
+            self._missing_ok(lambda: self._fs_call("deleting", prefix, "rm", files))
         self._invalidate(prefix)
-
-
-@dataclass(frozen=True, slots=True)
-class _Get:
-    """One ranged GET and the caller buffers it fills."""
-
-    start: int
-    end: int
-    parts: tuple[tuple[int, memoryview], ...]
-
-
-def _plan_gets(
-    ranges: Sequence[tuple[int, int, memoryview]], part_size: int, gap: int
-) -> list[_Get]:
-    """Split ranges over ``part_size`` into pieces; merge neighbours closer than ``gap``."""
-    pieces = sorted(
-        (
-            (lo, min(end, lo + part_size), view[lo - start : min(end, lo + part_size) - start])
-            for start, end, view in ranges
-            for lo in range(start, end, part_size)
-        ),
-        key=lambda p: p[0],
-    )
-    out: list[_Get] = []
-    cur: list[tuple[int, memoryview]] = []
-    c0 = c1 = 0
-    for lo, hi, view in pieces:
-        if cur and lo - c1 <= gap and max(c1, hi) - c0 <= part_size:
-            cur.append((lo, view))
-            c1 = max(c1, hi)
-            continue
-        if cur:
-            out.append(_Get(c0, c1, tuple(cur)))
-        cur, c0, c1 = [(lo, view)], lo, hi
-    if cur:
-        out.append(_Get(c0, c1, tuple(cur)))
-    return out
-
-
-# -- helpers -------------------------------------------------------------------------------
-def _accepts(cls: type, param: str) -> bool:
-    try:
-        return param in inspect.signature(cls.__init__).parameters  # type: ignore[misc]
-    except (TypeError, ValueError):
-        return False
-
-
-_instances: dict[str, Any] = {}
-_instances_lock = threading.Lock()
-
-
-def _filesystem(cls: type, kwargs: dict[str, Any], opts: FsspecOptions) -> Any:
-    """A filesystem for ``kwargs``, shared by this process's storages (connection reuse).
-
-    S3 instances are our own (not in fsspec's shared cache) because we tune them: botocore
-    retries a little (it rewinds request bodies; we retry the rest within our time budget),
-    s3fs does not retry at all (its retries re-send a consumed body stream: an empty one),
-    the connection pool fits our concurrency, and listings are never cached (other ranks
-    write behind our back).
-    """
-    if not (hasattr(cls, "_call_s3") and hasattr(cls, "split_path")):
-        return cls(**kwargs)
-    from fsspec.utils import tokenize
-
-    config = dict(kwargs.get("config_kwargs") or {})
-    config["retries"] = dict(config.get("retries") or {"mode": "standard", "total_max_attempts": 3})
-    config.setdefault("max_pool_connections", max(10, 2 * opts.max_concurrency))
-    kwargs = {**kwargs, "config_kwargs": config, "skip_instance_cache": True}
-    kwargs.setdefault("use_listings_cache", False)
-    key = tokenize(os.getpid(), cls.__module__, cls.__qualname__, kwargs)
-    with _instances_lock:
-        fs = _instances.get(key)
-        if fs is None:
-            fs = _instances[key] = cls(**kwargs)
-            fs.retries = 1  # one try per s3fs call: see above
-    return fs

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from dckpt._bytes import as_memoryview
 from dckpt._errors import CheckpointError
-from dckpt._retry import Attempts, retry_async
+from dckpt._faults import fault_point
+from dckpt._retry import Attempts, Progress
 from dckpt._storage import Buffer, Writer
 
 if TYPE_CHECKING:
@@ -35,10 +36,12 @@ class ViewsBody(io.RawIOBase):
     Request bodies point at the state's own memory (the writer's caller keeps it unchanged
     until ``close``), so an upload holds no copy of what it sends; botocore may read the
     body more than once (checksums, retries) and seeks back to the start each time.
+    Every read marks ``progress``: an upload still being sent is slow, not stuck.
     """
 
     def __init__(self, views: Sequence[memoryview]) -> None:
         super().__init__()
+        self.progress = Progress()
         self._views = list(views)
         self._starts = list(itertools.accumulate((v.nbytes for v in self._views), initial=0))
         self._size = self._starts[-1]
@@ -61,6 +64,7 @@ class ViewsBody(io.RawIOBase):
         if base + offset < 0:
             raise ValueError("negative seek position")
         self._pos = base + offset
+        self.progress.touch()
         return self._pos
 
     def readinto(self, buffer: Any) -> int:
@@ -75,6 +79,7 @@ class ViewsBody(io.RawIOBase):
             n += k
             self._pos += k
             i += 1
+        self.progress.touch()
         return n
 
     def read(self, size: int | None = -1) -> bytes:
@@ -84,6 +89,7 @@ class ViewsBody(io.RawIOBase):
         if want and self._pos + want <= self._starts[i + 1]:  # within one view: one copy
             off = self._pos - self._starts[i]
             self._pos += want
+            self.progress.touch()
             return bytes(self._views[i][off : off + want])
         out = bytearray(want)
         return bytes(out[: self.readinto(out)])
@@ -95,6 +101,7 @@ class S3Writer(Writer):
     until ``close``. Bodies are views of the caller's buffers, never copies."""
 
     def __init__(self, st: FsspecStorage, name: str) -> None:
+        fault_point("storage.create")  # nothing exists on the store until close
         self.st = st
         self.name = name
         self.bucket, self.key, _ = st.fs.split_path(st._path(name))
@@ -108,6 +115,7 @@ class S3Writer(Writer):
         self.done = False
 
     def write(self, buffers: Sequence[Buffer]) -> None:
+        fault_point("storage.write")
         self._raise_failed()
         for b in buffers:
             view = as_memoryview(b)
@@ -150,6 +158,8 @@ class S3Writer(Writer):
         st._slots.acquire()  # bounds the parts in flight
         attempts = Attempts()
         try:
+            if self.parts:
+                self._raise_failed()  # waited for a slot: an earlier part may have failed
             coro = self._upload(number, ViewsBody(views), attempts)
             fut = asyncio.run_coroutine_threadsafe(coro, st.fs.loop)
         except BaseException:
@@ -172,7 +182,7 @@ class S3Writer(Writer):
             )
             return {"PartNumber": number, "ETag": out["ETag"]}
 
-        return await retry_async(once, self.st.policy, attempts)
+        return await self.st._retried(once, attempts, body.progress)
 
     def _raise_failed(self) -> None:
         for fut, attempts in self.parts:
@@ -181,6 +191,7 @@ class S3Writer(Writer):
 
     def close(self, *, durable: bool) -> int:
         st = self.st
+        fault_point("storage.fsync")  # the object is made whole and visible below
         if self.upload_id is None:
             with st._slots:  # one request in flight, counted like a part
                 st._put(self.name, ViewsBody(self._take(self.pending_bytes)))
@@ -211,7 +222,7 @@ class S3Writer(Writer):
 
     def abort(self) -> None:
         for fut, _ in self.parts:
-            fut.cancel()
+            fut.cancel()  # cancels the request itself, on the event loop
         with contextlib.suppress(Exception):
             concurrent.futures.wait([f for f, _ in self.parts], timeout=10)
         with contextlib.suppress(Exception):
@@ -229,6 +240,7 @@ class StreamWriter(Writer):
     """Any other fsspec backend: its own buffered file (e.g. resumable uploads on GCS)."""
 
     def __init__(self, st: FsspecStorage, name: str) -> None:
+        fault_point("storage.create")
         self.st = st
         self.name = name
         self.size = 0
@@ -242,6 +254,7 @@ class StreamWriter(Writer):
             raise st._error("creating", name, exc) from None
 
     def write(self, buffers: Sequence[Buffer]) -> None:
+        fault_point("storage.write")
         try:
             for b in buffers:
                 view = as_memoryview(b)
@@ -251,6 +264,7 @@ class StreamWriter(Writer):
             raise self.st._error("writing", self.name, exc) from None
 
     def close(self, *, durable: bool) -> int:
+        fault_point("storage.fsync")  # the file is made whole and visible below
         try:
             self.file.close()
         except Exception as exc:

@@ -6,6 +6,12 @@ failure must cost a short wait, not the save. Retries back off exponentially wit
 jitter and stop at a total time budget, so a dead endpoint still fails in bounded time.
 Permanent failures (403, 400, an unexpected 404) are never retried.
 
+A request that gets no answer is not left to the transport's timeouts: each try of an
+async request is cancelled once the budget is spent (a transfer that keeps moving bytes
+may run on until it stalls for a budget's length), and a :class:`Breaker` shared by a
+store's requests gives the others a short budget after one of them waited out a whole
+one, so a frozen endpoint costs about one budget, not one per request.
+
 Errors name the object and the status, scrubbed of credentials (URL user info, secret
 option values). Classification is by duck typing (``exc.response`` of botocore's
 ``ClientError``, class names along the MRO, errno), so no optional backend is imported.
@@ -188,12 +194,62 @@ def classify(exc: BaseException) -> Failure:
     return Failure(type(exc).__name__, False)
 
 
+class Stalled(TimeoutError):
+    """One try got no answer, and moved no bytes, until the request's time was up."""
+
+
+class Progress:
+    """When a transfer last moved bytes; one that keeps moving is slow, not stuck."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+class Breaker:
+    """Shortens the budget of a store's requests after one of them gave up on transient
+    failures (no answer, or failures, for its whole budget).
+
+    The operation that request belonged to fails anyway; the breaker spares the requests
+    behind it (parts waiting for a slot, the cleanup after the failure, the next step of
+    the same load), each of which would otherwise wait out a whole budget against the
+    same dead endpoint. For the next ``policy.timeout`` seconds a request gets a tenth of
+    the budget (at least 1 s): enough for a store that is back to answer, and any answer
+    closes the breaker again.
+    """
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def budget(self, policy: RetryPolicy) -> float:
+        if time.monotonic() < self._until:
+            return min(policy.timeout, max(1.0, policy.timeout / 10))
+        return policy.timeout
+
+    def trip(self, policy: RetryPolicy) -> None:
+        self._until = time.monotonic() + policy.timeout
+
+    def reset(self) -> None:
+        self._until = 0.0
+
+
 @dataclass
 class Attempts:
     """What a retried operation went through; used to word the final error."""
 
     count: int = 0
     started: float = 0.0
+    budget: float = 0.0  # seconds it was given; less than the policy's behind a Breaker
+
+    def start(self, policy: RetryPolicy, breaker: Breaker | None) -> float:
+        """Begin; returns the deadline."""
+        self.started = time.monotonic()
+        self.budget = policy.timeout if breaker is None else breaker.budget(policy)
+        return self.started + self.budget
 
     def summary(self) -> str:
         if self.count <= 1:
@@ -207,20 +263,27 @@ def retry_sync(
     attempts: Attempts | None = None,
     *,
     retry_if: Callable[[BaseException], bool] | None = None,
+    breaker: Breaker | None = None,
 ) -> T:
-    """Call ``op`` until it succeeds, fails permanently, or the policy's time is up."""
+    """Call ``op`` until it succeeds, fails permanently, or the policy's time is up.
+
+    A synchronous call cannot be interrupted: its own timeouts bound each try.
+    """
     attempts = attempts or Attempts()
-    attempts.started = time.monotonic()
-    deadline = attempts.started + policy.timeout
+    deadline = attempts.start(policy, breaker)
     delays = policy.delays()
     while True:
         attempts.count += 1
         try:
-            return op()
+            result = op()
         except Exception as exc:
             delay = next(delays)
-            if not _should_retry(exc, retry_if) or time.monotonic() + delay > deadline:
+            if _give_up(exc, retry_if, deadline, delay, policy, breaker):
                 raise
+        else:
+            if breaker is not None:
+                breaker.reset()
+            return result
         time.sleep(delay)
 
 
@@ -230,21 +293,74 @@ async def retry_async(
     attempts: Attempts | None = None,
     *,
     retry_if: Callable[[BaseException], bool] | None = None,
+    breaker: Breaker | None = None,
+    progress: Progress | None = None,
 ) -> T:
-    """The coroutine twin of :func:`retry_sync`; ``op`` makes a fresh awaitable per try."""
+    """The coroutine twin of :func:`retry_sync`; ``op`` makes a fresh awaitable per try.
+
+    Each try is cancelled when the time is up, unless ``progress`` (touched by the
+    transfer as it moves bytes) shows it moved within that many seconds: then it runs
+    until it stalls that long, so a large object on a slow link is not cut off while it
+    is still arriving.
+    """
     attempts = attempts or Attempts()
-    attempts.started = time.monotonic()
-    deadline = attempts.started + policy.timeout
+    deadline = attempts.start(policy, breaker)
     delays = policy.delays()
     while True:
         attempts.count += 1
         try:
-            return await op()
+            result = await _bounded(op(), deadline, progress, attempts.budget)
         except Exception as exc:
             delay = next(delays)
-            if not _should_retry(exc, retry_if) or time.monotonic() + delay > deadline:
+            if _give_up(exc, retry_if, deadline, delay, policy, breaker):
                 raise
+        else:
+            if breaker is not None:
+                breaker.reset()
+            return result
         await asyncio.sleep(delay)
+
+
+async def _bounded(
+    aw: Awaitable[T], deadline: float, progress: Progress | None, window: float
+) -> T:
+    """``aw``, cancelled (with the request it makes) once it is past ``deadline`` and,
+    with ``progress``, has not moved a byte for ``window`` seconds."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            limit = deadline if progress is None else max(deadline, progress.last + window)
+            left = limit - time.monotonic()
+            if left <= 0:
+                raise Stalled("no answer in time")
+            done, _ = await asyncio.wait((task,), timeout=left)
+            if done:
+                return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            # Let it unwind (its connection closed) before the caller moves on; a task
+            # that ignores cancellation is left to finish on its own.
+            await asyncio.wait((task,), timeout=1.0)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: asyncio would log it as never retrieved
+
+
+def _give_up(
+    exc: BaseException,
+    retry_if: Callable[[BaseException], bool] | None,
+    deadline: float,
+    delay: float,
+    policy: RetryPolicy,
+    breaker: Breaker | None,
+) -> bool:
+    if not _should_retry(exc, retry_if):
+        return True
+    if time.monotonic() + delay <= deadline:
+        return False
+    if breaker is not None:  # out of time on transient failures: the store is down
+        breaker.trip(policy)
+    return True
 
 
 def _should_retry(exc: BaseException, retry_if: Callable[[BaseException], bool] | None) -> bool:
@@ -295,6 +411,19 @@ def describe(
     """``exc`` as a StorageError naming the object and the status; never a credential."""
     if isinstance(exc, CheckpointError):
         return exc
+    tries = attempts.summary() if attempts is not None else ""
+    if any(isinstance(e, Stalled) for e in _chain(exc)):
+        budget = f'storage_options["dckpt"]["retry_timeout"] ({retry_timeout:g} s)'
+        if attempts is not None and 0 < attempts.budget < retry_timeout:
+            budget = (
+                f"{attempts.budget:g} s (shortened: another request to it had just waited "
+                f"out the whole {budget})"
+            )
+        return StorageError(
+            f"{action} {url} failed: the store did not answer within {budget}{tries}; check "
+            "that it is up and reachable, or raise the budget for a slow one",
+            errno=_errno.ETIMEDOUT,
+        )
     f = classify(exc)
     detail = ""
     for e in _chain(exc):
@@ -316,5 +445,4 @@ def describe(
             f'; retried for up to {retry_timeout:g} s (storage_options["dckpt"]'
             '["retry_timeout"] waits longer)'
         )
-    tries = attempts.summary() if attempts is not None else ""
     return StorageError(f"{action} {url} failed: {what}{tries}{hint}", errno=f.errno)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests._dist import RankPool, close_all, get_pool
+from tests._s3 import S3Server, aws_env, moto_process
 
 
 @pytest.fixture(scope="session")
@@ -46,69 +47,10 @@ _MOTO_SNIPPET = (
 )
 
 
-class S3Server:
-    """A moto S3 server on loopback with one bucket; ``options`` reach it from any process."""
-
-    def __init__(self, endpoint: str, bucket: str) -> None:
-        self.endpoint = endpoint
-        self.bucket = bucket
-        self.options: dict[str, object] = {
-            "endpoint_url": endpoint,
-            "key": "testing",
-            "secret": "testing",
-            "client_kwargs": {"region_name": "us-east-1"},
-        }
-
-    def url(self, prefix: str) -> str:
-        return f"s3://{self.bucket}/{prefix}"
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto's standalone server in a subprocess, on a free 127.0.0.1 port, for the session."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _MOTO_SNIPPET],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.strip().isdigit():
-            raise RuntimeError(f"moto server did not start (exit code {proc.poll()})")
-        server = S3Server(f"http://127.0.0.1:{int(line)}", "dckpt-test")
-        with pytest.MonkeyPatch.context() as mp:
-            # Dummy credentials, and nothing that could reach a real account or metadata host.
-            for k, v in {
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": server.endpoint,
-                "AWS_EC2_METADATA_DISABLED": "true",
-                "AWS_CONFIG_FILE": "/nonexistent/dckpt-test-aws-config",
-                "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/dckpt-test-aws-credentials",
-            }.items():
-                mp.setenv(k, v)
-            mp.delenv("AWS_PROFILE", raising=False)
-            mp.delenv("AWS_SESSION_TOKEN", raising=False)
-            import s3fs
-
-            fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options)
-            fs.call_s3("create_bucket", Bucket=server.bucket)
+    with moto_process(_MOTO_SNIPPET) as (_proc, endpoint):
+        server = S3Server(endpoint, "dckpt-test")
+        with aws_env(server):
             yield server
-    finally:
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -30,7 +30,7 @@ from dckpt._fsspec import FsspecStorage
 from dckpt._retry import classify, scrub, secret_values
 from tests._dist import RankPool
 from tests._probes import FailingState
-from tests.conftest import S3Server
+from tests._s3 import S3Server
 
 Pools = Callable[[int], RankPool]
 MiB = 1 << 20

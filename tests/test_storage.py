@@ -23,7 +23,7 @@ from dckpt._fsspec import FsspecStorage, _plan_gets
 from dckpt._fsspec_write import ViewsBody
 from dckpt._readahead import ReadAhead
 from dckpt._storage import FileLayout, LocalStorage, Storage, open_storage
-from tests.conftest import S3Server
+from tests._s3 import S3Server
 
 MiB = 1 << 20
 # Small parts so that a few MiB exercise multipart uploads and split GETs (5 MiB: S3's min).
