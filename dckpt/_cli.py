@@ -81,7 +81,10 @@ def human(n: int | None) -> str:
 def _when(t: float | None) -> str:
     if t is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):  # a valid manifest may hold any finite time
+        return f"{t!r} s after the epoch"
 
 
 def want_progress(as_json: bool, stream: Any = None) -> bool:

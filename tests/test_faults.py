@@ -8,6 +8,7 @@ gets a ``CheckpointError``, nothing hangs, and a committed checkpoint is never d
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import json
 import os
@@ -16,20 +17,33 @@ import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import pytest
 import torch
 import torch.distributed as dist
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 import dckpt
+from dckpt._bytes import dtype_name, torch_dtype
 from dckpt._cli import cli
+from dckpt._format import (
+    ChunkRecord,
+    FileRecord,
+    Manifest,
+    TensorEntry,
+    ValueEntry,
+    align,
+    manifest_to_bytes,
+)
 from dckpt._reader import open_checkpoint
+from dckpt._values import encode_value
 from tests._dist import RankPool, run_fresh
 
 Pools = Callable[[int], RankPool]
@@ -370,61 +384,226 @@ def _data_files(ck: Path) -> list[Path]:
     return sorted(p for p in (ck / "data").rglob("*") if p.is_file())
 
 
-def _mutate_json(data: st.DataObject, node: Any) -> Any:
-    """Replace one randomly chosen leaf (or container) of the manifest with hostile junk."""
-    junk = st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(-(2**70), 2**70),
-        st.sampled_from([0, -1, 1, 2**31, 2**40, 2**63, 10**30]),
-        st.floats(allow_nan=False),
-        st.text(max_size=8),
-        st.sampled_from(["../x", "/etc/passwd", "data", "float64", "manifest.json", ""]),
-        st.lists(st.integers(-3, 2**40), max_size=4),
-        st.just({}),
+def _chunked_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint as sharded saves lay it out, written in one process: "w" in a 2x2 grid
+    of chunks, "b" and "v" in equal row chunks, a scalar, tagged values. Hostile manifests
+    need several chunks per tensor to overlap, leave holes or share bytes, and tags to
+    break."""
+    tensors = {
+        "w": torch.arange(3000, dtype=torch.float32).reshape(30, 100),
+        "b": torch.arange(8),
+        "v": torch.arange(12, dtype=torch.int16),
+        "s": torch.tensor(2.5, dtype=torch.float64),
+    }
+    boxes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {
+        "w": [((r, c), (15, 50)) for r in (0, 15) for c in (0, 50)],
+        "b": [((0,), (4,)), ((4,), (4,))],
+        "v": [((0,), (4,)), ((4,), (4,)), ((8,), (4,))],
+        "s": [((), ())],
+    }
+    name = "data/0fuzz/r0-0.bin"
+    blob = bytearray()
+    entries = {}
+    for key, t in tensors.items():
+        chunks = []
+        for offsets, sizes in boxes[key]:
+            region = t[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))]
+            raw = region.contiguous().numpy().tobytes()
+            blob += bytes(align(len(blob)) - len(blob))
+            crc = (crc32c.crc32c(raw),)
+            chunks.append(ChunkRecord(offsets, sizes, name, len(blob), len(raw), crc))
+            blob += raw
+        entries[key] = TensorEntry((key,), dtype_name(t.dtype), tuple(t.shape), tuple(chunks))
+    held = {"step": 5, "pair": (1, b"\x00\xff"), "lr": float("inf"), "dt": torch.bfloat16}
+    values = {k: ValueEntry((k,), value=encode_value(v, k)) for k, v in held.items()}
+    files = (FileRecord(name, len(blob)),)
+    manifest = Manifest("0fuzz", 1, 1.7e9, files, entries, values, library="fuzz")
+    (path / "data" / "0fuzz").mkdir(parents=True)
+    (path / name).write_bytes(bytes(blob))
+    (path / "manifest.json").write_bytes(manifest_to_bytes(manifest))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def fuzz_bases(
+    clean_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    """The checkpoints the fuzzer damages, each with the tensors it holds."""
+    chunked = tmp_path_factory.mktemp("chunked") / "ck"
+    tensors = _chunked_checkpoint(chunked)
+    assert open_checkpoint(chunked).verify() == []
+    got = {k: torch.zeros_like(v) for k, v in tensors.items()}
+    dckpt.load(got, chunked, strict=False)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    return {"saved": (clean_checkpoint, _CLEAN), "chunked": (chunked, tensors)}
+
+
+BASES = ["chunked", "saved"]
+
+
+def _nodes(node: Any) -> list[Any]:
+    """Every part of a JSON document, itself included."""
+    parts = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    return [node, *(n for p in parts for n in _nodes(p))]
+
+
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, -1, 1, 2**31, 2**40, 2**63, 10**30]),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.sampled_from(["../x", "/etc/passwd", "data", "float64", "manifest.json", ""]),
+    st.lists(st.integers(-3, 2**40), max_size=4),
+    st.just({}),
+)
+
+
+def _kind(node: Any) -> Any:
+    if isinstance(node, dict):
+        return (dict, *sorted(node))
+    return (list, len(node)) if isinstance(node, list) else type(node)
+
+
+def _slots(node: Any) -> list[tuple[Any, Any]]:
+    """(container, key or index) of every part below ``node``."""
+    keys = node if isinstance(node, dict) else range(len(node)) if isinstance(node, list) else ()
+    return [s for k in keys for s in [(node, k), *_slots(node[k])]]
+
+
+def _mutate_json(data: st.DataObject, doc: dict[str, Any], parts: list[Any]) -> None:
+    """Change one part of the manifest (of its tensors, of its values, or of any of it,
+    each part equally likely): to hostile junk or to a copy of another part, often one of
+    the same kind (a neighbour chunk's box, another tag name); or drop or repeat a list
+    element (a chunk list with a hole or an overlap)."""
+    region = data.draw(st.sampled_from(["tensors", "values", "anywhere"]))
+    slots = _slots(doc.get(region)) or _slots(doc)
+    if not slots:
+        return
+    container, key = data.draw(st.sampled_from(slots))
+    if isinstance(container, list) and data.draw(st.booleans()):
+        if data.draw(st.booleans()):
+            del container[key]
+        else:
+            container.insert(key, copy.deepcopy(container[key]))
+        return
+    source = data.draw(st.sampled_from(["junk", "any part", "same kind"]))
+    if source == "same kind":
+        parts = [p for p in parts if _kind(p) == _kind(container[key])] or parts
+    container[key] = (
+        data.draw(_JUNK) if source == "junk" else copy.deepcopy(data.draw(st.sampled_from(parts)))
     )
-    if isinstance(node, dict) and node and data.draw(st.booleans()):
-        key = data.draw(st.sampled_from(sorted(node)))
-        node[key] = _mutate_json(data, node[key])
-        return node
-    if isinstance(node, list) and node and data.draw(st.booleans()):
-        i = data.draw(st.integers(0, len(node) - 1))
-        node[i] = _mutate_json(data, node[i])
-        return node
-    return data.draw(junk)
 
 
-FUZZ = {"cases": 0, "errors": 0, "clean": 0}
+def _mutate_chunks(data: st.DataObject, doc: dict[str, Any]) -> None:
+    """Chunk surgery, as a hostile manifest would do it: a chunk takes one field, or all of
+    them, from another chunk (often of the same tensor), or is dropped or repeated. Each
+    field stays well-formed, so only the rules across chunks can catch it: tiling, unshared
+    bytes, checksums."""
+    entry = doc["tensors"][data.draw(st.sampled_from(sorted(doc["tensors"])))]
+    if not entry["chunks"]:
+        return
+    i = data.draw(st.integers(0, len(entry["chunks"]) - 1))
+    op = data.draw(st.sampled_from(["field", "chunk", "drop", "repeat"]))
+    if op == "drop":
+        del entry["chunks"][i]
+    elif op == "repeat":
+        entry["chunks"].insert(i, copy.deepcopy(entry["chunks"][i]))
+    else:
+        every = [c for t in doc["tensors"].values() for c in t["chunks"]]
+        other = copy.deepcopy(data.draw(st.sampled_from(entry["chunks"] * 3 + every)))
+        if op == "chunk":
+            entry["chunks"][i] = other
+        else:
+            field = data.draw(st.sampled_from(sorted(other)))
+            entry["chunks"][i][field] = other[field]
 
 
-def _exercise(ck: Path) -> None:
-    """Every entry point must end in a CheckpointError or in the unmodified values."""
-    state = {k: torch.zeros_like(v) for k, v in _CLEAN.items()}
+FUZZ = {"cases": 0, "errors": 0, "clean": 0, "valid_manifests": 0, "agreed": 0, "huge": 0}
+
+
+def _untouched_or_saved(got: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Zeros (not loaded), or the saved elements: a valid manifest may lay a tensor's chunks
+    out in another order, but every byte a load returns passed its checksum."""
+    if torch.equal(got, torch.zeros_like(saved)):
+        return True
+    return torch.equal(got.flatten().sort().values, saved.flatten().sort().values)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _load_everything(ck: Path, infos: list[Any] | None, saved: dict[str, torch.Tensor]) -> Any:
+    """Load every key the checkpoint holds into a fresh state built from its own manifest
+    (or, when the manifest is invalid, the saved keys): the tensors, or the error."""
+    if infos is None:
+        state: dict[str, Any] = {k: torch.zeros_like(v) for k, v in saved.items()}
+    else:
+        state = {}
+        for i in infos:
+            if len(i.path) != 1 or i.path[0] in state:  # no mutation here makes one
+                reject()
+            tensor = i.kind == "tensor"
+            state[i.path[0]] = torch.zeros(i.shape, dtype=torch_dtype(i.dtype)) if tensor else None
+    try:
+        dckpt.load(state, ck, strict=infos is not None, timeout=5)
+    except dckpt.CheckpointError as exc:
+        return exc
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _exercise(ck: Path, saved: dict[str, torch.Tensor]) -> None:
+    """Every entry point ends in a CheckpointError or in the saved values; `verify` (the
+    library's and the CLI's) finds a problem exactly when loading every key fails, and
+    `inspect` works exactly when the manifest is valid."""
+    state = {k: torch.zeros_like(v) for k, v in saved.items()}
     try:
         dckpt.load(state, ck, strict=False, timeout=5)
     except dckpt.CheckpointError:
         FUZZ["errors"] += 1
     else:
-        for k, v in _CLEAN.items():
-            assert torch.equal(state[k], v) or torch.equal(state[k], torch.zeros_like(v)), k
+        for k, v in saved.items():
+            assert _untouched_or_saved(state[k], v), k
         FUZZ["clean"] += 1
+    reader: Any = None
     try:
         reader = open_checkpoint(ck)
-        reader.infos()
-        reader.verify()
-        for key in [i.key for i in reader.infos()]:
-            if key in _CLEAN:
-                assert torch.equal(reader.read_tensor(key), _CLEAN[key])
-    except dckpt.CheckpointError:
-        pass
+        infos = reader.infos()
+    except dckpt.CheckpointError as exc:
+        reader, infos, problems = None, None, [str(exc)]
+    else:
+        problems = reader.verify()
+        FUZZ["valid_manifests"] += 1
+    if infos is not None and sum(i.nbytes for i in infos) > 64 << 20:
+        # More than the data files hold: verify must say so; too big to load here.
+        assert problems, "a manifest claiming more bytes than its files passed verify"
+        FUZZ["huge"] += 1
+    else:
+        loaded = _load_everything(ck, infos, saved)
+        failed = isinstance(loaded, dckpt.CheckpointError)
+        assert failed == bool(problems), f"load: {loaded!r}; verify: {problems}"
+        if not failed:
+            for key, t in loaded.items():
+                assert _same_bytes(reader.read_tensor(key), t), key
+                if key in saved and t.dtype == saved[key].dtype and t.shape == saved[key].shape:
+                    assert _untouched_or_saved(t, saved[key]), key
+    exit_codes = {}
     for command in ("inspect", "verify"):  # the CLI: a clean exit code, never a traceback
         result = CliRunner().invoke(cli, [command, "--json", str(ck)])
-        assert result.exit_code in (0, 1), (command, result.output, result.exception)
         assert result.exception is None or isinstance(result.exception, SystemExit), (
-            result.exception
+            command,
+            result.output,
+            result.exception,
         )
+        exit_codes[command] = result.exit_code
         if result.exit_code == 0:
             json.loads(result.output)
+    assert exit_codes == {"inspect": int(reader is None), "verify": int(bool(problems))}
+    FUZZ["agreed"] += 1
 
 
 @settings(
@@ -434,16 +613,28 @@ def _exercise(ck: Path) -> None:
 )
 @given(st.data())
 def test_fuzzed_checkpoints_only_raise_checkpoint_errors(
-    clean_checkpoint: Path, data: st.DataObject
+    fuzz_bases: dict[str, tuple[Path, dict[str, torch.Tensor]]], data: st.DataObject
 ) -> None:
+    modes = ["manifest-chunks", "manifest-json", "manifest-bytes", "data", "both"]
+    what = data.draw(st.sampled_from(modes))
+    if what == "both":  # a changed manifest over changed data
+        what = data.draw(st.sampled_from(["manifest-chunks", "manifest-json"])) + "+data"
+    # Chunk surgery needs tensors of several chunks.
+    name = "chunked" if what.startswith("manifest-chunks") else data.draw(st.sampled_from(BASES))
+    base, saved = fuzz_bases[name]
     with tempfile.TemporaryDirectory(prefix="dckpt-fuzz-") as parent:
         ck = Path(parent) / "ck"
-        shutil.copytree(clean_checkpoint, ck)
-        what = data.draw(st.sampled_from(["manifest-json", "manifest-bytes", "data", "both"]))
-        if what in ("manifest-json", "both"):
+        shutil.copytree(base, ck)
+        if what.startswith("manifest-json"):
+            doc = json.loads((ck / "manifest.json").read_text())
+            parts = _nodes(copy.deepcopy(doc))
+            for _ in range(data.draw(st.integers(1, 3))):
+                _mutate_json(data, doc, parts)
+            (ck / "manifest.json").write_text(json.dumps(doc))
+        if what.startswith("manifest-chunks"):
             doc = json.loads((ck / "manifest.json").read_text())
             for _ in range(data.draw(st.integers(1, 3))):
-                doc = _mutate_json(data, doc)
+                _mutate_chunks(data, doc)
             (ck / "manifest.json").write_text(json.dumps(doc))
         if what == "manifest-bytes":
             raw = bytearray((ck / "manifest.json").read_bytes())
@@ -451,7 +642,7 @@ def test_fuzzed_checkpoints_only_raise_checkpoint_errors(
                 i = data.draw(st.integers(0, len(raw) - 1))
                 raw[i] = data.draw(st.integers(0, 255))
             (ck / "manifest.json").write_bytes(bytes(raw))
-        if what in ("data", "both"):
+        if what.endswith("data"):
             target = data.draw(st.sampled_from(_data_files(ck)))
             raw = bytearray(target.read_bytes())
             op = data.draw(st.sampled_from(["flip", "truncate", "extend"]))
@@ -465,7 +656,9 @@ def test_fuzzed_checkpoints_only_raise_checkpoint_errors(
             target.write_bytes(bytes(raw))
         before = sorted(os.listdir(parent))
         start = time.monotonic()
-        _exercise(ck)
+        with warnings.catch_warnings():  # a fuzzed dtype may be complex32, which torch warns of
+            warnings.filterwarnings("ignore", "ComplexHalf support is experimental")
+            _exercise(ck, saved)
         assert time.monotonic() - start < 5
         assert sorted(os.listdir(parent)) == before, "something was written outside"
         FUZZ["cases"] += 1
