@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
+import difflib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c
 import torch
 
+from dckpt._args import check_bool, check_collective, check_int
 from dckpt._bytes import dtype_name, torch_dtype
 from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._dtensor import dtensor_chunks, is_dtensor
@@ -18,13 +21,20 @@ from dckpt._errors import (
     CorruptCheckpointError,
     StateMismatchError,
 )
-from dckpt._format import DATA_DIR, MANIFEST_NAME, Manifest, TensorEntry, manifest_from_bytes
+from dckpt._format import (
+    DATA_DIR,
+    MANIFEST_NAME,
+    Manifest,
+    PathPart,
+    TensorEntry,
+    manifest_from_bytes,
+)
 from dckpt._gc import paused_gc
 from dckpt._read import DEFAULT_MEMORY_BUDGET, ReadTask, execute_reads
 from dckpt._reshard import Box, ChunkIndex
-from dckpt._state import Resolved, resolve
+from dckpt._state import Resolved, flat_key, resolve
 from dckpt._storage import Storage, open_storage
-from dckpt._values import decode_value
+from dckpt._values import MAX_DEPTH, decode_value
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,137 @@ def plan_load(
         else:
             data = ventry.value
         lp.values.append((v.set, decode_value(data, v.key, allow_pickle=allow_pickle)))
+    for key in resolved.skipped:
+        if _per_rank(manifest, key) and manifest.world_size != world_size:
+            lp.mismatched.append(key)
+            lp.problems.append(_per_rank_message(key, manifest.world_size, world_size))
     return lp
+
+
+_SKIP = object()  # what a saved key this rank cannot take builds to
+
+
+class Saved:
+    """What a checkpoint holds, so that a load can give the destination's dicts and lists
+    the entries they lack (see ``resolve``).
+
+    A Stateful's keys may depend on runtime data: a fresh data loader's state dict holds
+    ``{"pos": {}}`` where the saved one held ``pos.worker0`` and ``pos.worker1``. A missing
+    entry gets its decoded value, or a new CPU tensor that the load then reads into like
+    any other. What is added depends only on the manifest and the rank, so every rank
+    grows its state the same way before it plans its reads."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        rank: int,
+        world_size: int,
+        *,
+        allow_pickle: bool,
+        storage: Storage,
+    ) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self.rank = rank
+        self.world_size = world_size
+        self.allow_pickle = allow_pickle
+        self._keys: list[str] | None = None
+
+    def value_at(self, path: tuple[PathPart, ...]) -> bool:
+        entry = self.manifest.values.get(flat_key(path))
+        return entry is not None and entry.path == path
+
+    def grow(
+        self, node: dict[Any, Any] | list[Any], path: tuple[PathPart, ...], out: Resolved
+    ) -> None:
+        """Add to ``node`` (at ``path``) every saved entry it lacks."""
+        groups = _group(self._below(path))
+        if isinstance(node, dict):
+            have = {str(k) for k in node}
+            for part, items in groups.items():
+                if isinstance(part, str) and part not in have:
+                    made = self._build(items, out)
+                    if made is not _SKIP:
+                        node[part] = made
+            return
+        while len(node) in groups:
+            made = self._build(groups[len(node)], out)
+            if made is _SKIP:
+                break
+            node.append(made)
+
+    def _below(self, path: tuple[PathPart, ...]) -> _Below:
+        m = self.manifest
+        if self._keys is None:  # sorted once, and only by loads that grow something
+            self._keys = sorted([*m.tensors, *m.values])
+        keys, n = self._keys, len(path)
+        prefix = flat_key(path) + "."
+        out: _Below = []
+        i = bisect.bisect_left(keys, prefix)
+        while i < len(keys) and keys[i].startswith(prefix):
+            key = keys[i]
+            i += 1
+            entry = m.tensors.get(key)
+            full = (entry if entry is not None else m.values[key]).path
+            # A "." inside a saved name can make the prefix match another path.
+            if full[:n] == path and len(full) <= MAX_DEPTH:
+                out.append((full[n:], key))
+        return out
+
+    def _build(self, items: _Below, out: Resolved) -> object:
+        if len(items) == 1 and not items[0][0]:
+            made = self._make(items[0][1])
+            if made is _SKIP:
+                out.skipped.append(items[0][1])
+            return made
+        if any(not rel for rel, _ in items):
+            return _SKIP  # one name both a leaf and a container: no save writes that
+        groups = _group(items)
+        if all(isinstance(p, str) for p in groups):
+            built = {p: self._build(sub, out) for p, sub in groups.items()}
+            return {p: v for p, v in built.items() if v is not _SKIP} or _SKIP
+        if set(groups) == set(range(len(groups))):
+            elems = [self._build(groups[i], out) for i in range(len(groups))]
+            # A list with a hole would shift the elements after it onto other keys.
+            return _SKIP if any(e is _SKIP for e in elems) else elems
+        return _SKIP
+
+    def _make(self, key: str) -> object:
+        m, rank = self.manifest, self.rank
+        tensor = m.tensors.get(key)
+        if tensor is not None:
+            if tensor.per_rank and (
+                m.world_size != self.world_size
+                or (tensor.chunks and all(c.rank != rank for c in tensor.chunks))
+            ):
+                return _SKIP
+            # The files must hold the bytes before the claimed shape is allocated.
+            check_files(self.storage, m, {c.file for c in tensor.chunks if c.nbytes})
+            return torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
+        value = m.values[key]
+        if value.per_rank is None:
+            return decode_value(value.value, key, allow_pickle=self.allow_pickle)
+        if m.world_size != self.world_size or rank not in value.per_rank:
+            return _SKIP
+        return decode_value(value.per_rank[rank], key, allow_pickle=self.allow_pickle)
+
+
+_Below = list[tuple[tuple[PathPart, ...], str]]  # (path below a node, saved key)
+
+
+def _group(items: _Below) -> dict[PathPart, _Below]:
+    groups: dict[PathPart, _Below] = {}
+    for rel, key in items:
+        groups.setdefault(rel[0], []).append((rel[1:], key))
+    return groups
+
+
+def _per_rank(manifest: Manifest, key: str) -> bool:
+    tensor = manifest.tensors.get(key)
+    if tensor is not None:
+        return tensor.per_rank
+    value = manifest.values.get(key)
+    return value is not None and value.per_rank is not None
 
 
 def _per_rank_message(key: str, saved: int, now: int) -> str:
@@ -186,6 +326,16 @@ def load(
     storage_options: dict[str, Any] | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> LoadResult:
+    check_collective(
+        state=state,
+        path=path,
+        process_group=process_group,
+        timeout=timeout,
+        storage_options=storage_options,
+        allow_pickle=allow_pickle,
+    )
+    check_bool("strict", strict)
+    check_int("memory_budget", memory_budget, minimum=1)
     coord = coordinator_for(process_group, timeout=timeout)
     from dckpt._dcp import is_dcp_checkpoint, load_dcp  # a torch DCP directory
 
@@ -204,12 +354,17 @@ def load(
     def local_prepare() -> int:
         storage = open_storage(path, storage_options)
         manifest, raw = read_manifest(storage)
-        resolved = resolve(state, strict=strict)
+        saved = Saved(
+            manifest, coord.rank, coord.world_size, allow_pickle=allow_pickle, storage=storage
+        )
+        resolved = resolve(state, strict=strict, saved=saved)
         lp = plan_load(manifest, resolved, coord.rank, coord.world_size, allow_pickle=allow_pickle)
+        unexpected = sorted(
+            (set(manifest.tensors) | set(manifest.values)) - resolved.keys() - set(lp.mismatched)
+        )
         if strict and (lp.missing or lp.problems):
-            raise StateMismatchError(_mismatch_message(storage.location, lp))
+            raise StateMismatchError(_mismatch_message(storage.location, lp, unexpected))
         check_files(storage, manifest, lp.files)
-        unexpected = sorted((set(manifest.tensors) | set(manifest.values)) - resolved.keys())
         ctx.update(storage=storage, manifest=manifest, resolved=resolved, plan=lp)
         ctx["result"] = LoadResult(
             tuple(sorted(lp.missing)), tuple(unexpected), tuple(sorted(lp.mismatched))
@@ -262,10 +417,12 @@ def _read_threads() -> int:
     return max(2, min(8, (os.cpu_count() or 2) * 2))
 
 
-def _mismatch_message(location: str, lp: LoadPlan) -> str:
+def _mismatch_message(location: str, lp: LoadPlan, unmatched: Collection[str] = ()) -> str:
+    """``unmatched``: saved keys nothing asked for, the candidates for a misspelt key."""
     lines = [f"the state does not match the checkpoint at {location}:"]
     if lp.missing:
-        shown = ", ".join(repr(k) for k in sorted(lp.missing)[:20])
+        suggest = _suggester(unmatched)
+        shown = ", ".join(repr(k) + suggest(k) for k in sorted(lp.missing)[:20])
         more = f" (and {len(lp.missing) - 20} more)" if len(lp.missing) > 20 else ""
         lines.append(f"  missing from the checkpoint: {shown}{more}")
     lines.extend(f"  {p}" for p in lp.problems[:20])
@@ -273,3 +430,32 @@ def _mismatch_message(location: str, lp: LoadPlan) -> str:
         lines.append(f"  ... and {len(lp.problems) - 20} more")
     lines.append("Pass strict=False to load what matches and get the rest in the result.")
     return "\n".join(lines)
+
+
+_NEAR = 256  # saved keys compared per misspelt key, each side of where it would sort
+
+
+def _suggester(unmatched: Collection[str]) -> Callable[[str], str]:
+    """``key -> " (did you mean 'x'?)"`` naming the closest unmatched saved keys, or "".
+
+    difflib costs tens of microseconds a candidate, too slow for every key of a big
+    checkpoint: compare only the keys that sort next to the misspelt one, forwards (a
+    typo late in the key) and backwards (a typo early in it)."""
+    keys = sorted(unmatched)
+    rev = sorted(k[::-1] for k in keys) if len(keys) > 4 * _NEAR else []
+
+    def suggest(key: str) -> str:
+        if rev:
+            pool = {*_around(keys, key)} | {k[::-1] for k in _around(rev, key[::-1])}
+            near = sorted(pool)
+        else:
+            near = keys
+        close = difflib.get_close_matches(key, near, n=3, cutoff=0.6)
+        return f" (did you mean {' or '.join(repr(k) for k in close)}?)" if close else ""
+
+    return suggest
+
+
+def _around(keys: list[str], key: str) -> list[str]:
+    i = bisect.bisect_left(keys, key)
+    return keys[max(0, i - _NEAR) : i + _NEAR]

@@ -13,9 +13,15 @@ import math
 import pickle
 from typing import Any
 
-from dckpt._errors import UnsafeCheckpointError, UnsupportedStateError
+from dckpt._errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedStateError
 
 TAG = "__dckpt__"
+
+# How deeply a state (its key paths, and each value within) may nest. Walking and encoding
+# recurse, a few Python frames per level, and may start deep in a caller's stack: 100 levels
+# keep well inside the interpreter's default limit of 1000 frames, and real training state
+# nests a handful of levels.
+MAX_DEPTH = 100
 
 JSON = Any  # a value json.dumps accepts: dict[str, JSON] | list[JSON] | str | int | float | bool | None
 
@@ -23,8 +29,10 @@ JSON = Any  # a value json.dumps accepts: dict[str, JSON] | list[JSON] | str | i
 def encode_value(value: object, key: str, *, allow_pickle: bool = False) -> JSON:
     """Turn ``value`` into JSON data, raising a clear error naming ``key`` when it cannot."""
     try:
-        return _encode(value, allow_pickle)
+        return _encode(value, allow_pickle, 0, set())
     except _Unencodable as exc:
+        if exc.structural:
+            raise UnsupportedStateError(f"cannot store the value at key {key!r}: {exc}") from None
         raise UnsupportedStateError(
             f"cannot store the value at key {key!r}: {exc}. Store tensors, numbers, strings, "
             "bytes, None and lists/dicts of them, or pass allow_pickle=True to both save and load "
@@ -38,19 +46,40 @@ def decode_value(data: JSON, key: str, *, allow_pickle: bool = False) -> object:
         return _decode(data, allow_pickle, key)
     except (UnsafeCheckpointError, UnsupportedStateError):
         raise
+    except RecursionError:
+        raise CorruptCheckpointError(
+            f"the value stored at key {key!r} is nested too deeply to decode"
+        ) from None
     except Exception as exc:  # malformed tagged data from a damaged manifest
-        from dckpt._errors import CorruptCheckpointError
-
         raise CorruptCheckpointError(
             f"the value stored at key {key!r} is malformed: {exc}"
         ) from None
 
 
 class _Unencodable(Exception):
-    pass
+    def __init__(self, message: str, *, structural: bool = False) -> None:
+        super().__init__(message)
+        self.structural = structural  # the shape is the problem: pickling would not help
 
 
-def _encode(value: object, allow_pickle: bool) -> JSON:
+def _encode(value: object, allow_pickle: bool, depth: int, active: set[int]) -> JSON:
+    if isinstance(value, (list, tuple, dict)):
+        if depth >= MAX_DEPTH:
+            raise _Unencodable(
+                f"it nests lists, tuples or dicts more than {MAX_DEPTH} levels deep; "
+                "flatten it, or store it as bytes or a string",
+                structural=True,
+            )
+        if id(value) in active:
+            raise _Unencodable(
+                "it contains itself (a reference cycle); a stored value must be a tree",
+                structural=True,
+            )
+        active.add(id(value))
+        try:
+            return _encode_container(value, allow_pickle, depth + 1, active)
+        finally:
+            active.discard(id(value))
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -62,19 +91,33 @@ def _encode(value: object, allow_pickle: bool) -> JSON:
         return {TAG: "float", "repr": repr(value)}
     if isinstance(value, (bytes, bytearray)):
         return {TAG: "bytes", "b64": base64.b64encode(bytes(value)).decode("ascii")}
+    return _encode_other(value, allow_pickle)
+
+
+def _encode_container(
+    value: list[Any] | tuple[Any, ...] | dict[Any, Any],
+    allow_pickle: bool,
+    depth: int,
+    active: set[int],
+) -> JSON:
     if isinstance(value, list):
-        return [_encode(v, allow_pickle) for v in value]
+        return [_encode(v, allow_pickle, depth, active) for v in value]
     if isinstance(value, tuple) and type(value) is tuple:
-        return {TAG: "tuple", "items": [_encode(v, allow_pickle) for v in value]}
+        return {TAG: "tuple", "items": [_encode(v, allow_pickle, depth, active) for v in value]}
     if isinstance(value, dict) and type(value) is dict:
         if all(isinstance(k, str) for k in value) and TAG not in value:
-            return {k: _encode(v, allow_pickle) for k, v in value.items()}
+            return {k: _encode(v, allow_pickle, depth, active) for k, v in value.items()}
         return {
             TAG: "dict",
             "items": [
-                [_encode(k, allow_pickle), _encode(v, allow_pickle)] for k, v in value.items()
+                [_encode(k, allow_pickle, depth, active), _encode(v, allow_pickle, depth, active)]
+                for k, v in value.items()
             ],
         }
+    return _encode_other(value, allow_pickle)  # tuple and dict subclasses
+
+
+def _encode_other(value: object, allow_pickle: bool) -> JSON:
     dtype_name = _torch_dtype_name(value)
     if dtype_name is not None:
         return {TAG: "dtype", "name": dtype_name}
