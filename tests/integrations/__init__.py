@@ -1,0 +1,1 @@
+"""Tests of dckpt.integrations against the real trainer packages."""
