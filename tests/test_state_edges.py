@@ -206,3 +206,52 @@ def test_an_empty_state_saves_and_loads_back(tmp_path: Path) -> None:
     assert dckpt.load({}, tmp_path / "ck") == dckpt.LoadResult()
     with pytest.raises(dckpt.StateMismatchError, match="'a'"):
         dckpt.load({"a": torch.zeros(1)}, tmp_path / "ck")
+
+
+def _w_tensorless(root: str) -> list[Any]:
+    """Issue #11.4: values only, durable, through every way of saving on 2 ranks."""
+    rank = dist.get_rank()
+    got: list[Any] = []
+    dckpt.save({"step": 5, "name": f"r{rank}"}, f"{root}/sync")
+    dckpt.async_save({"step": 6}, f"{root}/async").result()
+    mgr = dckpt.CheckpointManager(f"{root}/mgr")
+    mgr.save(7, {"step": 7})
+    for path, want in ((f"{root}/sync", 5), (f"{root}/async", 6)):
+        state: dict[str, Any] = {"step": 0}
+        dckpt.load(state, path, strict=False)
+        got.append(state["step"] == want)
+    state = {"step": 0}
+    got.append(mgr.load(state) == 7 and state["step"] == 7)
+    named: dict[str, Any] = {"name": ""}
+    dckpt.load(named, f"{root}/sync", strict=False)
+    got.append(named["name"] == f"r{rank}")
+    return got
+
+
+def test_a_state_without_tensors_saves_durably_on_two_ranks(rank_pool: Pools, tmp_path: Path) -> None:
+    assert rank_pool(2).run(_w_tensorless, str(tmp_path)) == [[True] * 4] * 2
+    assert json.loads((tmp_path / "sync" / "manifest.json").read_text())["tensors"] == {}
+
+
+def test_a_state_without_tensors_saves_durably_in_one_process(tmp_path: Path) -> None:
+    dckpt.save({"step": 5}, tmp_path / "a")
+    dckpt.async_save({"step": 6}, tmp_path / "b").result()
+    state = {"step": 0}
+    dckpt.load(state, tmp_path / "a")
+    assert state == {"step": 5}
+    dckpt.load(state, tmp_path / "b")
+    assert state == {"step": 6}
+
+
+def test_a_meta_tensor_is_named_as_one(tmp_path: Path) -> None:
+    with pytest.raises(dckpt.UnsupportedStateError, match=r"'w'.*meta tensor.*materialize"):
+        dckpt.save({"w": torch.empty(3, device="meta")}, tmp_path / "ck")
+    assert "strided" not in _message(lambda: dckpt.save({"w": torch.empty(3, device="meta")}, tmp_path / "ck"))
+
+
+def _message(call: Callable[[], object]) -> str:
+    try:
+        call()
+    except dckpt.CheckpointError as exc:
+        return str(exc)
+    raise AssertionError("no error")
