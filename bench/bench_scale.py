@@ -188,7 +188,7 @@ def engine_load_plan(manifest: Any, state: dict[str, Any], rank: int, world: int
     """One rank's load preparation after the decode; returns the number of read tasks."""
     from dckpt._load import Saved, plan_load
     from dckpt._state import resolve
-    from dckpt._storage import open_storage
+    from dckpt.storage._base import open_storage
 
     # The simulated state asks for every saved key, so nothing is grown and no file read.
     storage = open_storage("bench-scale-unused")

@@ -7,10 +7,7 @@ what lands on disk.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from dckpt._async import AsyncSaveHandle, async_save, prepare_async_save, wait
-from dckpt._convert import ConvertReport, convert
 from dckpt._errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -30,6 +27,8 @@ from dckpt._load import LoadResult, load
 from dckpt._manager import CheckpointManager
 from dckpt._save import save
 from dckpt._state import OptimizerState, Stateful
+from dckpt._version import __version__
+from dckpt.interop._convert import ConvertReport, convert
 
 __all__ = [
     "ArgumentError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dckpt._cli import main
+from dckpt.cli._commands import main
 
 if __name__ == "__main__":
     main()

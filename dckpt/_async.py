@@ -41,7 +41,7 @@ from dckpt._save import (
     staging_sources,
 )
 from dckpt._staging import StagingPool
-from dckpt._storage import Storage, open_storage
+from dckpt.storage._base import Storage, open_storage
 
 _log = logging.getLogger("dckpt")
 

@@ -19,8 +19,8 @@ from dckpt._errors import CheckpointExistsError, RankFailureError, StorageError
 from dckpt._faults import fault_point
 from dckpt._format import DATA_DIR, MANIFEST_NAME, data_dir
 from dckpt._plan import RankPlan
-from dckpt._storage import Storage
 from dckpt._tidy import remove_stale_data
+from dckpt.storage._base import Storage
 
 _log = logging.getLogger("dckpt")
 

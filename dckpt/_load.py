@@ -33,8 +33,8 @@ from dckpt._gc import paused_gc
 from dckpt._read import DEFAULT_MEMORY_BUDGET, ReadTask, execute_reads
 from dckpt._reshard import Box, ChunkIndex
 from dckpt._state import Resolved, flat_key, resolve
-from dckpt._storage import Storage, open_storage
 from dckpt._values import MAX_DEPTH, decode_value
+from dckpt.storage._base import Storage, open_storage
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,7 @@ def load(
     check_bool("strict", strict)
     check_int("memory_budget", memory_budget, minimum=1)
     coord = coordinator_for(process_group, timeout=timeout)
-    from dckpt._dcp import is_dcp_checkpoint, load_dcp  # a torch DCP directory
+    from dckpt.interop._dcp import is_dcp_checkpoint, load_dcp  # a torch DCP directory
 
     if is_dcp_checkpoint(path, storage_options):
         return load_dcp(

@@ -8,7 +8,7 @@ manifest), so a crashed save is never picked up as the latest.
 Every method is collective where it touches checkpoints (``save``, ``load``, ``wait``);
 listing is done by each rank on its own. Deletions happen on rank 0 only; a save returns
 on every rank once rank 0 has applied them, so every rank then lists the same steps. All
-access goes through :mod:`dckpt._storage`, so roots may be URLs as well as local paths.
+access goes through :mod:`dckpt.storage._base`, so roots may be URLs as well as local paths.
 
 Cleanup deletes only what is provably dead, so that several managers (or jobs) sharing a
 root never delete each other's saves in progress:
@@ -59,8 +59,8 @@ from dckpt._args import (
 from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._errors import CheckpointError, CorruptCheckpointError
 from dckpt._format import DATA_DIR, MANIFEST_NAME, Manifest, manifest_from_bytes
-from dckpt._storage import Storage, open_storage
 from dckpt._tidy import StepCleaner, WriterMarker
+from dckpt.storage._base import Storage, open_storage
 
 log = logging.getLogger("dckpt")
 

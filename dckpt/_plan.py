@@ -30,8 +30,8 @@ from dckpt._format import (
     tensor_tail_text,
 )
 from dckpt._reshard import Box
-from dckpt._storage import LOCAL_LAYOUT, FileLayout
 from dckpt._values import JSON
+from dckpt.storage._base import LOCAL_LAYOUT, FileLayout
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from dckpt._errors import CorruptCheckpointError
 from dckpt._format import ChunkRecord
 from dckpt._readahead import ReadAhead
 from dckpt._reshard import Box, Copy, contiguous_span, row_bytes, rows_box
-from dckpt._storage import LocalStorage, Storage, read_fd_into
+from dckpt.storage._base import LocalStorage, Storage, read_fd_into
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 _MAX_WINDOW = 64 << 20

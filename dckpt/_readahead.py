@@ -10,7 +10,7 @@ import bisect
 from collections.abc import Sequence
 
 from dckpt._bytes import as_memoryview
-from dckpt._storage import Buffer, Storage
+from dckpt.storage._base import Buffer, Storage
 
 _MiB = 1 << 20
 

@@ -19,11 +19,11 @@ from dckpt._format import Manifest, PathPart
 from dckpt._load import check_files, read_manifest
 from dckpt._read import ReadTask, execute_reads
 from dckpt._reshard import Box, ChunkIndex
-from dckpt._storage import Storage, open_storage
 from dckpt._values import decode_value
+from dckpt.storage._base import Storage, open_storage
 
 if TYPE_CHECKING:
-    from dckpt._dcp import DcpReader
+    from dckpt.interop._dcp import DcpReader
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +145,7 @@ def open_checkpoint(
     path: Any, storage_options: dict[str, Any] | None = None
 ) -> CheckpointReader | DcpReader:
     storage = open_storage(path, storage_options)
-    from dckpt._dcp import DcpReader, is_dcp_checkpoint  # a torch DCP directory
+    from dckpt.interop._dcp import DcpReader, is_dcp_checkpoint  # a torch DCP directory
 
     if is_dcp_checkpoint(storage):
         return DcpReader.open(storage)

@@ -57,16 +57,16 @@ from dckpt._plan import (
 )
 from dckpt._reshard import Box
 from dckpt._state import Resolved, resolve
-from dckpt._storage import FileLayout, Storage, open_storage
 from dckpt._values import encode_value
+from dckpt._version import __version__
 from dckpt._write import KnownCrcs, SourceMap, write_rank
+from dckpt.storage._base import FileLayout, Storage, open_storage
 
 _log = logging.getLogger("dckpt")
 _clock = time.time  # replaced by the golden-format tests for byte-identical output
 
 
 def _library_version() -> str:
-    from dckpt import __version__
 
     return f"dckpt {__version__}"
 

@@ -13,7 +13,7 @@ import torch
 from dckpt._bytes import as_memoryview, block_crcs, host_bytes
 from dckpt._plan import FilePlan, FileResult, RankPlan
 from dckpt._reshard import Box
-from dckpt._storage import Storage, Writer
+from dckpt.storage._base import Storage, Writer
 
 _ZEROS = memoryview(bytes(64))
 _BATCH_BYTES = 8 << 20

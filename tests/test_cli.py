@@ -18,8 +18,8 @@ from click.testing import CliRunner, Result
 from safetensors.torch import load_file
 
 import dckpt
-from dckpt._cli import cli, human, want_progress
 from dckpt._manager import CheckpointManager, step_name
+from dckpt.cli._commands import cli, human, want_progress
 
 REPO = Path(__file__).resolve().parents[1]
 

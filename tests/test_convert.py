@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 import dckpt
-from dckpt._convert import convert, nest, parse_size, shard, strip_prefix
 from dckpt._reader import open_checkpoint
+from dckpt.interop._convert import convert, nest, parse_size, shard, strip_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_strip_prefix_and_nest() -> None:
 
 
 def test_shard_and_sizes() -> None:
-    from dckpt._sources import Entry
+    from dckpt.interop._sources import Entry
 
     es = [Entry(f"k{i}", (f"k{i}",), "tensor", "uint8", (n,)) for i, n in enumerate([5, 5, 20, 1])]
     assert [[e.key for e in s] for s in shard(es, 10)] == [["k0", "k1"], ["k2"], ["k3"]]
@@ -242,7 +242,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import gc, json, os, sys, threading, torch
     import dckpt
-    from dckpt._convert import convert
+    from dckpt.interop._convert import convert
 
     def anon():
         with open("/proc/self/status") as f:

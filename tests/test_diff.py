@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 import dckpt
-from dckpt._diff import diff_sources, tensor_difference
-from dckpt._sources import open_source
+from dckpt.cli._diff import diff_sources, tensor_difference
+from dckpt.interop._sources import open_source
 
 
 def test_tensor_difference() -> None:

@@ -32,7 +32,6 @@ from hypothesis import strategies as st
 
 import dckpt
 from dckpt._bytes import dtype_name, torch_dtype
-from dckpt._cli import cli
 from dckpt._format import (
     ChunkRecord,
     FileRecord,
@@ -44,6 +43,7 @@ from dckpt._format import (
 )
 from dckpt._reader import open_checkpoint
 from dckpt._values import encode_value
+from dckpt.cli._commands import cli
 from tests._dist import RankPool, run_fresh
 
 Pools = Callable[[int], RankPool]

@@ -19,7 +19,7 @@ from dckpt._plan import (
     with_save_id,
 )
 from dckpt._reshard import Box
-from dckpt._storage import FileLayout
+from dckpt.storage._base import FileLayout
 
 
 def full(shape: tuple[int, ...]) -> Box:

@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import dckpt
-from dckpt._fsspec import FsspecStorage
-from dckpt._retry import classify, scrub, secret_values
+from dckpt.storage._fsspec import FsspecStorage
+from dckpt.storage._retry import classify, scrub, secret_values
 from tests._dist import RankPool
 from tests._probes import FailingState
 from tests._s3 import S3Server
@@ -182,7 +182,7 @@ def _killed_mid_upload_main(url: str, options_json: str) -> None:
     multipart upload has a part in flight."""
     import json
 
-    import dckpt._fsspec_write as f
+    import dckpt.storage._s3write as f
 
     options = json.loads(options_json)
     dckpt.save({"w": torch.full((1000,), 1.0)}, url, storage_options=options)
@@ -312,7 +312,7 @@ def test_cli_reads_s3_urls_configured_by_the_environment(
 
     from click.testing import CliRunner
 
-    from dckpt._cli import cli
+    from dckpt.cli._commands import cli
 
     url, options = s3
     mgr = dckpt.CheckpointManager(url, storage_options=options)

@@ -29,8 +29,8 @@ import torch
 import dckpt
 from dckpt import _faults
 from dckpt._errors import CorruptCheckpointError
-from dckpt._fsspec import FsspecStorage
-from dckpt._retry import Breaker, Progress, RetryPolicy, Stalled, retry_async
+from dckpt.storage._fsspec import FsspecStorage
+from dckpt.storage._retry import Breaker, Progress, RetryPolicy, Stalled, retry_async
 from tests._s3 import S3Server, aws_env, moto_process
 
 MiB = 1 << 20

@@ -19,10 +19,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dckpt._errors import CheckpointError, CorruptCheckpointError, StorageError
-from dckpt._fsspec import FsspecStorage, _plan_gets
-from dckpt._fsspec_write import ViewsBody
 from dckpt._readahead import ReadAhead
-from dckpt._storage import FileLayout, LocalStorage, Storage, open_storage
+from dckpt.storage._base import FileLayout, LocalStorage, Storage, open_storage
+from dckpt.storage._fsspec import FsspecStorage, _plan_gets
+from dckpt.storage._s3write import ViewsBody
 from tests._s3 import S3Server
 
 MiB = 1 << 20

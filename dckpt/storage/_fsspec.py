@@ -12,14 +12,14 @@ part each, which go up in parallel as single PUTs straight from the state's memo
 objects over ``multipart_threshold`` become multipart uploads (measured against moto, one
 PUT per object did about half the server work of multipart, which assembles the object
 again at completion). Reads are ranged GETs, split and coalesced, run concurrently on
-fsspec's event loop. Transient failures are retried (``dckpt._retry``); permanent ones
+fsspec's event loop. Transient failures are retried (``dckpt.storage._retry``); permanent ones
 raise :class:`StorageError` naming the object and the status, never a credential.
 
 ``retry_timeout`` bounds each request, retries included: on async filesystems (S3, GCS)
 a try that gets no answer is cancelled when the budget is spent, so an endpoint that
 stops answering fails the operation with a :class:`StorageError` after about that long,
 and the requests queued behind it (or the cleanup after it) get a short budget instead of
-each waiting out a whole one (:class:`dckpt._retry.Breaker`).
+each waiting out a whole one (:class:`dckpt.storage._retry.Breaker`).
 
 dckpt's own knobs ride in ``storage_options={"dckpt": {...}}`` (see :class:`FsspecOptions`);
 everything else goes to the fsspec filesystem unchanged, which also reads its standard
@@ -42,7 +42,8 @@ from typing import Any, TypeVar
 from dckpt._bytes import as_memoryview
 from dckpt._errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError
 from dckpt._faults import fault_point
-from dckpt._fsspec_support import (
+from dckpt.storage._base import MAX_READ_BYTES, Buffer, FileLayout, Storage, Writer
+from dckpt.storage._fsspec_support import (
     FsspecOptions,
     Get,
     accepts,
@@ -51,11 +52,10 @@ from dckpt._fsspec_support import (
     filesystem_class,
     read_body,
 )
-from dckpt._fsspec_support import (
+from dckpt.storage._fsspec_support import (
     plan_gets as _plan_gets,
 )
-from dckpt._fsspec_write import ViewsBody
-from dckpt._retry import (
+from dckpt.storage._retry import (
     Attempts,
     Progress,
     RetryPolicy,
@@ -66,7 +66,7 @@ from dckpt._retry import (
     retry_sync,
     secret_values,
 )
-from dckpt._storage import MAX_READ_BYTES, Buffer, FileLayout, Storage, Writer
+from dckpt.storage._s3write import ViewsBody
 
 T = TypeVar("T")
 log = logging.getLogger("dckpt")
@@ -361,7 +361,7 @@ class FsspecStorage(Storage):
 
     # -- writing -------------------------------------------------------------------
     def open_writer(self, name: str) -> Writer:
-        from dckpt._fsspec_write import S3Writer, StreamWriter
+        from dckpt.storage._s3write import S3Writer, StreamWriter
 
         return S3Writer(self, name) if self._s3 else StreamWriter(self, name)
 

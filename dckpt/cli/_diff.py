@@ -1,6 +1,6 @@
 """Comparing two checkpoints key by key (``dckpt diff``), one tensor of each at a time.
 
-Any pair of formats ``dckpt._sources`` reads can be compared; tensors are read through
+Any pair of formats ``dckpt.interop._sources`` reads can be compared; tensors are read through
 their checksums like any load, so a damaged file is an error rather than a difference.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dckpt._sources import Entry, Source, read_checked
+from dckpt.interop._sources import Entry, Source, read_checked
 
 Progress = Callable[[int], None]
 

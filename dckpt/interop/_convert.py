@@ -40,8 +40,9 @@ from dckpt._format import (
     manifest_to_bytes,
 )
 from dckpt._reshard import Box
-from dckpt._sources import ST_CODE, TORCH_SUFFIXES, Entry, Source, open_source, read_checked
-from dckpt._storage import FileLayout, open_storage
+from dckpt._version import __version__
+from dckpt.interop._sources import ST_CODE, TORCH_SUFFIXES, Entry, Source, open_source, read_checked
+from dckpt.storage._base import FileLayout, open_storage
 
 FORMATS = ("dckpt", "safetensors", "hf", "pt")
 HF_INDEX = "model.safetensors.index.json"
@@ -301,7 +302,6 @@ def write_dckpt(
     storage_options: dict[str, Any] | None = None,
 ) -> tuple[str, ...]:
     """A one-rank dckpt save through the planning/writing layers, one tensor at a time."""
-    from dckpt import __version__
     from dckpt._commit import commit
     from dckpt._plan import (
         ChunkOffer,

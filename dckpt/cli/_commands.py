@@ -18,11 +18,11 @@ from typing import Any
 
 import click
 
-from dckpt import __version__
-from dckpt._convert import FORMATS, convert, parse_size
-from dckpt._diff import diff_sources, shape_text
 from dckpt._errors import CheckpointError, CheckpointNotFoundError
-from dckpt._sources import open_source
+from dckpt._version import __version__
+from dckpt.cli._diff import diff_sources, shape_text
+from dckpt.interop._convert import FORMATS, convert, parse_size
+from dckpt.interop._sources import open_source
 
 Progress = Callable[[int], None]
 
@@ -59,7 +59,7 @@ def cli(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point (``dckpt = dckpt._cli:main``)."""
+    """Console-script entry point (``dckpt = dckpt.cli._commands:main``)."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="dckpt")
 
 
@@ -297,7 +297,7 @@ def ls(root: str, as_json: bool) -> None:
     that never finished are listed too, marked uncommitted.
     """
     from dckpt._manager import scan_root
-    from dckpt._storage import open_storage
+    from dckpt.storage._base import open_storage
 
     if not open_storage(root).exists():
         raise CheckpointNotFoundError(f"{root} does not exist")

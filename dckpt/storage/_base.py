@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from dckpt._errors import CheckpointError, StorageError, UnsafeCheckpointError
 from dckpt._faults import fault_point
 from dckpt._format import MAX_MANIFEST_BYTES
-from dckpt._localfs import (
+from dckpt.storage._localfs import (
     fsync_dir,
     open_dir,
     open_regular,
@@ -133,7 +133,7 @@ class LocalStorage(Storage):
     """A checkpoint directory on a local or network filesystem.
 
     Nothing is created, written, renamed or deleted through a symbolic link below the
-    root, and no file that is not regular is opened (see :mod:`dckpt._localfs`).
+    root, and no file that is not regular is opened (see :mod:`dckpt.storage._localfs`).
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -414,7 +414,7 @@ def open_storage(path: object, storage_options: dict[str, object] | None = None)
         return LocalStorage(path[len("file://") :])
     if "://" in path:
         try:
-            from dckpt._fsspec import FsspecStorage
+            from dckpt.storage._fsspec import FsspecStorage
         except ImportError as exc:  # pragma: no cover - until the object-store backend lands
             raise CheckpointError(f"URL checkpoints are not available: {exc}") from None
         return FsspecStorage(path, storage_options or {})

@@ -1,4 +1,4 @@
-"""Support for :mod:`dckpt._fsspec`: dckpt's own options, the backend for a protocol, the
+"""Support for :mod:`dckpt.storage._fsspec`: dckpt's own options, the backend for a protocol, the
 tuned S3 instances shared by a process's storages, and planning and reading GETs."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from dckpt._errors import CheckpointError
-from dckpt._retry import Breaker, Progress
+from dckpt.storage._retry import Breaker, Progress
 
 _MiB = 1 << 20
 _READ_CHUNK = 1 * _MiB  # a response body is read in pieces this big, marking progress

@@ -21,7 +21,7 @@ import torch
 from dckpt._errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from dckpt._format import PathPart, check_file_name
 from dckpt._reshard import Box
-from dckpt._storage import Storage
+from dckpt.storage._base import Storage
 
 DCP_METADATA = ".metadata"
 _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 from dckpt._bytes import as_memoryview
 from dckpt._errors import CheckpointError
 from dckpt._faults import fault_point
-from dckpt._retry import Attempts, Progress
-from dckpt._storage import Buffer, Writer
+from dckpt.storage._base import Buffer, Writer
+from dckpt.storage._retry import Attempts, Progress
 
 if TYPE_CHECKING:
-    from dckpt._fsspec import FsspecStorage
+    from dckpt.storage._fsspec import FsspecStorage
 
 _S3_MAX_PARTS = 10_000  # S3's limit on parts per multipart upload
 

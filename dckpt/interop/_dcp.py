@@ -19,15 +19,6 @@ import crc32c
 import torch
 
 from dckpt._bytes import dtype_name
-from dckpt._dcp_files import DcpFiles, decode, decode_tensor
-from dckpt._dcp_meta import (
-    _RANK_FILE,
-    DCP_METADATA,
-    DcpChunk,
-    DcpMetadata,
-    DcpTensor,
-    read_metadata,
-)
 from dckpt._errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -46,7 +37,16 @@ from dckpt._read import DEFAULT_MEMORY_BUDGET
 from dckpt._reader import KeyInfo
 from dckpt._reshard import Box, ChunkIndex
 from dckpt._state import TensorLeaf, ValueLeaf, flat_key, resolve
-from dckpt._storage import Storage, open_storage
+from dckpt.interop._dcp_files import DcpFiles, decode, decode_tensor
+from dckpt.interop._dcp_meta import (
+    _RANK_FILE,
+    DCP_METADATA,
+    DcpChunk,
+    DcpMetadata,
+    DcpTensor,
+    read_metadata,
+)
+from dckpt.storage._base import Storage, open_storage
 
 __all__ = ["DCP_METADATA", "DcpMetadata", "DcpReader", "is_dcp_checkpoint", "load_dcp"]
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from dckpt._bytes import dtype_name
-from dckpt._dcp_meta import DcpChunk, DcpItem, DcpTensor
 from dckpt._errors import CorruptCheckpointError, UnsafeCheckpointError
-from dckpt._storage import Storage
+from dckpt.interop._dcp_meta import DcpChunk, DcpItem, DcpTensor
+from dckpt.storage._base import Storage
 
 _WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 
