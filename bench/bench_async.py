@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Async-save benchmark: dckpt.async_save against torch DCP async_save, in one run.
 
-An FSDP2 model (a stack of Linear layers, about ``--params-m`` million parameters) plus
-Adam after one training step, on 2 gloo ranks on the CPU (one compute thread per rank).
+An FSDP2 model (a stack of Linear layers, about ``--params-m`` million parameters; the
+one of ``bench_core.py``, from ``_model.build``) plus Adam after one training step, on 2
+gloo ranks on the CPU (one compute thread per rank).
 Systems alternate (the starting one rotates each round); every later-save figure is the
 median over ``--rounds`` rounds after two warm-up rounds, taken as the max over ranks.
 
@@ -57,14 +58,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.distributed as dist
 
+import dckpt
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import build, local_tensors, width_for
 from _ranks import gather, rmtree_collective, run_on_ranks
 
 MM = 384  # matmul size of the compute loop
-
-
-# ----------------------------------------------------------------------------- model
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -107,8 +107,6 @@ def bench(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-
-    import dckpt
 
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
@@ -229,8 +227,6 @@ def many_small(opts: dict[str, Any], run_dir: str, dcp_pg: Any) -> dict[str, lis
     there, per-tensor overhead, not the copy, is what training waits for."""
     import torch.distributed.checkpoint as dcp
 
-    import dckpt
-
     rank = dist.get_rank()
     small = {f"r{rank}.t{i:05d}": torch.full((1,), float(i)) for i in range(opts["many_count"])}
     out: dict[str, list[float]] = {"dckpt": [], "dcp": []}
@@ -270,8 +266,6 @@ def first_save(opts: dict[str, Any], run_dir: str) -> dict[str, float]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-
-    import dckpt
 
     kind = opts["first_kind"]
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -340,8 +334,6 @@ def firsts(opts: dict[str, Any], run_dir: str) -> dict[str, list[dict[str, float
 def scale(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultSavePlanner
-
-    import dckpt
 
     rank = dist.get_rank()
     small = {f"r{rank}.t{i:05d}": torch.full((1,), float(i)) for i in range(opts["scale_count"])}
@@ -528,7 +520,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/dev/shm", help="where checkpoints go (default /dev/shm)")
     ap.add_argument("--params-m", type=float, default=100.0, help="model size, millions of params")
-    ap.add_argument("--rounds", type=int, default=5, help="measured rounds after a warm-up")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="measured rounds after two warm-up rounds"
+    )
     ap.add_argument(
         "--compute-factor",
         type=float,

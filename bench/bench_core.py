@@ -44,14 +44,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.distributed as dist
+
+import dckpt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import LAYERS, build, local_tensors, width_for
@@ -125,18 +129,12 @@ class Systems:
 
     # -- dckpt
     def dckpt_save(self, model: Any, optim: Any, path: str, *, durable: bool = True) -> None:
-        import dckpt
-
         dckpt.save({"model": model, "optimizer": optim}, path, durable=durable)
 
     def dckpt_load(self, model: Any, optim: Any, path: str) -> None:
-        import dckpt
-
         dckpt.load({"model": model, "optimizer": optim}, path)
 
     def dckpt_save_small(self, small: dict[str, torch.Tensor], path: str) -> None:
-        import dckpt
-
         dckpt.save({"small": small}, path)
 
     # -- torch DCP (defaults: FileSystemWriter, sync_files=True)
@@ -439,18 +437,161 @@ def memory_phase(opts: dict[str, Any], system: str, path: str) -> dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- profile
+#
+# --profile times the engine's stages by wrapping functions where the engine looks them
+# up: ``_describe.resolve`` is the name ``_describe``'s code calls, so wrapping it there
+# times exactly those calls. The targets are references (``_describe.resolve``), not name
+# strings: a stage renamed or moved makes ``probe_targets`` raise, which stops ``--profile``
+# before it starts and fails tests/test_bench_tools.py; a target still there that the
+# engine no longer calls through is reported as never called (and fails that test too).
+
+
+class ProbeTargetError(Exception):
+    """A profile target that no longer names a stage of the engine."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One stage to time: ``owner.<name>``, where ``fn`` is what ``owner`` holds now."""
+
+    owner: Any  # the module or class through which the engine calls the stage
+    fn: Callable[..., Any]
+    label: str
+
+    @property
+    def name(self) -> str:
+        """The attribute of ``owner`` bound to ``fn``: what gets wrapped."""
+        spaces = owner_namespaces(self.owner)
+        fn = _unwrapped(self.fn)
+        names = sorted({k for ns in spaces for k, v in ns.items() if _unwrapped(v) is fn})
+        where = getattr(self.owner, "__qualname__", getattr(self.owner, "__name__", "?"))
+        if len(names) != 1:
+            found = f"several names {names}" if names else "no name"
+            raise ProbeTargetError(
+                f"profile target {self.label!r}: {where} has {found} bound to "
+                f"{getattr(self.fn, '__qualname__', self.fn)!r}; name one stage per target"
+            )
+        static = spaces[0].get(names[0])
+        if isinstance(self.owner, type) and isinstance(static, (staticmethod, classmethod)):
+            raise ProbeTargetError(
+                f"profile target {self.label!r}: {where}.{names[0]} is a {type(static).__name__}; "
+                "only plain functions and methods can be wrapped"
+            )
+        return names[0]
+
+
+def owner_namespaces(owner: Any) -> list[Mapping[str, Any]]:
+    """Where ``owner``'s attributes live: a module's globals, a class's own then inherited."""
+    if isinstance(owner, type):
+        return [vars(c) for c in owner.__mro__ if c is not object]
+    return [vars(owner)]
+
+
+def _unwrapped(value: Any) -> Any:
+    # A class's staticmethod/classmethod object, or a classmethod reached through the class.
+    if isinstance(value, (staticmethod, classmethod, types.MethodType)):
+        return value.__func__
+    return value
+
+
+def probe_targets() -> list[Target]:
+    """The stages ``--profile`` times; raises ProbeTargetError when one is gone."""
+    # Imported here, not at the top: only --profile depends on the engine's private layout.
+    try:
+        from dckpt import (
+            _api,
+            _coord,
+            _describe,
+            _loadcore,
+            _plancache,
+            _read,
+            _reader,
+            _save,
+            _state,
+            _write,
+        )
+        from dckpt.storage import _local
+    except ImportError as exc:
+        raise ProbeTargetError(
+            f"the modules of the profile targets do not import ({exc}): one moved (point its "
+            "entries in probe_targets() in bench/bench_core.py at the new module) or dckpt "
+            "itself does not import"
+        ) from exc
+    try:
+        writer, storage, cache = _local._LocalWriter, _local.LocalStorage, _plancache.PlanCache
+        module_state, optim_state = _state._ModuleState, _state.OptimizerState
+        return [
+            # save
+            Target(_save, _save.drain, "save: drain pending async save"),
+            Target(_save, _save.coordinator_for, "save: coordinator_for (store client)"),
+            Target(_save, _save.describe, "save: describe (resolve + chunks)"),
+            Target(_describe, _describe.resolve, "save:   resolve (get_state_dict + flatten)"),
+            Target(_describe, _describe._tensor_offers, "save:   _tensor_offers (chunks)"),
+            Target(_save, _save.checksum_plain, "save: checksum_plain (crc of plain tensors)"),
+            Target(_save, _save.structure_key, "save:   structure_key"),
+            Target(cache, cache.plan, "save: PlanCache.plan (rank 0, plan cache)"),
+            Target(_plancache, _plancache._divergent, "save:   _divergent (rank 0)"),
+            Target(_plancache, _plancache.plan_save, "save:   plan_save (rank 0, cache miss)"),
+            Target(_plancache, _plancache.manifest_template, "save:   manifest_template (miss)"),
+            Target(_plancache, _plancache.with_save_id, "save:   with_save_id (cache hit)"),
+            Target(_coord, _coord._encode, "save/load: coord _encode (pickle payload)"),
+            Target(_save, _save.write_rank, "save: write_rank (wall)"),
+            Target(_write, _write.host_bytes, "save:   host_bytes [threads]"),
+            Target(_write, _write.block_crcs, "save:   crc32c of written data [threads]"),
+            Target(writer, writer.write, "save:   writev [threads]"),
+            Target(writer, writer.close, "save:   close+fsync [threads]"),
+            Target(storage, storage.open_writer, "save:   open_writer [threads]"),
+            Target(_save, _save.render_manifest, "save: render_manifest (rank 0)"),
+            Target(storage, storage.sync_dir, "save/load: sync_dir"),
+            Target(_save, _save.commit, "save: commit (rank 0)"),
+            # load
+            Target(_api, _api.coordinator_for, "load: coordinator_for (store client)"),
+            Target(_reader, _reader.read_manifest, "load: read_manifest + parse"),
+            Target(_loadcore, _loadcore.resolve, "load: resolve (get_state_dict + flatten)"),
+            Target(_reader, _reader.plan_load, "load: plan_load"),
+            Target(_reader, _reader.check_files, "load: check_files (stat)"),
+            Target(_reader, _reader.execute_reads, "load: execute_reads (wall)"),
+            Target(_local._FdRanges, _local._FdRanges.read_into, "load:   pread [threads]"),
+            Target(_read, _read._check, "load:   crc32c verify [threads]"),
+            # both
+            Target(module_state, module_state.state_dict, "get_model_state_dict"),
+            Target(optim_state, optim_state.state_dict, "get_optimizer_state_dict"),
+            Target(module_state, module_state.load_state_dict, "load: set_model_state_dict"),
+            Target(optim_state, optim_state.load_state_dict, "load: set_optimizer_state_dict"),
+            Target(
+                _coord.Coordinator,
+                _coord.Coordinator._exchange,
+                "exchange total (local work + waits)",
+            ),
+        ]
+    except AttributeError as exc:
+        raise ProbeTargetError(
+            f"a profile target is gone from the engine ({exc}); point its entry in "
+            "probe_targets() in bench/bench_core.py at where that stage lives now"
+        ) from exc
+
+
+def checked_targets() -> list[tuple[Target, str]]:
+    """Every target with the attribute it wraps; raises ProbeTargetError on the first bad one."""
+    targets = probe_targets()
+    labels = [t.label for t in targets]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise ProbeTargetError(f"profile targets share labels {twice}; labels name one stage")
+    return [(t, t.name) for t in targets]
 
 
 class Probe:
-    """Time accumulated around named functions (summed over calls and threads)."""
+    """Time accumulated around the engine's stages (summed over calls and threads)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.acc: dict[str, list[float]] = {}
         self.undo: list[tuple[Any, str, Any]] = []
-        self.skipped: list[str] = []
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
+        # Class attributes: the one on the class itself, so an inherited method is shadowed
+        # on this class only, and restoring leaves the same function reachable.
         orig = getattr(owner, name)
         probe = self
 
@@ -468,77 +609,25 @@ class Probe:
         setattr(owner, name, wrapper)
         self.undo.append((owner, name, orig))
 
-    def reset(self) -> None:
-        self.acc = {}
-
     def restore(self) -> None:
         for owner, name, orig in reversed(self.undo):
             setattr(owner, name, orig)
+        self.undo = []
 
 
 def install_probes() -> Probe:
-    """Wrap the engine's stages by name; names the engine no longer has are skipped."""
-    import importlib
-
+    """Wrap every stage of ``probe_targets``; ProbeTargetError if one is gone."""
     p = Probe()
-    specs = [
-        # save
-        ("dckpt._async", "drain", "save: drain pending async save"),
-        ("dckpt._save", "coordinator_for", "save: coordinator_for (store client)"),
-        ("dckpt._save", "stage", "save: stage (resolve + chunks)"),
-        ("dckpt._save", "resolve", "save:   resolve (get_state_dict + flatten)"),
-        ("dckpt._save", "checksum_plain", "save: checksum_plain (crc of plain tensors)"),
-        ("dckpt._save", "offer_for", "save: offer_for (chunks, replica crcs)"),
-        ("dckpt._save", "_plan_from", "save: _plan_from (rank 0, plan cache)"),
-        ("dckpt._save", "plan_save", "save:   plan_save (rank 0, cache miss)"),
-        ("dckpt._save", "structure_key", "save:   structure_key"),
-        ("dckpt._save", "divergent_keys", "save:   divergent_keys (rank 0)"),
-        ("dckpt._save", "with_save_id", "save:   with_save_id (rank 0, cache hit)"),
-        ("dckpt._coord", "_encode", "save/load: coord _encode (pickle payload)"),
-        ("dckpt._save", "write_rank", "save: write_rank (wall)"),
-        ("dckpt._write", "host_bytes", "save:   host_bytes [threads]"),
-        ("dckpt._write", "block_crcs", "save:   crc32c of written data [threads]"),
-        ("dckpt.storage._base._LocalWriter", "write", "save:   writev [threads]"),
-        ("dckpt.storage._base._LocalWriter", "close", "save:   close+fsync [threads]"),
-        ("dckpt.storage._base.LocalStorage", "open_writer", "save:   open_writer [threads]"),
-        ("dckpt._save", "build_manifest", "save: build_manifest (rank 0)"),
-        ("dckpt._save", "manifest_to_bytes", "save: manifest_to_bytes (rank 0)"),
-        ("dckpt.storage._base.LocalStorage", "sync_dir", "save/load: sync_dir"),
-        ("dckpt._save", "commit", "save: commit (rank 0)"),
-        # load
-        ("dckpt._load", "coordinator_for", "load: coordinator_for (store client)"),
-        ("dckpt._load", "read_manifest", "load: read_manifest + parse"),
-        ("dckpt._load", "resolve", "load: resolve (get_state_dict + flatten)"),
-        ("dckpt._load", "plan_load", "load: plan_load"),
-        ("dckpt._load", "check_files", "load: check_files (stat)"),
-        ("dckpt._load", "execute_reads", "load: execute_reads (wall)"),
-        ("dckpt._read._Source", "read", "load:   preadv [threads]"),
-        ("dckpt._read", "_check", "load:   crc32c verify [threads]"),
-        # both
-        ("dckpt._state._ModuleState", "state_dict", "get_model_state_dict"),
-        ("dckpt._state.OptimizerState", "state_dict", "get_optimizer_state_dict"),
-        ("dckpt._state._ModuleState", "load_state_dict", "load: set_model_state_dict"),
-        ("dckpt._state.OptimizerState", "load_state_dict", "load: set_optimizer_state_dict"),
-        ("dckpt._coord.Coordinator", "_exchange", "exchange total (local work + waits)"),
-    ]
-    for where, name, label in specs:
-        # "pkg.module" or "pkg.module.Class"
-        parts = where.split(".")
-        try:
-            if parts[-1].lstrip("_")[:1].isupper():  # a class
-                owner = getattr(importlib.import_module(".".join(parts[:-1])), parts[-1])
-            else:
-                owner = importlib.import_module(where)
-            getattr(owner, name)
-        except (ImportError, AttributeError):
-            p.skipped.append(f"{where}.{name}")
-            continue
-        p.wrap(owner, name, label)
+    for target, name in checked_targets():
+        p.wrap(target.owner, name, target.label)
     return p
 
 
 def profile_phase(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """After a warm-up, per operation: a plain run, a run under probes, one under cProfile."""
+    """After a warm-up, per operation: a plain run, a run under probes, one under cProfile.
+
+    The warm-up runs under probes too, untimed, only to learn which stages are called at
+    all: a first save plans afresh, later ones reuse the cached plan."""
     import cProfile
     import io
     import pstats
@@ -579,25 +668,30 @@ def profile_phase(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
             sysm.dckpt_save(model, optim, path)
         dist.barrier()
         tool = tool_factory() if tool_factory is not None else None
-        t0 = time.perf_counter()
-        if what == "save":
-            sysm.dckpt_save(model, optim, path)
-        elif what == "load":
-            sysm.dckpt_load(tm, to, path)
-        else:
-            sysm.dckpt_save_small(small, path)
-        wall = time.perf_counter() - t0
-        if tool is not None:
-            tool.stop()
+        try:
+            t0 = time.perf_counter()
+            if what == "save":
+                sysm.dckpt_save(model, optim, path)
+            elif what == "load":
+                sysm.dckpt_load(tm, to, path)
+            else:
+                sysm.dckpt_save_small(small, path)
+            wall = time.perf_counter() - t0
+        finally:  # the engine must not stay wrapped (or profiled) past the call
+            if tool is not None:
+                tool.stop()
         rmtree_collective(path)
         return wall, tool
 
+    called: set[str] = set()
     for what in ("save", "load", "small"):  # warm-up: imports, plan cache, thread pools
-        op(what)
+        _, warm = op(what, Probes)
+        called.update(warm.p.acc)
     out: dict[str, Any] = {}
     for what in ("save", "load", "small"):
         plain, _ = op(what)
         probed, probes = op(what, Probes)
+        called.update(probes.p.acc)
         _, prof = op(what, Profiler)
         s, s2 = io.StringIO(), io.StringIO()
         if prof.p is not None:
@@ -607,10 +701,12 @@ def profile_phase(opts: dict[str, Any], run_dir: str) -> dict[str, Any]:
             "wall": gather(plain),
             "wall_probed": gather(probed),
             "probes": gather({k: tuple(v) for k, v in probes.p.acc.items()}),
-            "skipped": probes.p.skipped,
             "cprofile_cumulative": s.getvalue(),
             "cprofile_tottime": s2.getvalue(),
         }
+    # Some stages run on rank 0 only: a stage counts as called if any rank called it.
+    everywhere = set().union(*gather(called))
+    out["never_called"] = [t.label for t in probe_targets() if t.label not in everywhere]
     return out
 
 
@@ -837,8 +933,23 @@ def report(
     return "\n".join(out), dump
 
 
+def never_called_note(prof: dict[str, Any]) -> str:
+    """A warning naming the targets no rank called (empty when every one was)."""
+    never = prof.get("never_called") or []
+    if not never:
+        return ""
+    return (
+        "WARNING: the engine never called these profile targets (warm-up included), so their "
+        "time is missing below; point their entries in probe_targets() in "
+        "bench/bench_core.py at where those stages run now: " + ", ".join(never)
+    )
+
+
 def print_profile(prof: dict[str, Any]) -> str:
     out = []
+    note = never_called_note(prof)
+    if note:
+        out.append(note)
     for what in ("save", "load", "small"):
         p = prof[what]
         label = "small-tensor save" if what == "small" else what
@@ -849,10 +960,6 @@ def print_profile(prof: dict[str, Any]) -> str:
             + ", ".join(f"{w:.3f}s" for w in p["wall_probed"])
             + ")"
         )
-        if p.get("skipped"):
-            out.append(
-                "   (not in this engine version, not probed: " + ", ".join(p["skipped"]) + ")"
-            )
         for r, acc in enumerate(p["probes"]):
             out.append(f"-- rank {r}: seconds summed over calls (and threads where marked), calls")
             for label, (sec, n) in sorted(acc.items(), key=lambda kv: kv[0]):
@@ -861,6 +968,8 @@ def print_profile(prof: dict[str, Any]) -> str:
         out.append(p["cprofile_cumulative"])
         out.append("-- rank 0 cProfile (main thread only), by own time:")
         out.append(p["cprofile_tottime"])
+    if note:
+        out.append(note)
     return "\n".join(out)
 
 
@@ -896,6 +1005,11 @@ def main() -> None:
             "quiet",
         )
     }
+    if args.profile:
+        try:  # before any rank starts: a stale target would waste the run
+            checked_targets()
+        except ProbeTargetError as exc:
+            raise SystemExit(f"bench_core --profile: {exc}") from None
     os.makedirs(args.dir, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix="dckpt-bench-core-", dir=args.dir)
     try:

@@ -3,7 +3,8 @@
 
 An FSDP2 model (a stack of Linear layers) plus Adam after one training step, about
 ``--size-mb`` MB of state in all, on 2 gloo ranks on the CPU. The script starts moto's S3
-server on 127.0.0.1 (a subprocess) and talks to it through s3fs, the real S3 protocol.
+server on 127.0.0.1 (a subprocess, by ``tools/moto_server.py``, the tests' launcher too)
+and talks to it through s3fs, the real S3 protocol.
 In ONE run the systems alternate (the starting one rotates each round) after a warm-up
 round that is not counted and checks both restore the exact state; figures are medians
 over ``--rounds`` rounds of the collective call's wall time (barrier, call, barrier).
@@ -29,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -41,34 +41,25 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import dckpt
+from tools.moto_server import AWS_ENV, AWS_ENV_UNSET, S3Server, moto_process
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _model import LAYERS, build, local_tensors, width_for
 from _ranks import free_port, join_group, timed
 
 BUCKET = "bench"
 SYSTEMS = ("dckpt", "dcp")
-_MOTO = (
-    "import sys\n"
-    "from moto.server import ThreadedMotoServer\n"
-    "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n"
-    "s.start()\n"
-    "print(s.get_host_and_port()[1], flush=True)\n"
-    "sys.stdin.read()\n"
-)
 
 
 # ----------------------------------------------------------------------------- systems
 
 
 def save_dckpt(model: nn.Module, optim: Any, url: str, opts: dict[str, Any]) -> None:
-    import dckpt
-
     dckpt.save({"model": model, "optim": optim}, url, storage_options=opts)
 
 
 def load_dckpt(model: nn.Module, optim: Any, url: str, opts: dict[str, Any]) -> None:
-    import dckpt
-
     dckpt.load({"model": model, "optim": optim}, url, storage_options=opts)
 
 
@@ -107,12 +98,8 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
     import s3fs
     from torch.distributed.device_mesh import init_device_mesh
 
-    s3 = {
-        "endpoint_url": args.endpoint,
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"region_name": "us-east-1"},
-    }
+    server = S3Server(args.endpoint, BUCKET)
+    s3 = server.options
     mine = {**s3, "dckpt": {"part_size": args.part_mb << 20, "max_concurrency": args.concurrency}}
     options = {"dckpt": mine, "dcp": s3}
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3)
@@ -127,7 +114,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
         order = SYSTEMS[rnd % 2 :] + SYSTEMS[: rnd % 2]
         for system in order:
             save, load = OPS[system]
-            url = f"s3://{BUCKET}/{system}-{rnd}"
+            url = server.url(f"{system}-{rnd}")
             t_save = timed(lambda: save(model, optim, url, options[system]))  # noqa: B023
             t_load = timed(lambda: load(target, toptim, url, options[system]))  # noqa: B023
             if rnd == 0:
@@ -156,21 +143,6 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
 # ----------------------------------------------------------------------------- main
 
 
-def start_moto() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _MOTO],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.strip().isdigit():
-        raise SystemExit("the moto server did not start (pip install 'moto[server]')")
-    return proc, f"http://127.0.0.1:{int(line)}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mb", type=float, default=300.0, help="total state (all ranks)")
@@ -181,22 +153,11 @@ def main() -> None:
     p.add_argument("--json", default="", help="also write the measurements here")
     args = p.parse_args()
     # Dummy credentials; nothing may reach a real account or a metadata endpoint.
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-        AWS_CONFIG_FILE=os.devnull,
-        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-    )
-    proc, args.endpoint = start_moto()
-    try:
-        import s3fs
-
-        fs = s3fs.S3FileSystem(
-            endpoint_url=args.endpoint, key="testing", secret="testing", skip_instance_cache=True
-        )
-        fs.call_s3("create_bucket", Bucket=BUCKET)
+    os.environ.update(AWS_ENV)
+    for k in AWS_ENV_UNSET:
+        os.environ.pop(k, None)
+    with moto_process() as (_proc, args.endpoint):
+        S3Server(args.endpoint, BUCKET).create_bucket()
         port = free_port()
         out = os.path.join(tempfile.mkdtemp(prefix="dckpt-bench-s3-"), "result.json")
         import torch.multiprocessing as mp
@@ -204,10 +165,6 @@ def main() -> None:
         mp.spawn(rank_main, args=(args.world_size, port, args, out), nprocs=args.world_size)
         with open(out) as f:
             result = json.load(f)
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        proc.wait(30)
     report(result, args)
 
 

@@ -98,17 +98,17 @@ def engine_boxes(
 
 
 def engine_values(values: dict[str, Any], rank: int) -> tuple[Any, ...]:
-    """A rank's non-tensor value offers, made by the save's own staging."""
-    from dckpt._save import stage
+    """A rank's non-tensor value offers, made by the save's own description of a state."""
+    from dckpt._describe import describe
 
-    return stage(values, rank, allow_pickle=False).offer.values
+    return describe(values, rank, allow_pickle=False).offer.values
 
 
 def engine_offer(
     rank: int, leaves: Sequence[Leaf], boxes: dict[int, list[Any]], values: tuple[Any, ...]
 ) -> Any:
-    """What ``_save.stage`` + ``checksum_plain`` offer for this rank. Boxes are shared per
-    layout within a rank, as the engine's layout cache shares them."""
+    """What ``_describe.describe`` + ``checksum_plain`` offer for this rank. Boxes are
+    shared per layout within a rank, as the engine's layout cache shares them."""
     from dckpt._plan import ChunkOffer, RankOffer, TensorOffer
     from dckpt._reshard import Box
 
@@ -130,9 +130,9 @@ def engine_offer(
 def engine_brief(offer: Any) -> Any:
     """A later save's plan message from a rank whose structure is unchanged."""
     from dckpt._plan import structure_key
-    from dckpt._save import _Brief, _crcs
+    from dckpt._plancache import Brief, crcs_of
 
-    return _Brief(offer.rank, structure_key(offer), _crcs(offer), offer.values)
+    return Brief(offer.rank, structure_key(offer), crcs_of(offer), offer.values)
 
 
 def engine_plan(offers: list[Any]) -> tuple[Any, Any]:
@@ -145,9 +145,9 @@ def engine_plan(offers: list[Any]) -> tuple[Any, Any]:
 
 def engine_answers(plan: Any) -> tuple[list[Any], Any]:
     """What rank 0 scatters: each rank's plan (first save), and the reuse note (later)."""
-    from dckpt._save import _Reuse
+    from dckpt._plancache import Reuse
 
-    return [(1, rp) for rp in plan.ranks], _Reuse(1, plan.save_id)
+    return [(1, rp) for rp in plan.ranks], Reuse(1, plan.save_id)
 
 
 def engine_results(rank_plan: Any, rng: random.Random) -> list[Any]:
@@ -188,7 +188,7 @@ def engine_load_plan(manifest: Any, state: dict[str, Any], rank: int, world: int
     """One rank's load preparation after the decode; returns the number of read tasks."""
     from dckpt._load import Saved, plan_load
     from dckpt._state import resolve
-    from dckpt.storage._base import open_storage
+    from dckpt.storage import open_storage
 
     # The simulated state asks for every saved key, so nothing is grown and no file read.
     storage = open_storage("bench-scale-unused")

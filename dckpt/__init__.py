@@ -7,6 +7,7 @@ what lands on disk.
 
 from __future__ import annotations
 
+from dckpt._api import LoadResult, load
 from dckpt._async import AsyncSaveHandle, async_save, prepare_async_save, wait
 from dckpt._errors import (
     ArgumentError,
@@ -23,7 +24,6 @@ from dckpt._errors import (
     UnsafeCheckpointError,
     UnsupportedStateError,
 )
-from dckpt._load import LoadResult, load
 from dckpt._manager import CheckpointManager
 from dckpt._save import save
 from dckpt._state import OptimizerState, Stateful

@@ -17,7 +17,7 @@ from typing import Any
 import torch.distributed as dist
 
 from dckpt._errors import ArgumentError, ArgumentTypeError
-from dckpt.storage._base import Storage
+from dckpt.storage import Storage
 
 
 def _typename(value: object) -> str:

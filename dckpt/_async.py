@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours: see below)
+import functools
 import logging
 import os
 import sys
@@ -24,69 +25,37 @@ import threading
 import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, NoReturn
 
-from dckpt._args import check_int, check_save, check_state
-from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator, coordinator_for
-from dckpt._errors import CheckpointError, CheckpointTimeoutError
+import torch
+import torch.distributed as dist
+
+from dckpt._args import check_int, check_state
+from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator
+from dckpt._describe import Description, staging_sources
+from dckpt._errors import CheckpointTimeoutError
 from dckpt._gc import paused_gc
-from dckpt._save import (
-    SaveOptions,
-    Staged,
-    _cache_for,
-    _PlanCache,
-    run_save,
-    stage,
-    staging_sources,
-)
-from dckpt._staging import StagingPool
-from dckpt.storage._base import Storage, open_storage
+from dckpt._inflight import AsyncSaveHandle, claim, current, drain, join, track
+from dckpt._plancache import PlanCache, cache_for
+from dckpt._save import SaveOptions, SaveRequest, run_save
+from dckpt._staging import ChunkId, StagingPool
+from dckpt.storage import Storage
+
+__all__ = ["AsyncSaveHandle", "async_save", "prepare_async_save", "wait"]
 
 _log = logging.getLogger("dckpt")
 
 
-class AsyncSaveHandle:
-    """The future of one ``async_save``: ``result()`` waits for its commit."""
-
-    def __init__(self, future: Future[None], path: str) -> None:
-        self._future = future
-        self.path = path
-        self._observed = False
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def result(self, timeout: float | None = None) -> None:
-        """Wait for the commit; re-raises the save's error (the original exception)."""
-        try:
-            self._future.result(timeout)
-        except CheckpointError:
-            raise  # the save's own error (a CheckpointTimeoutError is a TimeoutError too)
-        except FutureTimeout:
-            raise CheckpointTimeoutError(
-                f"async save to {self.path} did not finish within {timeout} s"
-            ) from None
-        finally:
-            if self._future.done():
-                self._observed = True
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "running"
-        return f"<AsyncSaveHandle {self.path} {state}>"
-
-
 class _Saver:
-    """Per-process: one background writer, one staging pool, the save in flight."""
+    """Per-process: one background writer, one staging pool, a reservation in progress."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.executor: ThreadPoolExecutor | None = None
         self.pool = StagingPool()
-        self.inflight: AsyncSaveHandle | None = None
         self.reserving: Future[None] | None = None  # a prepare_async_save in progress
 
-    def submit(self, fn: Any) -> Future[None]:
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
         if self.executor is None:
             self.executor = ThreadPoolExecutor(1, thread_name_prefix="dckpt-async")
         return self.executor.submit(fn)
@@ -95,24 +64,26 @@ class _Saver:
 _saver = _Saver()
 
 
-def drain() -> None:
-    """Wait for the save in flight; raise its error if nobody has seen it yet."""
-    handle = _saver.inflight
-    if handle is None:
-        return
-    try:
-        handle._future.result()
-    except BaseException:
-        if not handle._observed:
-            handle._observed = True
-            _saver.inflight = None
-            raise
-    _saver.inflight = None
-
-
 def wait() -> None:
-    """Wait for every async save of this process to commit (also run at interpreter exit),
-    and for a :func:`prepare_async_save` in progress."""
+    """Wait for this process's async save to commit, and for a staging reservation.
+
+    Local to this process, not collective. Also runs at a normal interpreter exit, where
+    a save still writing completes first; a failure there is printed to stderr and makes
+    the exit status 1.
+
+    Returns:
+        None, once no save or :func:`prepare_async_save` of this process is running.
+
+    Raises:
+        CheckpointError: The save in flight failed and no ``AsyncSaveHandle.result()``
+            call has raised its error yet (the original error, e.g. ``RankFailureError``).
+
+    Example:
+        ```python
+        dckpt.async_save(state, "ckpt/step-300")
+        dckpt.wait()  # committed (or raised) here
+        ```
+    """
     drain()
     reserving, _saver.reserving = _saver.reserving, None
     if reserving is not None:
@@ -123,11 +94,30 @@ def prepare_async_save(state: Mapping[str, Any], *, staging_bytes: int | None = 
     """Reserve, in the background, the host buffers an ``async_save`` of ``state`` stages into.
 
     The first ``async_save`` of a process otherwise pays for fresh memory while training
-    waits: first-touch page faults for CPU state (several times the copy itself), page
-    locking for GPU state. Call this once the state exists, e.g. after the first step or a
-    resume (optimizers without state yet are left out, never stepped), and the first save
-    blocks for one warm copy. Local to this process, not collective; returns at once, and
-    :func:`wait` waits for it. A ``CheckpointManager(async_save=True)`` calls it in ``load``.
+    waits: first-touch page faults for CPU state, page locking for GPU state. Call this
+    once the state exists (after the first step or a resume; optimizers without state
+    yet are left out, never stepped) and the first save blocks for one warm copy. Local
+    to this process, not collective; returns at once. ``CheckpointManager(async_save=True)``
+    calls it in ``load``.
+
+    Args:
+        state: The state later ``async_save`` calls will save.
+        staging_bytes: The most host memory staging may use, in bytes, from now on in
+            this process; None keeps the current limit (none at first).
+
+    Returns:
+        None at once; :func:`wait` waits for the reservation (whose failures are logged).
+
+    Raises:
+        ArgumentError: An argument is invalid (``ArgumentTypeError``: of the wrong type).
+        UnsupportedStateError: A tensor cannot be saved; the message names its key.
+        CheckpointError: ``state`` needs more staging memory than the limit.
+
+    Example:
+        ```python
+        dckpt.load(state, "ckpt/step-1000")
+        dckpt.prepare_async_save(state)
+        ```
     """
     check_state(state)
     check_int("staging_bytes", staging_bytes, minimum=1, optional=True)
@@ -137,21 +127,21 @@ def prepare_async_save(state: Mapping[str, Any], *, staging_bytes: int | None = 
         with paused_gc():
             sources = staging_sources(state)
         _saver.pool.check(sources)
+        _saver.reserving = _saver.submit(functools.partial(_reserve, sources))
 
-        def reserve() -> None:
-            try:
-                _saver.pool.reserve(sources)
-            except Exception as exc:  # not fatal: the first save allocates its own buffers
-                _log.warning("reserving staging memory for async saves failed: %s", exc)
 
-        _saver.reserving = _saver.submit(reserve)
+def _reserve(sources: Mapping[ChunkId, torch.Tensor]) -> None:
+    try:
+        _saver.pool.reserve(sources)
+    except Exception as exc:  # not fatal: the first save allocates its own buffers
+        _log.warning("reserving staging memory for async saves failed: %s", exc)
 
 
 def async_save(
     state: Mapping[str, Any],
-    path: Any,
+    path: str | os.PathLike[str],
     *,
-    process_group: Any = None,
+    process_group: dist.ProcessGroup | None = None,
     overwrite: bool = False,
     durable: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
@@ -161,52 +151,77 @@ def async_save(
 ) -> AsyncSaveHandle:
     """Snapshot ``state`` into reusable host buffers and save it in the background.
 
-    Collective like :func:`dckpt.save`. When it returns, every tensor may be modified:
-    the checkpoint holds the values at the call. At most one save is in flight per
-    process: a new call first waits for the previous one's commit.
+    Collective like :func:`dckpt.save`. It blocks for the copy to host only: when it
+    returns, every tensor may be modified; the checkpoint holds the values at the call.
+    One save is in flight per process: a new one first waits for its commit.
+
+    Args:
+        state: A dict of what to save; keys may differ between ranks.
+        path: A local directory, or a URL (``s3://bucket/run/step-100``, ``memory://x``).
+        process_group: The ranks saving together; None: the default group, or this process.
+        overwrite: Replace a checkpoint committed at ``path``.
+        durable: fsync data and manifest before the commit; False for scratch checkpoints.
+        timeout: Seconds each collective step waits for the other ranks.
+        allow_pickle: Store values JSON cannot hold by pickling them.
+        storage_options: Options for an fsspec URL's filesystem; dckpt's own under "dckpt".
+        staging_bytes: Cap on staging memory in bytes, kept for later calls; None: unchanged.
+
+    Returns:
+        The handle of the save: ``result()`` waits for its commit and raises its error.
+
+    Raises:
+        ArgumentError: An argument is invalid (``ArgumentTypeError``: of the wrong type).
+        UnsupportedStateError: A value cannot be saved; the message names its key.
+        CheckpointError: The previous async save failed unseen, or staging needs more
+            than ``staging_bytes``; the save's own errors come from ``result()``.
+
+    Example:
+        ```python
+        handle = dckpt.async_save({"model": model, "optimizer": optim}, "ckpt/step-200")
+        handle.result()  # later, e.g. before the next save
+        ```
     """
-    check_save(
-        state=state,
-        path=path,
-        process_group=process_group,
-        timeout=timeout,
-        storage_options=storage_options,
-        allow_pickle=allow_pickle,
-        overwrite=overwrite,
-        durable=durable,
+    request = SaveRequest(
+        state, path, process_group, overwrite, durable, timeout, allow_pickle, storage_options
     )
+    return _start(request, staging_bytes)
+
+
+def _start(request: SaveRequest, staging_bytes: int | None) -> AsyncSaveHandle:
     check_int("staging_bytes", staging_bytes, minimum=1, optional=True)
     with _saver.lock:
         drain()
         if staging_bytes is not None:
             _saver.pool.capacity = staging_bytes
-        coord = coordinator_for(process_group, timeout=timeout, namespace="async")
-        storage = open_storage(path, storage_options)
-        error: BaseException | None = None
-        staged: Staged | None = None
-        try:
-            with paused_gc():
-                s = stage(state, coord.rank, allow_pickle=allow_pickle)
-                staged = Staged(s.offer, _saver.pool.stage(s.sources))
-        except BaseException as exc:
-            error = exc
+        coord = request.coordinator("async")
+        storage = request.storage()
+        snapshot = _snapshot(request, coord.rank)
 
-        def prepare() -> Staged:
-            if error is not None:
-                raise error
-            assert staged is not None
-            return staged
+        def prepare() -> Description:
+            if isinstance(snapshot, BaseException):
+                raise snapshot
+            return snapshot
 
-        options = SaveOptions(overwrite=overwrite, durable=durable)
-        cache = _cache_for("async", process_group)
+        options = request.options
+        cache = cache_for("async", request.process_group)
         future = _saver.submit(lambda: _save_job(coord, storage, prepare, options, cache))
         handle = AsyncSaveHandle(future, str(storage.location))
-        _saver.inflight = handle
-        if error is not None:
+        track(handle)
+        if isinstance(snapshot, BaseException):
             # The other ranks learn of it through the background exchange; this rank now.
-            handle._observed = True
-            raise error
+            claim(handle)
+            raise snapshot
         return handle
+
+
+def _snapshot(request: SaveRequest, rank: int) -> Description | BaseException:
+    """This rank's state described and copied into the staging buffers, or why not."""
+    try:
+        with paused_gc():
+            described = request.describe(rank)
+            return Description(described.offer, _saver.pool.stage(described.sources))
+    except BaseException as exc:
+        return exc
 
 
 # ----------------------------------------------------------------------------- the job
@@ -218,9 +233,9 @@ _BYE = "bye"  # under the save's own store prefix, beside the coordinator's numb
 def _save_job(
     coord: Coordinator | LocalCoordinator,
     storage: Storage,
-    prepare: Callable[[], Staged],
+    prepare: Callable[[], Description],
     options: SaveOptions,
-    cache: _PlanCache,
+    cache: PlanCache,
 ) -> None:
     error: BaseException | None = None
     try:
@@ -278,15 +293,14 @@ def _wait_at_exit() -> None:
     the process exit with status 1 (see :func:`_exit_if_failed`).
     """
     global _exit_status
-    saver = _saver
-    handle, reserving = saver.inflight, saver.reserving
+    handle, reserving = current(), _saver.reserving
     if handle is None and reserving is None:
         return
     try:
         if reserving is not None:
             reserving.result()  # never raises: reserve() logs its failures
         if handle is not None:
-            handle._future.result()
+            join(handle)
     except KeyboardInterrupt:
         # An interrupt while waiting at exit means "stop now": the writer thread would
         # otherwise be joined anyway by the executors' own exit hook.
@@ -297,9 +311,8 @@ def _wait_at_exit() -> None:
         )
         _leave(130)
     except BaseException as exc:
-        if handle is None or handle._observed:
+        if handle is None or not claim(handle):
             return  # result() already raised it to someone
-        handle._observed = True
         text = "".join(traceback.format_exception(exc))
         _print(
             f"dckpt: the async save to {handle.path} failed while the process was exiting and "
@@ -350,7 +363,8 @@ def _leave(status: int) -> NoReturn:
 
 def _forget_after_fork() -> None:
     # A forked child has none of its parent's threads, so the parent's save in flight can
-    # never finish there: the child must not wait for it at exit (nor reuse the executor).
+    # never finish there: the child must not wait for it at exit (nor reuse the executor;
+    # dckpt._inflight forgets the save in flight itself).
     global _saver, _exit_status
     _saver = _Saver()
     _exit_status = None

@@ -20,7 +20,7 @@ from dckpt._faults import fault_point
 from dckpt._format import DATA_DIR, MANIFEST_NAME, data_dir
 from dckpt._plan import RankPlan
 from dckpt._tidy import remove_stale_data
-from dckpt.storage._base import Storage
+from dckpt.storage import Storage
 
 _log = logging.getLogger("dckpt")
 
@@ -30,17 +30,21 @@ class CommitUncertainError(StorageError):
 
 
 def commit_uncertain(exc: BaseException) -> bool:
+    """Whether ``exc`` (on this rank or, in a ``RankFailureError``, any rank) says the
+    manifest may still be published: then no data file of the save may be deleted."""
     if isinstance(exc, CommitUncertainError):
         return True
     failures = exc.failures.values() if isinstance(exc, RankFailureError) else ()
     return any(isinstance(f, CommitUncertainError) for f in failures)
 
 
-def abandon(storage: Storage, save_id: str, planned: list[RankPlan], leader: bool) -> bool:
+def abandon(storage: Storage, save_id: str, planned: RankPlan | None, leader: bool) -> bool:
     """Clean up after a failed save unless its manifest was committed after all.
 
-    Returns True when the committed manifest is this save's: then nothing is deleted,
-    because every file it references must stay. Deciding and deleting happen under the
+    ``planned`` is this rank's plan (None when it never learned it): its files are
+    deleted, and the leader deletes the save's whole data directory. Returns True when
+    the committed manifest is this save's: then nothing is deleted, because every file it
+    references must stay. Deciding and deleting happen under the
     commit lock, and a commit checks its files under that lock, so a rank cannot delete
     what a concurrent commit is publishing.
     """
@@ -49,7 +53,7 @@ def abandon(storage: Storage, save_id: str, planned: list[RankPlan], leader: boo
             if _save_id_of(_read_manifest(storage)) == save_id:
                 return True
             fault_point("save.abandon.delete")
-            for f in planned[0].files if planned else ():
+            for f in planned.files if planned is not None else ():
                 with contextlib.suppress(Exception):
                     storage.delete(f.name)
             if leader:
@@ -90,18 +94,7 @@ def commit(
                 "different paths."
             )
         if files and save_id is not None:
-            present = set(storage.list(data_dir(save_id)))
-            missing = sorted(set(files) - present)
-            if missing:
-                raise StorageError(
-                    f"{len(missing)} data file(s) of this save vanished before its commit "
-                    f"(first: {storage.location}/{missing[0]}); the save was discarded and "
-                    "the previous checkpoint kept. Another process may be cleaning up this "
-                    "path: give concurrent jobs different paths."
-                )
-            if durable:  # the names of the data files, before the name that points at them
-                storage.sync_dir(data_dir(save_id))
-                storage.sync_dir(DATA_DIR)
+            _check_files(storage, save_id, files, durable=durable)
         fault_point("save.commit.before")
         try:
             storage.commit(MANIFEST_NAME, manifest, durable=durable)
@@ -123,6 +116,22 @@ def commit(
     if old is not None and old != _save_id_of(manifest):
         with contextlib.suppress(Exception):
             storage.delete_prefix(data_dir(old))
+
+
+def _check_files(storage: Storage, save_id: str, files: Sequence[str], *, durable: bool) -> None:
+    """Under the commit lock: every data file is there (and, durably, its name synced)."""
+    present = set(storage.list(data_dir(save_id)))
+    missing = sorted(set(files) - present)
+    if missing:
+        raise StorageError(
+            f"{len(missing)} data file(s) of this save vanished before its commit "
+            f"(first: {storage.location}/{missing[0]}); the save was discarded and "
+            "the previous checkpoint kept. Another process may be cleaning up this "
+            "path: give concurrent jobs different paths."
+        )
+    if durable:  # the names of the data files, before the name that points at them
+        storage.sync_dir(data_dir(save_id))
+        storage.sync_dir(DATA_DIR)
 
 
 def _save_id_of(raw: bytes | None) -> str | None:

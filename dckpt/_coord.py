@@ -27,15 +27,14 @@ import itertools
 import os
 import pickle
 import threading
-import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, overload
 
 import torch.distributed as dist
 
 from dckpt._args import check_process_group, check_timeout
-from dckpt._errors import ArgumentError, CheckpointTimeoutError, RankFailureError, RemoteError
+from dckpt._errors import ArgumentError, CheckpointTimeoutError, RankFailureError
+from dckpt._failures import Failure, Record, failure_error
 from dckpt._faults import fault_point
 from dckpt._kvstore import KV, StoreLost, forget_clients, open_store
 
@@ -46,8 +45,6 @@ S = TypeVar("S")
 # Followers wait for the leader's answer: the leader's wait for the slowest rank (timeout),
 # plus its reduce (bounded by another timeout), plus slack for the store round trips.
 _FOLLOWER_SLACK_S = 5.0
-# Remote tracebacks attached as notes to the raised error; more would drown the message.
-_MAX_TRACEBACK_NOTES = 3
 _OK = "ok"
 _FAIL = "fail"
 
@@ -215,73 +212,6 @@ class LocalCoordinator(_ExchangeAPI):
         return _scattered(result, 1)[0] if scatter else result
 
 
-@dataclass(frozen=True)
-class _Failure:
-    """An exception as it travels: the object if it pickles, and text that always does."""
-
-    type_name: str
-    message: str
-    traceback_text: str
-    pickled: bytes | None
-
-    @classmethod
-    def of(cls, exc: BaseException, context: str = "") -> _Failure:
-        try:
-            pickled: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            pickled = None
-        message = f"{context}: {exc}" if context else str(exc)
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return cls(type(exc).__name__, message, text, pickled)
-
-    def describe(self) -> str:
-        return f"{self.type_name}: {self.message}"
-
-    def to_exception(self) -> BaseException:
-        if self.pickled is not None:
-            try:
-                exc = pickle.loads(self.pickled)
-            except Exception:
-                pass
-            else:
-                if isinstance(exc, BaseException):
-                    return exc
-        return RemoteError(self.type_name, self.message, self.traceback_text)
-
-
-@dataclass(frozen=True)
-class _Record:
-    """What the leader publishes instead of a result when the exchange failed."""
-
-    phase: str
-    failures: dict[int, _Failure]
-    missing: tuple[int, ...]
-    timeout: float
-
-
-def _ranks_text(ranks: Sequence[int]) -> str:
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
-
-
-def _failure_message(
-    phase: str, described: dict[int, str], missing: tuple[int, ...], timeout: float
-) -> str:
-    parts = []
-    if missing:
-        parts.append(
-            f"{_ranks_text(missing)} did not reach {phase!r} within {timeout:.1f} s "
-            "(dead, hung, or not calling save/load)"
-        )
-    if len(described) == 1 and not missing:
-        ((rank, text),) = described.items()
-        parts.append(f"{phase!r} failed on rank {rank}: {text}")
-    elif described:
-        lines = [f"{phase!r} failed on {_ranks_text(sorted(described))}:"]
-        lines += [f"  rank {r}: {described[r]}" for r in sorted(described)]
-        parts.append("\n".join(lines))
-    return "\n".join(parts)
-
-
 class Coordinator(_ExchangeAPI):
     """Coordinates one collective save or load across the ranks of a group.
 
@@ -351,27 +281,18 @@ class Coordinator(_ExchangeAPI):
         scatter: bool,
     ) -> Any:
         kv = self._store()
-        failures: dict[int, _Failure] = {}
+        failures: dict[int, Failure] = {}
         if local_exc is not None:
-            failures[0] = _Failure.of(local_exc)
+            failures[0] = Failure.of(local_exc)
             if not isinstance(local_exc, Exception):  # interrupt: tell the others, then go
                 with contextlib.suppress(StoreLost):
-                    record = _Record(phase, failures, (), self.timeout)
+                    record = Record(phase, failures, (), self.timeout)
                     self._publish(kv, base, _encode(_FAIL, record), scatter)
                 raise local_exc
         values: list[Any] = [value] + [None] * (self.world_size - 1)
         outcomes, missing = self._gather(kv, base)
         fault_point(f"coord.{phase}.gathered")
-        for rank, blob in outcomes.items():
-            try:
-                kind, payload = pickle.loads(blob)
-            except Exception as exc:
-                failures[rank] = _Failure.of(exc, f"rank {rank}'s outcome did not unpickle")
-                continue
-            if kind == _OK:
-                values[rank] = payload
-            else:
-                failures[rank] = payload
+        _sort_outcomes(outcomes, values, failures)
         if not failures and not missing:
             try:
                 result = values if reduce is None else reduce(values)
@@ -386,13 +307,13 @@ class Coordinator(_ExchangeAPI):
             except StoreLost:
                 raise
             except BaseException as exc:  # reduce (or encoding its result) failed on rank 0
-                failures[0] = _Failure.of(exc)
+                failures[0] = Failure.of(exc)
                 local_exc = exc
-        record = _Record(phase, failures, missing, self.timeout)
+        record = Record(phase, failures, missing, self.timeout)
         self._publish(kv, base, _encode(_FAIL, record), scatter)
         if local_exc is not None and not isinstance(local_exc, Exception):
             raise local_exc
-        raise self._error(record, local_exc) from local_exc
+        raise failure_error(record, local_exc, self.rank) from local_exc
 
     def _gather(self, kv: KV, base: str) -> tuple[dict[int, bytes], tuple[int, ...]]:
         """Wait up to ``timeout`` for the followers' outcomes; read and delete them."""
@@ -426,14 +347,7 @@ class Coordinator(_ExchangeAPI):
         local_exc: BaseException | None,
         scatter: bool,
     ) -> Any:
-        blob = b""
-        if local_exc is None:
-            try:
-                blob = _encode(_OK, value)
-            except Exception as exc:  # an unpicklable value is this rank's failure
-                local_exc = exc
-        if local_exc is not None:
-            blob = _encode(_FAIL, _Failure.of(local_exc))
+        blob, local_exc = _outcome(value, local_exc)
         kv = self._store()
         kv.set(f"{base}/in/{self.rank}", blob)
         fault_point(f"coord.{phase}.sent")
@@ -464,11 +378,11 @@ class Coordinator(_ExchangeAPI):
             if local_exc is None:
                 return payload
             # Cannot happen (the leader saw our failure), but never drop a failure silently.
-            payload = _Record(phase, {}, (), self.timeout)
-        assert isinstance(payload, _Record)
+            payload = Record(phase, {}, (), self.timeout)
+        assert isinstance(payload, Record)
         if self.rank in payload.missing:  # we came late: nobody else will read our outcome
             kv.delete(f"{base}/in/{self.rank}")
-        raise self._error(payload, local_exc) from local_exc
+        raise failure_error(payload, local_exc, self.rank) from local_exc
 
     def _release(self, kv: KV, base: str, key: str, scatter: bool) -> None:
         """Delete a result key once no follower needs it any more."""
@@ -479,27 +393,31 @@ class Coordinator(_ExchangeAPI):
             kv.delete(key)
             kv.delete(f"{base}/ack")
 
-    def _error(self, record: _Record, local_exc: BaseException | None) -> RankFailureError:
-        """Build the error every rank raises; the local exception stays the original object."""
-        failures = {r: f.to_exception() for r, f in record.failures.items()}
-        described = {r: f.describe() for r, f in record.failures.items()}
-        if local_exc is not None:
-            failures[self.rank] = local_exc
-            described.setdefault(self.rank, _Failure.of(local_exc).describe())
-        message = _failure_message(record.phase, described, record.missing, record.timeout)
-        failures = dict(sorted(failures.items()))
-        err: RankFailureError
-        if record.missing:
-            err = CheckpointTimeoutError(message, record.missing, failures)
+
+def _outcome(value: Any, local_exc: BaseException | None) -> tuple[bytes, BaseException | None]:
+    """What a follower sends: its value, or its failure (an unpicklable value is one)."""
+    if local_exc is None:
+        try:
+            return _encode(_OK, value), None
+        except Exception as exc:
+            local_exc = exc
+    return _encode(_FAIL, Failure.of(local_exc)), local_exc
+
+
+def _sort_outcomes(
+    outcomes: dict[int, bytes], values: list[Any], failures: dict[int, Failure]
+) -> None:
+    """Unpickle the followers' outcomes into ``values`` (by rank) or ``failures``."""
+    for rank, blob in outcomes.items():
+        try:
+            kind, payload = pickle.loads(blob)
+        except Exception as exc:
+            failures[rank] = Failure.of(exc, f"rank {rank}'s outcome did not unpickle")
+            continue
+        if kind == _OK:
+            values[rank] = payload
         else:
-            err = RankFailureError(message, failures)
-        remote = [r for r in sorted(record.failures) if r != self.rank]
-        if hasattr(err, "add_note"):  # Python 3.11+
-            for r in remote[:_MAX_TRACEBACK_NOTES]:
-                err.add_note(
-                    f"--- traceback on rank {r} ---\n{record.failures[r].traceback_text.rstrip()}"
-                )
-        return err
+            failures[rank] = payload
 
 
 def _encode(kind: str, payload: Any) -> bytes:

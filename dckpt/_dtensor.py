@@ -41,6 +41,7 @@ class PlacementSpec:
 
 def placement_specs(placements: Sequence[object]) -> tuple[PlacementSpec, ...]:
     """Convert torch placement objects; raises UnsupportedStateError for unknown kinds."""
+    # lazy: torch.distributed.tensor is heavy and only DTensor states need it
     from torch.distributed.tensor.placement_types import (
         Partial,
         Replicate,

@@ -1,26 +1,22 @@
-"""``load``: read a committed checkpoint into the caller's state, in place, under any layout."""
+"""The dckpt format's side of a load: its manifest, planning reads for a resolved state,
+growing containers to the saved keys, and checking the data files before any read.
+
+The collective skeleton around it is ``dckpt._loadcore``; the reader that gives it these
+functions is ``dckpt._reader.CheckpointReader``.
+"""
 
 from __future__ import annotations
 
 import bisect
-import difflib
-import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import crc32c
 import torch
 
-from dckpt._args import check_bool, check_collective, check_int
 from dckpt._bytes import dtype_name, torch_dtype
-from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._dtensor import dtensor_chunks, is_dtensor
-from dckpt._errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    StateMismatchError,
-)
+from dckpt._errors import CheckpointNotFoundError, CorruptCheckpointError
 from dckpt._format import (
     DATA_DIR,
     MANIFEST_NAME,
@@ -29,40 +25,25 @@ from dckpt._format import (
     TensorEntry,
     manifest_from_bytes,
 )
-from dckpt._gc import paused_gc
-from dckpt._read import DEFAULT_MEMORY_BUDGET, ReadTask, execute_reads
+from dckpt._loadcore import Matching
+from dckpt._read import ReadTask
 from dckpt._reshard import Box, ChunkIndex
-from dckpt._state import Resolved, flat_key, resolve
+from dckpt._state import Resolved, TensorLeaf, ValueLeaf, flat_key
 from dckpt._values import MAX_DEPTH, decode_value
-from dckpt.storage._base import Storage, open_storage
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    """What a load did not do. Empty tuples mean the state matched the checkpoint exactly.
-
-    ``missing_keys``: asked for, absent from the checkpoint (left untouched).
-    ``unexpected_keys``: in the checkpoint, not asked for.
-    ``mismatched_keys``: present in both but with a different shape, dtype or kind
-    (left untouched; only with ``strict=False``, otherwise an error).
-    """
-
-    missing_keys: tuple[str, ...] = ()
-    unexpected_keys: tuple[str, ...] = ()
-    mismatched_keys: tuple[str, ...] = ()
+from dckpt.storage import Storage
 
 
 @dataclass
-class LoadPlan:
+class LoadPlan(Matching):
+    """A dckpt load's plan: the byte ranges to read, and the data files holding them."""
+
     tasks: list[ReadTask] = field(default_factory=list)
-    values: list[tuple[Any, object]] = field(default_factory=list)  # (setter, value)
-    missing: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
     files: set[str] = field(default_factory=set)
 
 
 def read_manifest(storage: Storage) -> tuple[Manifest, bytes]:
+    """The checkpoint's manifest, validated, and its raw bytes; without one, the error
+    says whether nothing, an uncommitted save or something else is there."""
     raw = storage.read_file(MANIFEST_NAME)
     if raw is None:
         if not storage.exists():
@@ -85,61 +66,76 @@ def plan_load(
     """Match requested leaves to saved chunks; collects problems rather than stopping."""
     lp = LoadPlan()
     for leaf in resolved.tensors:
-        entry = manifest.tensors.get(leaf.key)
-        if entry is None:
-            if leaf.key in manifest.values:
-                lp.mismatched.append(leaf.key)
-                lp.problems.append(f"{leaf.key!r}: saved as a non-tensor value, requested a tensor")
-            else:
-                lp.missing.append(leaf.key)
-            continue
-        t = leaf.tensor
-        want_dtype, want_shape = dtype_name(t.dtype), tuple(t.shape)
-        if entry.dtype != want_dtype or entry.shape != want_shape:
-            lp.mismatched.append(leaf.key)
-            lp.problems.append(
-                f"{leaf.key!r}: saved {entry.dtype}{list(entry.shape)}, requested "
-                f"{want_dtype}{list(want_shape)}"
-            )
-            continue
-        chunks = entry.chunks
-        if entry.per_rank:
-            if manifest.world_size != world_size:
-                lp.mismatched.append(leaf.key)
-                lp.problems.append(_per_rank_message(leaf.key, manifest.world_size, world_size))
-                continue
-            chunks = tuple(c for c in chunks if c.rank == rank)
-        if is_dtensor(t):
-            dests = dtensor_chunks(t)
-        else:
-            dests = [(Box((0,) * len(want_shape), want_shape), t)]
-        _plan_tensor(lp, leaf.key, entry, chunks, dests)
+        _plan_tensor_leaf(lp, manifest, leaf, rank, world_size)
     for v in resolved.values:
-        ventry = manifest.values.get(v.key)
-        if ventry is None:
-            if v.key in manifest.tensors:
-                lp.mismatched.append(v.key)
-                lp.problems.append(f"{v.key!r}: saved as a tensor, requested a non-tensor value")
-            else:
-                lp.missing.append(v.key)
-            continue
-        if ventry.per_rank is not None:
-            if manifest.world_size != world_size:
-                lp.mismatched.append(v.key)
-                lp.problems.append(_per_rank_message(v.key, manifest.world_size, world_size))
-                continue
-            if rank not in ventry.per_rank:
-                lp.missing.append(v.key)
-                continue
-            data = ventry.per_rank[rank]
-        else:
-            data = ventry.value
-        lp.values.append((v.set, decode_value(data, v.key, allow_pickle=allow_pickle)))
+        _plan_value_leaf(lp, manifest, v, rank, world_size, allow_pickle=allow_pickle)
     for key in resolved.skipped:
         if _per_rank(manifest, key) and manifest.world_size != world_size:
             lp.mismatched.append(key)
             lp.problems.append(_per_rank_message(key, manifest.world_size, world_size))
     return lp
+
+
+def _plan_tensor_leaf(
+    lp: LoadPlan, manifest: Manifest, leaf: TensorLeaf, rank: int, world_size: int
+) -> None:
+    entry = manifest.tensors.get(leaf.key)
+    if entry is None:
+        if leaf.key in manifest.values:
+            lp.mismatched.append(leaf.key)
+            lp.problems.append(f"{leaf.key!r}: saved as a non-tensor value, requested a tensor")
+        else:
+            lp.missing.append(leaf.key)
+        return
+    t = leaf.tensor
+    want_dtype, want_shape = dtype_name(t.dtype), tuple(t.shape)
+    if entry.dtype != want_dtype or entry.shape != want_shape:
+        lp.mismatched.append(leaf.key)
+        lp.problems.append(
+            f"{leaf.key!r}: saved {entry.dtype}{list(entry.shape)}, requested "
+            f"{want_dtype}{list(want_shape)}"
+        )
+        return
+    chunks = entry.chunks
+    if entry.per_rank:
+        if manifest.world_size != world_size:
+            lp.mismatched.append(leaf.key)
+            lp.problems.append(_per_rank_message(leaf.key, manifest.world_size, world_size))
+            return
+        chunks = tuple(c for c in chunks if c.rank == rank)
+    dests = dtensor_chunks(t) if is_dtensor(t) else [(Box((0,) * len(want_shape), want_shape), t)]
+    _plan_tensor(lp, leaf.key, entry, chunks, dests)
+
+
+def _plan_value_leaf(
+    lp: LoadPlan,
+    manifest: Manifest,
+    v: ValueLeaf,
+    rank: int,
+    world_size: int,
+    *,
+    allow_pickle: bool,
+) -> None:
+    ventry = manifest.values.get(v.key)
+    if ventry is None:
+        if v.key in manifest.tensors:
+            lp.mismatched.append(v.key)
+            lp.problems.append(f"{v.key!r}: saved as a tensor, requested a non-tensor value")
+        else:
+            lp.missing.append(v.key)
+        return
+    if ventry.per_rank is not None:
+        if manifest.world_size != world_size:
+            lp.mismatched.append(v.key)
+            lp.problems.append(_per_rank_message(v.key, manifest.world_size, world_size))
+            return
+        if rank not in ventry.per_rank:
+            lp.missing.append(v.key)
+            return
+        data = ventry.per_rank[rank]
+    else:
+        data = ventry.value
+    lp.values.append((v.set, decode_value(data, v.key, allow_pickle=allow_pickle)))
 
 
 _SKIP = object()  # what a saved key this rank cannot take builds to
@@ -313,149 +309,3 @@ def check_files(storage: Storage, manifest: Manifest, names: set[str]) -> None:
                 f"data file {storage.location}/{name} has {size} bytes, the manifest promises "
                 f"{expected}; the file was truncated or replaced"
             )
-
-
-def load(
-    state: Mapping[str, Any],
-    path: Any,
-    *,
-    process_group: Any = None,
-    strict: bool = True,
-    timeout: float = DEFAULT_TIMEOUT,
-    allow_pickle: bool = False,
-    storage_options: dict[str, Any] | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-) -> LoadResult:
-    check_collective(
-        state=state,
-        path=path,
-        process_group=process_group,
-        timeout=timeout,
-        storage_options=storage_options,
-        allow_pickle=allow_pickle,
-    )
-    check_bool("strict", strict)
-    check_int("memory_budget", memory_budget, minimum=1)
-    coord = coordinator_for(process_group, timeout=timeout)
-    from dckpt.interop._dcp import is_dcp_checkpoint, load_dcp  # a torch DCP directory
-
-    if is_dcp_checkpoint(path, storage_options):
-        return load_dcp(
-            state,
-            path,
-            coord,
-            strict=strict,
-            allow_pickle=allow_pickle,
-            storage_options=storage_options,
-            memory_budget=memory_budget,
-        )
-    ctx: dict[str, Any] = {}
-
-    def local_prepare() -> int:
-        storage = open_storage(path, storage_options)
-        manifest, raw = read_manifest(storage)
-        saved = Saved(
-            manifest, coord.rank, coord.world_size, allow_pickle=allow_pickle, storage=storage
-        )
-        resolved = resolve(state, strict=strict, saved=saved)
-        lp = plan_load(manifest, resolved, coord.rank, coord.world_size, allow_pickle=allow_pickle)
-        unexpected = sorted(
-            (set(manifest.tensors) | set(manifest.values)) - resolved.keys() - set(lp.mismatched)
-        )
-        if strict and (lp.missing or lp.problems):
-            raise StateMismatchError(_mismatch_message(storage.location, lp, unexpected))
-        check_files(storage, manifest, lp.files)
-        ctx.update(storage=storage, manifest=manifest, resolved=resolved, plan=lp)
-        ctx["result"] = LoadResult(
-            tuple(sorted(lp.missing)), tuple(unexpected), tuple(sorted(lp.mismatched))
-        )
-        return int(crc32c.crc32c(raw))
-
-    with paused_gc():
-        coord.exchange(
-            "load-plan",
-            local_prepare,
-            lambda digests: require_same(digests, "manifests", ctx["storage"].location),
-        )
-
-    def local_read() -> None:
-        lp: LoadPlan = ctx["plan"]
-        manifest: Manifest = ctx["manifest"]
-        execute_reads(
-            ctx["storage"],
-            lp.tasks,
-            block_bytes=manifest.block_bytes,
-            memory_budget=memory_budget,
-            max_threads=_read_threads(),
-        )
-        apply_loaded(lp.values, ctx["resolved"])
-
-    coord.exchange("load-read", local_read)
-    result: LoadResult = ctx["result"]
-    return result
-
-
-def apply_loaded(values: list[tuple[Any, object]], resolved: Resolved) -> None:
-    """Once the tensors are in: put the non-tensor values back, then let every Stateful
-    object (modules and optimizers through torch's helpers) take its state dict."""
-    for setter, value in values:
-        setter(value)
-    for finish in resolved.finish:
-        finish()
-
-
-def require_same(digests: list[int], what: str, location: str) -> None:
-    """Rank 0's check that every rank read the same bytes of the checkpoint's index."""
-    if len(set(digests)) > 1:
-        raise CorruptCheckpointError(
-            f"ranks read different {what} at {location}: the checkpoint was replaced during "
-            "the load; load again"
-        )
-
-
-def _read_threads() -> int:
-    return max(2, min(8, (os.cpu_count() or 2) * 2))
-
-
-def _mismatch_message(location: str, lp: LoadPlan, unmatched: Collection[str] = ()) -> str:
-    """``unmatched``: saved keys nothing asked for, the candidates for a misspelt key."""
-    lines = [f"the state does not match the checkpoint at {location}:"]
-    if lp.missing:
-        suggest = _suggester(unmatched)
-        shown = ", ".join(repr(k) + suggest(k) for k in sorted(lp.missing)[:20])
-        more = f" (and {len(lp.missing) - 20} more)" if len(lp.missing) > 20 else ""
-        lines.append(f"  missing from the checkpoint: {shown}{more}")
-    lines.extend(f"  {p}" for p in lp.problems[:20])
-    if len(lp.problems) > 20:
-        lines.append(f"  ... and {len(lp.problems) - 20} more")
-    lines.append("Pass strict=False to load what matches and get the rest in the result.")
-    return "\n".join(lines)
-
-
-_NEAR = 256  # saved keys compared per misspelt key, each side of where it would sort
-
-
-def _suggester(unmatched: Collection[str]) -> Callable[[str], str]:
-    """``key -> " (did you mean 'x'?)"`` naming the closest unmatched saved keys, or "".
-
-    difflib costs tens of microseconds a candidate, too slow for every key of a big
-    checkpoint: compare only the keys that sort next to the misspelt one, forwards (a
-    typo late in the key) and backwards (a typo early in it)."""
-    keys = sorted(unmatched)
-    rev = sorted(k[::-1] for k in keys) if len(keys) > 4 * _NEAR else []
-
-    def suggest(key: str) -> str:
-        if rev:
-            pool = {*_around(keys, key)} | {k[::-1] for k in _around(rev, key[::-1])}
-            near = sorted(pool)
-        else:
-            near = keys
-        close = difflib.get_close_matches(key, near, n=3, cutoff=0.6)
-        return f" (did you mean {' or '.join(repr(k) for k in close)}?)" if close else ""
-
-    return suggest
-
-
-def _around(keys: list[str], key: str) -> list[str]:
-    i = bisect.bisect_left(keys, key)
-    return keys[max(0, i - _NEAR) : i + _NEAR]

@@ -1,52 +1,23 @@
 """``CheckpointManager``: numbered checkpoints under one root, with retention and cleanup.
 
-Layout: ``<root>/step-<n>/`` is an ordinary dckpt checkpoint. New steps are written as
-``step-{n:08d}`` so that a plain listing sorts by step; unpadded ``step-<n>`` names are
-read too. A step counts only once committed (its ``manifest.json`` exists and is a valid
-manifest), so a crashed save is never picked up as the latest.
-
-Every method is collective where it touches checkpoints (``save``, ``load``, ``wait``);
-listing is done by each rank on its own. Deletions happen on rank 0 only; a save returns
-on every rank once rank 0 has applied them, so every rank then lists the same steps. All
-access goes through :mod:`dckpt.storage._base`, so roots may be URLs as well as local paths.
-
-Cleanup deletes only what is provably dead, so that several managers (or jobs) sharing a
-root never delete each other's saves in progress:
-
-- Local filesystems: for the whole save of a step, rank 0 holds a shared ``flock`` on
-  ``<step>/.dckpt.writing`` (see :mod:`dckpt._tidy`). A cleanup touches a step (deletes
-  it, or the data of killed saves inside it) only while it holds that lock exclusively,
-  which it gets only when no live manager is saving the step: the kernel drops a dead
-  process's lock. Files under a step written by something else than a manager (a plain
-  ``dckpt.save`` into a step directory) are not protected by the lock.
-- Object stores, and filesystems without ``flock`` (no lock to ask): an uncommitted step
-  is deleted when this manager's own save of it failed, or when every data directory in
-  it is named by a save id planned more than ``max(2 x timeout, 1 hour)`` ago; one whose
-  data cannot be dated that way is never deleted automatically. Inside committed steps,
-  the data of saves planned before the committed one, or beyond that grace period, goes.
-
-Uncommitted steps are removed by the save of a later step only (a higher-numbered one may
-be another job's save in progress); corrupt manifests are never deleted, so they can be
-inspected.
-
-Rollback: saving step ``s`` while committed steps newer than ``s`` exist means the run was
-rolled back (it loaded an older step, or restarted from scratch). The newer steps belong
-to the abandoned timeline; they would otherwise shadow the new one as the latest step,
-and retention would delete the new steps first. So once ``s`` has committed, rank 0
-deletes every committed step newer than ``s`` (logging their numbers at INFO level), and
-retention then counts from ``s``. The step just saved is never removed by its own
-retention.
+``save``, ``load`` and ``wait`` are collective; listing is done by each rank on its own.
+Deletions happen on rank 0 only; a save returns on every rank once rank 0 has applied
+them, so every rank then lists the same steps. Naming, listing, retention and the cleanup
+policy (what is provably dead) live in :mod:`dckpt._steps`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
+import torch.distributed as dist
+
+from dckpt import _api, _async, _save
 from dckpt._args import (
     check_bool,
     check_int,
@@ -56,169 +27,126 @@ from dckpt._args import (
     check_state,
     check_timeout,
 )
+from dckpt._async import AsyncSaveHandle
 from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
-from dckpt._errors import CheckpointError, CorruptCheckpointError
-from dckpt._format import DATA_DIR, MANIFEST_NAME, Manifest, manifest_from_bytes
+from dckpt._errors import ArgumentTypeError, CheckpointError
+from dckpt._steps import (
+    StepEntry,
+    StepListing,
+    join_path,
+    remove_dead,
+    retained_steps,
+    retire,
+    scan_root,
+    step_name,
+)
 from dckpt._tidy import StepCleaner, WriterMarker
-from dckpt.storage._base import Storage, open_storage
+from dckpt.storage import open_storage
+
+# The CLI and the tests take the step helpers from here as well as from dckpt._steps.
+__all__ = ["CheckpointManager", "StepEntry", "retained_steps", "scan_root", "step_name"]
 
 log = logging.getLogger("dckpt")
 
-# A torch DCP checkpoint in a step directory (a job switching to dckpt): not ours to delete.
-_DCP_METADATA = ".metadata"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
-def step_name(step: int) -> str:
-    """The directory name a new save of ``step`` gets (zero-padded: listings sort by step)."""
-    return f"step-{step:08d}"
+def _step_by_keyword(method: _Method) -> _Method:
+    """Refuse a step passed by position (``load(state, 7)``): the order of ``save(step,
+    state)`` would make it easy to swap them, so ``load`` takes the step only by keyword."""
 
+    @functools.wraps(method)
+    def checked(self: CheckpointManager, state: object, *extra: object, **kwargs: Any) -> Any:
+        if extra:
+            raise ArgumentTypeError(
+                f"CheckpointManager.{method.__name__}() takes the step by keyword only: call "
+                f"{method.__name__}(state, step={extra[0]!r}); got {len(extra)} positional "
+                f"argument(s) after state"
+            )
+        return method(self, state, **kwargs)
 
-def parse_step(name: str) -> int | None:
-    """The step number of a ``step-<n>`` directory name (padded or not), else None."""
-    m = _STEP_DIR.match(name)
-    return int(m.group(1)) if m else None
-
-
-@dataclass(frozen=True, slots=True)
-class StepEntry:
-    """One ``step-<n>`` directory under a root, committed or not.
-
-    ``status`` is ``"committed"``, ``"incomplete"`` (no manifest: a save that never
-    committed), ``"corrupt"`` (a manifest that does not parse; never deleted
-    automatically, so it can be inspected) or ``"foreign"`` (a torch DCP checkpoint; never
-    deleted or loaded by the manager). ``size`` counts data bytes: the manifest's
-    files when committed, whatever is on storage otherwise (only with ``sizes=True``).
-    """
-
-    step: int
-    name: str
-    status: str
-    created: float | None = None
-    size: int | None = None
-    save_id: str | None = None
-    data_ids: tuple[str, ...] = ()
-    error: str = ""
-
-    @property
-    def committed(self) -> bool:
-        return self.status == "committed"
-
-
-def join_path(root: str, name: str) -> str:
-    """``root/name`` for local paths and URLs alike."""
-    if "://" in root:
-        return f"{root.rstrip('/')}/{name}"
-    return os.path.join(root, name)
-
-
-def scan_root(
-    root: Any, storage_options: dict[str, Any] | None = None, *, sizes: bool = False
-) -> list[StepEntry]:
-    """Every ``step-<n>`` directory under ``root``, ascending by step.
-
-    When two directories spell the same step (``step-7`` and ``step-00000007``) the
-    committed one wins, then the zero-padded one.
-    """
-    storage = open_storage(root, storage_options)
-    return _scan(storage, sizes=sizes)
-
-
-def _scan_all(storage: Storage, *, sizes: bool = False) -> list[StepEntry]:
-    """Every step directory, including several spellings of one step."""
-    if not storage.exists():
-        return []
-    files: dict[str, list[str]] = {}
-    for name in storage.list(""):
-        head, _, rest = name.partition("/")
-        if rest and parse_step(head) is not None:
-            files.setdefault(head, []).append(rest)
-    return [_entry(storage, name, rels, sizes) for name, rels in sorted(files.items())]
-
-
-def _scan(storage: Storage, *, sizes: bool = False) -> list[StepEntry]:
-    entries = _scan_all(storage, sizes=sizes)
-    best: dict[int, StepEntry] = {}
-    for e in entries:
-        prior = best.get(e.step)
-        if prior is None or _rank(e) > _rank(prior):
-            best[e.step] = e
-    return [best[s] for s in sorted(best)]
-
-
-def _rank(e: StepEntry) -> tuple[bool, bool]:
-    return (e.committed, e.name == step_name(e.step))
-
-
-def _entry(storage: Storage, name: str, rels: list[str], sizes: bool) -> StepEntry:
-    step = parse_step(name)
-    assert step is not None
-    data_ids = tuple(
-        sorted(
-            {r.split("/")[1] for r in rels if r.startswith(f"{DATA_DIR}/") and r.count("/") >= 2}
-        )
-    )
-    if MANIFEST_NAME not in rels and _DCP_METADATA in rels:
-        return StepEntry(step, name, "foreign", data_ids=data_ids)
-    if MANIFEST_NAME not in rels:
-        size = sum(storage.size(f"{name}/{r}") or 0 for r in rels) if sizes else None
-        return StepEntry(step, name, "incomplete", size=size, data_ids=data_ids)
-    try:
-        manifest = _read_manifest(storage, name)
-    except CheckpointError as exc:
-        return StepEntry(step, name, "corrupt", data_ids=data_ids, error=str(exc))
-    return StepEntry(
-        step,
-        name,
-        "committed",
-        created=manifest.created,
-        size=manifest.total_bytes,
-        save_id=manifest.save_id,
-        data_ids=data_ids,
-    )
-
-
-def _read_manifest(storage: Storage, name: str) -> Manifest:
-    source = f"{storage.location}/{name}/{MANIFEST_NAME}"
-    raw = storage.read_file(f"{name}/{MANIFEST_NAME}")
-    if raw is None:  # deleted between listing and reading
-        raise CorruptCheckpointError(f"{source} disappeared while reading it")
-    return manifest_from_bytes(raw, source=source)
+    return cast(_Method, checked)
 
 
 @dataclass
 class _InFlight:
     """An async save of this manager that has not been waited for yet."""
 
-    handle: Any
+    handle: AsyncSaveHandle
     step: int
     name: str
     marker: WriterMarker | None
 
 
-class CheckpointManager:
-    """Saves numbered steps under ``root``; keeps the newest ``keep_last`` (plus every
-    ``keep_every``-th step); loads the latest committed one.
+class CheckpointManager(StepListing):
+    """Numbered checkpoints under one root, with retention, rollback and crash cleanup.
 
-    ``save`` overwrites a step that is already committed (the old copy stays loadable
-    until the new one commits). With ``async_save=True`` a save returns once the state
-    is staged and the previous async save (if any) has finished; its retention runs when
-    it has committed, at the next ``save`` or at ``wait``. In async mode ``load`` also
-    reserves the staging memory (:func:`dckpt.prepare_async_save`), so that the first save
-    blocks no longer than later ones.
+    Each step is an ordinary dckpt checkpoint in ``<root>/step-<n>/`` (``step-00000042``:
+    listings sort by step), which [`dckpt.load`][dckpt.load] and the command line read
+    too. A step counts once committed, so a crashed save is never taken for the latest.
+    ``save``, ``load`` and ``wait`` are collective (every rank calls them, in the same
+    order); the listing methods work on each rank alone.
 
-    Rollback: saving step ``s`` while committed steps newer than ``s`` exist (after
-    ``load(state, step=s0)`` with ``s0 < s``, or a run restarted from scratch in the same
-    root) abandons those newer steps: once ``s`` has committed they are deleted (rank 0,
-    logged at INFO level), so that ``latest_step()`` and ``load()`` resume from ``s``, and
-    retention counts from ``s``. The step just saved is never deleted by its own
-    retention. If the process dies between the commit of ``s`` and that deletion, the
-    newer steps are still there and the next start resumes from them.
+    Retention: once a save has committed, rank 0 keeps the newest ``keep_last`` steps and
+    the multiples of ``keep_every``, and deletes the other committed steps; the step just
+    saved is never deleted by its own retention. Saving a step that exists overwrites it;
+    the old copy stays loadable until the new one commits.
 
-    Several managers may share a root: a cleanup deletes only steps and files whose
-    writers are provably gone (see the module docstring). Their retention and rollback
-    deletions still apply to every step under the root, so jobs that must keep their
-    own steps need their own roots.
+    Rollback: saving step ``s`` while newer committed steps exist (after
+    ``load(state, step=s0)``, or a run restarted from scratch in the same root) abandons
+    them: once ``s`` commits they are deleted (logged at INFO level), so that
+    [`latest_step`][dckpt.CheckpointManager.latest_step] and ``load`` resume from ``s``.
+
+    Async mode: ``save`` returns once the state is copied to host memory and the previous
+    async save has finished; writing, commit and retention complete in the background
+    (seen at the next ``save``, ``load`` or ``wait``). ``load`` also reserves the staging
+    memory ([`dckpt.prepare_async_save`][dckpt.prepare_async_save]) for the first save.
+
+    Managers may share a root: cleanup deletes only what is provably dead (a step whose
+    saving process is gone, data older than ``max(2 x timeout, 1 hour)`` on object
+    stores), but retention and rollback apply to every step, so separate jobs need
+    separate roots.
+
+    Args:
+        root: The directory (or fsspec URL, such as ``s3://bucket/run``) that holds the
+            steps. Created by the first save.
+        keep_last: How many of the newest committed steps to keep; None keeps every step.
+        keep_every: Also keep every step that is a multiple of this (for example 1000,
+            to keep a long-term history); None keeps no extra steps.
+        async_save: Save in the background ([`dckpt.async_save`][dckpt.async_save]); see
+            above.
+        process_group: The ranks that save and load together; None means the default
+            group, or one plain process when ``torch.distributed`` is not initialized.
+        storage_options: Options for the storage backend of a URL root (endpoint,
+            credentials profile, ``{"dckpt": {...}}`` tuning), as for
+            [`dckpt.save`][dckpt.save].
+        timeout: Seconds each collective step waits for the other ranks before raising
+            [`CheckpointTimeoutError`][dckpt.CheckpointTimeoutError].
+        durable: Flush every file to stable storage (fsync) before a save commits. False
+            is faster and fits scratch runs: a power loss or kernel crash may then lose
+            or damage the latest steps (a load detects damage by checksum).
+        allow_pickle: Let saves pickle values that are not tensors or plain data, and let
+            loads unpickle them. Only for checkpoints you trust: unpickling runs code.
+
+    Raises:
+        ArgumentError: An argument has a bad value (``keep_last=-1``); the message
+            names it. Nothing is created.
+        ArgumentTypeError: An argument has the wrong type (``keep_last="3"``).
+
+    Example:
+        ```python
+        import dckpt
+
+        manager = dckpt.CheckpointManager("runs/exp1", keep_last=3, keep_every=1000)
+        state = {"model": model, "optimizer": optimizer, "step": 0}
+        start = manager.load(state)  # None on a fresh start
+        for step in range(0 if start is None else start + 1, 10_000):
+            train_one_step(model, optimizer)
+            state["step"] = step
+            if step % 500 == 0:
+                manager.save(step, state)
+        manager.wait()
+        ```
     """
 
     def __init__(
@@ -228,9 +156,11 @@ class CheckpointManager:
         keep_last: int | None = 3,
         keep_every: int | None = None,
         async_save: bool = False,
-        process_group: Any = None,
+        process_group: dist.ProcessGroup | None = None,
         storage_options: dict[str, Any] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        durable: bool = True,
+        allow_pickle: bool = False,
     ) -> None:
         check_path(root, "root")
         check_int("keep_last", keep_last, minimum=0, optional=True)
@@ -239,6 +169,8 @@ class CheckpointManager:
         check_process_group(process_group)
         check_options(storage_options)
         check_timeout(timeout)
+        check_bool("durable", durable)
+        check_bool("allow_pickle", allow_pickle)
         self.root = os.fspath(root)
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -246,46 +178,45 @@ class CheckpointManager:
         self.process_group = process_group
         self.storage_options = storage_options
         self.timeout = timeout
+        self.durable = durable
+        self.allow_pickle = allow_pickle
         self._storage = open_storage(self.root, storage_options)
         self._cleaner = StepCleaner(self._storage, timeout=timeout)
         self._inflight: _InFlight | None = None
         self._abandoned: set[int] = set()  # steps whose save by this manager failed
 
-    # -- listing ----------------------------------------------------------------------
-
-    def entries(self) -> list[StepEntry]:
-        """Every step directory, committed or not (see :func:`scan_root`)."""
-        return _scan(self._storage)
-
-    def steps(self) -> list[int]:
-        """Committed steps, ascending. Leftovers of crashed saves are not listed."""
-        return [e.step for e in self.entries() if e.committed]
-
-    def latest_step(self) -> int | None:
-        """The step a resumed job should load: the newest committed one (after a rollback,
-        the newer steps of the abandoned run are gone once the rolled-back save commits)."""
-        steps = self.steps()
-        return steps[-1] if steps else None
-
-    def path_of(self, step: int) -> str:
-        """Where ``step`` lives: its existing directory (committed preferred), else the
-        zero-padded name."""
-        return join_path(self.root, self._name_of(step))
-
-    def _name_of(self, step: int) -> str:
-        for e in self.entries():
-            if e.step == step:
-                return e.name
-        return step_name(step)
-
     # -- saving -----------------------------------------------------------------------
 
     def save(self, step: int, state: Mapping[str, Any]) -> None:
-        """Save ``state`` as ``step`` (collective), then apply rollback and retention on
-        rank 0; returns on every rank once those deletions are done.
+        """Save ``state`` as ``step``, then apply rollback and retention (collective).
 
-        In async mode this first finishes the previous async save, raising its error if
-        it failed (this save is then not started).
+        Every rank calls it with its own state. Before saving, rank 0 removes what crashed
+        saves of older steps left, where provably dead; after the commit it deletes the
+        steps that rollback and retention drop, and every rank returns once that is done,
+        so that all ranks list the same steps. In async mode it first waits for the
+        previous async save, raising its error if it failed (this save is then not
+        started), and returns once ``state`` is copied to host memory.
+
+        Args:
+            step: The step number, 0 or more.
+            state: What to save: a dict whose values are modules, optimizers, tensors,
+                DTensors, Stateful objects and plain values, as for
+                [`dckpt.save`][dckpt.save].
+
+        Raises:
+            ArgumentError: ``step`` is negative, or another argument is bad.
+            ArgumentTypeError: ``step`` is not an int, or ``state`` not a dict.
+            UnsupportedStateError: A value in ``state`` cannot be saved (the message names
+                its key).
+            StorageError: Writing failed (disk full, permissions, the object store).
+            RankFailureError: The save failed on another rank (``.failures`` holds each
+                rank's error).
+            CheckpointTimeoutError: A rank did not arrive within ``timeout``.
+
+        Example:
+            ```python
+            manager.save(step, {"model": model, "optimizer": optimizer, "step": step})
+            ```
         """
         check_int("step", step, minimum=0)
         check_state(state)
@@ -297,21 +228,19 @@ class CheckpointManager:
         options: dict[str, Any] = {
             "process_group": self.process_group,
             "overwrite": True,
+            "durable": self.durable,
             "timeout": self.timeout,
+            "allow_pickle": self.allow_pickle,
             "storage_options": self.storage_options,
         }
         try:
             if rank == 0:
                 self._cleanup(saving=step)
             if self.async_save:
-                from dckpt import _async
-
                 handle = _async.async_save(state, path, **options)
                 self._inflight = _InFlight(handle, step, name, marker)
                 return
-            from dckpt._save import save
-
-            save(state, path, **options)
+            _save.save(state, path, **options)
         except BaseException:
             if rank == 0:
                 self._abandon(step, name, marker)
@@ -319,9 +248,24 @@ class CheckpointManager:
         self._committed(step, marker)
 
     def wait(self) -> None:
-        """Block until the in-flight async save (if any) has committed; apply retention.
+        """Wait until the in-flight async save (if any) has committed, then apply retention.
 
-        Raises that save's error, if it failed (the manager is usable again afterwards).
+        Collective in async mode: every rank calls it. A no-op when nothing is in flight
+        (always, in sync mode). Call it at the end of training, so that the last
+        step is committed, retention applied, and a failure raised here; a normal exit of
+        the interpreter completes the save too, but applies no retention.
+
+        Raises:
+            StorageError: The async save failed writing (the manager is usable again
+                afterwards; the step is not committed).
+            RankFailureError: The async save failed on another rank.
+            CheckpointTimeoutError: A rank did not arrive within ``timeout``.
+
+        Example:
+            ```python
+            manager.save(final_step, state)
+            manager.wait()  # the final step is committed
+            ```
         """
         self._finish_pending()
 
@@ -361,13 +305,47 @@ class CheckpointManager:
             )
 
     # -- loading ----------------------------------------------------------------------
-    def load(
-        self, state: Mapping[str, Any], step: int | None = None, *, strict: bool = True
-    ) -> int | None:
-        """Load ``step`` (default: the latest committed one) into ``state``; return the step.
 
-        Returns None, leaving ``state`` untouched, when no step has committed yet. Ranks
-        agree on the step through rank 0, so they never load different ones.
+    @_step_by_keyword
+    def load(
+        self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True
+    ) -> int | None:
+        """Load a committed step into ``state`` in place (collective); return its number.
+
+        Every rank calls it with its own state (built as for training, under any world
+        size or sharding). Rank 0 picks the step and tells the others, so ranks never
+        load different steps. In async mode this first waits for the in-flight save,
+        and afterwards reserves the staging memory for the next save.
+
+        Args:
+            state: The dict to load into, as for [`dckpt.load`][dckpt.load]: its tensors
+                are filled in place, Stateful objects get ``load_state_dict``, plain
+                values are replaced.
+            step: The step to load (keyword only); None loads the latest committed one.
+            strict: When True, a key of ``state`` that the checkpoint lacks, or a
+                shape or dtype that differs, raises; when False, whatever matches loads.
+
+        Returns:
+            The step loaded, or None when no step has committed yet (``state`` is then
+            left untouched: a fresh start).
+
+        Raises:
+            ArgumentTypeError: ``step`` was passed by position (``load(state, 7)``), is
+                not an int, or ``state`` is not a dict.
+            ArgumentError: ``step`` is negative.
+            CheckpointNotFoundError: ``step`` was given and has no committed checkpoint.
+            StateMismatchError: With ``strict=True``, keys are absent or shapes/dtypes
+                differ; the message names every such key.
+            CorruptCheckpointError: The step's data fails its checksums.
+            RankFailureError: The load failed on another rank.
+            CheckpointTimeoutError: A rank did not arrive within ``timeout``.
+
+        Example:
+            ```python
+            state = {"model": model, "optimizer": optimizer, "step": 0}
+            step = manager.load(state)  # the latest; or manager.load(state, step=1000)
+            start = 0 if step is None else step + 1
+            ```
         """
         check_state(state)
         check_int("step", step, minimum=0, optional=True)
@@ -383,23 +361,20 @@ class CheckpointManager:
 
         target = coord.exchange("manager-pick", local, lambda picks: picks[0])
         if target is not None:
-            from dckpt._load import load
-
-            load(
+            _api.load(
                 state,
                 target[1],
                 process_group=self.process_group,
                 strict=strict,
                 timeout=self.timeout,
+                allow_pickle=self.allow_pickle,
                 storage_options=self.storage_options,
             )
         if self.async_save:
             # The state is complete now: get the staging memory ready before the first save.
             # Best effort: whatever stops it stops the first save too, and is raised there.
-            from dckpt._async import prepare_async_save
-
             try:
-                prepare_async_save(state)
+                _async.prepare_async_save(state)
             except CheckpointError as exc:
                 log.warning("could not reserve staging memory for async saves: %s", exc)
         return None if target is None else int(target[0])
@@ -407,10 +382,9 @@ class CheckpointManager:
     # -- deleting (rank 0) ------------------------------------------------------------
 
     def _rank(self) -> int:
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return 0
+        return int(dist.get_rank(self.process_group))
         return int(dist.get_rank(self.process_group))
 
     def _busy(self) -> set[int]:
@@ -422,61 +396,21 @@ class CheckpointManager:
         self._cleaner.abandon(name, marker)
 
     def _cleanup(self, *, saving: int) -> None:
-        """Remove what crashed saves left, where provably dead: uncommitted steps older
-        than ``saving``, and data directories inside committed steps that their manifest
-        does not reference."""
-        busy = self._busy() | {saving}
-        for e in _scan_all(self._storage):
-            if e.step in busy:
-                continue
-            if e.status == "incomplete" and e.step < saving:
-                abandoned = e.step in self._abandoned
-                self._cleaner.remove_dead_step(e.name, e.data_ids, abandoned=abandoned)
-            elif e.committed and e.save_id is not None and set(e.data_ids) - {e.save_id}:
-                self._cleaner.tidy_step(e.name, e.data_ids, e.save_id)
+        remove_dead(
+            self._storage,
+            self._cleaner,
+            saving=saving,
+            busy=self._busy(),
+            abandoned=self._abandoned,
+        )
         self._abandoned = {s for s in self._abandoned if s >= saving}
 
     def _retire(self, *, saved: int) -> None:
-        """After ``saved`` committed: delete the committed steps newer than it (an abandoned
-        timeline), then those beyond the retention policy counted from ``saved``."""
-        committed = [e for e in self.entries() if e.committed]
-        busy = self._busy()
-        newer = [e for e in committed if e.step > saved and e.step not in busy]
-        removed = [e.step for e in newer if self._cleaner.delete_if_free(e.name)]
-        if removed:
-            log.info(
-                "step %d was saved after steps %s under %s: the run was rolled back, so those "
-                "steps of the abandoned run were deleted",
-                saved,
-                ", ".join(map(str, removed)),
-                self._storage.location,
-            )
-        if len(removed) < len(newer):
-            log.warning(
-                "steps %s under %s are newer than the step just saved (%d) but could not be "
-                "deleted (another job is writing them, or deleting failed); they stay the "
-                "latest steps until removed",
-                ", ".join(str(e.step) for e in newer if e.step not in removed),
-                self._storage.location,
-                saved,
-            )
-        older = [e for e in committed if e.step <= saved]
-        keep = retained_steps(
-            [e.step for e in older], keep_last=self.keep_last, keep_every=self.keep_every
+        retire(
+            self._storage,
+            self._cleaner,
+            saved=saved,
+            busy=self._busy(),
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
         )
-        keep.add(saved)
-        for e in older:
-            if e.step not in keep and e.step not in busy:
-                self._cleaner.delete_if_free(e.name)
-
-
-def retained_steps(steps: list[int], *, keep_last: int | None, keep_every: int | None) -> set[int]:
-    """The committed steps a retention policy keeps (always including the newest)."""
-    if not steps:
-        return set()
-    ordered = sorted(steps)
-    keep = set(ordered) if keep_last is None else set(ordered[max(0, len(ordered) - keep_last) :])
-    if keep_every is not None:
-        keep |= {s for s in ordered if s % keep_every == 0}
-    keep.add(ordered[-1])
-    return keep

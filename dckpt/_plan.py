@@ -8,7 +8,9 @@ instead of piling it on rank 0.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,9 +24,11 @@ from dckpt._format import (
     TensorEntry,
     ValueEntry,
     align,
+    data_dir,
+)
+from dckpt._manifest_text import (
     assemble,
     chunk_tail_text,
-    data_dir,
     ints_text,
     json_str,
     tensor_tail_text,
@@ -116,14 +120,42 @@ class FileResult:
     crcs: tuple[tuple[int, ...], ...]  # per item, in the file plan's order
 
 
+_Holders = dict[str, dict[Box, list[tuple[int, tuple[int, ...] | None]]]]
+_Job = tuple[int, str, Box, tuple[int, ...], bool]  # nbytes, key, box, candidates, per rank
+
+
 def plan_save(
     offers: Sequence[RankOffer], save_id: str, *, layout: FileLayout = LOCAL_LAYOUT
 ) -> SavePlan:
     """Decide, for every chunk any rank holds, which rank writes it to which file and offset."""
     world = len(offers)
+    tensors, holders, sharded = _collect(offers)
+    jobs = _jobs(tensors, holders, sharded)
+    # Greedy balance by bytes: largest first, to the least-loaded holder.
+    jobs.sort(key=lambda j: (-j[0], j[1], j[2].offsets))
+    load = [0] * world
+    assigned: list[list[tuple[str, Box, int, bool]]] = [[] for _ in range(world)]
+    for nbytes, key, box, cands, per_rank in jobs:
+        writer = min(cands, key=lambda r: (load[r], r))
+        load[writer] += nbytes
+        assigned[writer].append((key, box, nbytes, per_rank))
+
+    ranks = tuple(_layout_rank(save_id, r, assigned[r], layout) for r in range(world))
+    values = _plan_values(offers)
+    clash = set(values) & set(tensors)
+    if clash:
+        key = sorted(clash)[0]
+        raise UnsupportedStateError(f"key {key!r} is a tensor on some ranks and a value on others")
+    return SavePlan(save_id, world, ranks, tensors, values)
+
+
+def _collect(
+    offers: Sequence[RankOffer],
+) -> tuple[dict[str, TensorMeta], _Holders, dict[str, bool]]:
+    """Every tensor's metadata (checked equal across ranks) and, per chunk box, its holders
+    with their checksums, in rank order."""
     tensors: dict[str, TensorMeta] = {}
-    # key -> (box -> list of (rank, crc)) in rank order
-    holders: dict[str, dict[Box, list[tuple[int, tuple[int, ...] | None]]]] = {}
+    holders: _Holders = {}
     sharded: dict[str, bool] = {}
     first_rank: dict[str, int] = {}
     for offer in offers:
@@ -144,9 +176,15 @@ def plan_save(
             boxes = holders.setdefault(t.key, {})
             for c in t.chunks:
                 boxes.setdefault(c.box, []).append((offer.rank, c.crc))
+    return tensors, holders, sharded
 
-    # Unique chunks with their candidate writers.
-    jobs: list[tuple[int, str, Box, tuple[int, ...], bool]] = []
+
+def _jobs(
+    tensors: dict[str, TensorMeta], holders: _Holders, sharded: dict[str, bool]
+) -> list[_Job]:
+    """Unique chunks with their candidate writers; a plain tensor whose holders disagree
+    becomes per-rank (each holder writes its own copy), which ``tensors`` records."""
+    jobs: list[_Job] = []
     for key, boxes in holders.items():
         meta = tensors[key]
         itemsize = DTYPE_ITEMSIZE[meta.dtype]
@@ -162,23 +200,7 @@ def plan_save(
                     jobs.append((nbytes, key, box, (rank,), True))
             else:
                 jobs.append((nbytes, key, box, tuple(r for r, _ in hs), False))
-
-    # Greedy balance by bytes: largest first, to the least-loaded holder.
-    jobs.sort(key=lambda j: (-j[0], j[1], j[2].offsets))
-    load = [0] * world
-    assigned: list[list[tuple[str, Box, int, bool]]] = [[] for _ in range(world)]
-    for nbytes, key, box, cands, per_rank in jobs:
-        writer = min(cands, key=lambda r: (load[r], r))
-        load[writer] += nbytes
-        assigned[writer].append((key, box, nbytes, per_rank))
-
-    ranks = tuple(_layout_rank(save_id, r, assigned[r], layout) for r in range(world))
-    values = _plan_values(offers)
-    clash = set(values) & set(tensors)
-    if clash:
-        key = sorted(clash)[0]
-        raise UnsupportedStateError(f"key {key!r} is a tensor on some ranks and a value on others")
-    return SavePlan(save_id, world, ranks, tensors, values)
+    return jobs
 
 
 def _layout_rank(
@@ -213,8 +235,6 @@ def _layout_rank(
 
 def structure_key(offer: RankOffer) -> bytes:
     """A digest of what a rank holds, ignoring contents: equal digests, reusable plan."""
-    import hashlib
-    import pickle
 
     shape = tuple(
         (t.key, t.dtype, t.shape, t.sharded, tuple(c.box for c in t.chunks)) for t in offer.tensors

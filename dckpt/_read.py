@@ -9,7 +9,6 @@ scratch, so every byte is read about once.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from dckpt._errors import CorruptCheckpointError
 from dckpt._format import ChunkRecord
 from dckpt._readahead import ReadAhead
 from dckpt._reshard import Box, Copy, contiguous_span, row_bytes, rows_box
-from dckpt.storage._base import LocalStorage, Storage, read_fd_into
+from dckpt.storage import Storage
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 _MAX_WINDOW = 64 << 20
@@ -41,29 +40,35 @@ class ReadTask:
 
 
 class _Source:
-    """Ranged reads of one file, through a raw descriptor when the storage is local."""
+    """Ranged reads of one file through the storage's :class:`~dckpt.storage.RangeReader`.
 
-    def __init__(
-        self, storage: Storage, name: str, spans: Sequence[tuple[int, int]] = (), budget: int = 0
-    ) -> None:
-        self.storage = storage
-        self.name = name
-        self.fd = storage.open_reader(name) if isinstance(storage, LocalStorage) else -1
+    A low-latency reader (a local file) is read one block at a time; otherwise each read
+    is a request, so the planned small reads are batched (:class:`ReadAhead`) and long
+    runs read in one request.
+    """
+
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.ranges = storage.open_ranges(name)
+        self.low_latency = self.ranges.low_latency
         self.path = f"{storage.location}/{name}"
-        self.ahead: ReadAhead | None = None
-        if self.fd < 0 and spans:  # object stores: batch the planned small reads
-            self.ahead = ReadAhead(storage, name, spans, budget)
+        self.read: Callable[[int, memoryview], None] = self.ranges.read_into
+        self._ahead: ReadAhead | None = None
+        self._storage = storage
+        self._name = name
 
-    def read(self, offset: int, out: memoryview) -> None:
-        if self.fd >= 0:
-            read_fd_into(self.fd, offset, out, self.path)
-        elif self.ahead is None or not self.ahead.read(offset, out):
-            self.storage.read_into(self.name, offset, out)
+    def plan(self, spans: Sequence[tuple[int, int]], budget: int) -> None:
+        """Batch the small reads of ``spans`` (the bytes the load will read)."""
+        if spans:
+            self._ahead = ReadAhead(self._storage, self._name, spans, budget)
+            self.read = self._read_ahead
+
+    def _read_ahead(self, offset: int, out: memoryview) -> None:
+        assert self._ahead is not None
+        if not self._ahead.read(offset, out):
+            self.ranges.read_into(offset, out)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.ranges.close()
 
 
 def execute_reads(
@@ -85,10 +90,10 @@ def execute_reads(
     window = max(1 << 16, min(_MAX_WINDOW, memory_budget // (2 * threads)))
 
     def run_file(name: str) -> None:
-        local = isinstance(storage, LocalStorage)
-        spans = [] if local else [_span(t, block_bytes) for t in by_file[name]]
-        src = _Source(storage, name, spans, window)
+        src = _Source(storage, name)
         try:
+            if not src.low_latency:  # each read a request: batch the small ones
+                src.plan([_span(t, block_bytes) for t in by_file[name]], window)
             for t in by_file[name]:
                 _run_task(src, t, block_bytes, window)
                 if progress is not None:
@@ -155,7 +160,7 @@ def _read_verified(
         lo = first_full * block_bytes
         hi = min(last_full * block_bytes, c.nbytes)
         view = as_memoryview(out)[lo - s0 : hi - s0]
-        local = src.fd >= 0
+        local = src.low_latency
         if not local:
             src.read(c.offset + lo, view)  # remote: one ranged request, then the checks
         for b in range(first_full, last_full):

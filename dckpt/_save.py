@@ -1,73 +1,58 @@
 """``save``: plan -> write -> commit, collectively over the ranks of a process group.
 
-Planning sends rank 0 what each rank holds; when a rank's structure is the same as at
-its previous save, it sends only a digest plus the few things that change between
-saves (checksums of plain tensors, non-tensor values), and rank 0 reuses the plan it
-cached. That makes the per-save coordination one small exchange instead of a gather of
-every chunk.
+A save is two exchanges through the coordinator. In the first ("plan") every rank
+describes its state (:mod:`dckpt._describe`) and rank 0 plans the files, from the plan
+cache when the structure is unchanged (:mod:`dckpt._plancache`). In the second ("write")
+every rank writes its files and rank 0 renders the manifest and commits it
+(:mod:`dckpt._commit`); a failed write or commit is cleaned up on every rank.
+:func:`write_planned` and :func:`publish` are the save's tail, shared with the
+one-process save of ``convert`` (:func:`save_alone`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
 import logging
+import os
 import secrets
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
+import torch.distributed as dist
 
 from dckpt._args import check_save
-from dckpt._bytes import block_crcs, dtype_name, host_bytes
 from dckpt._commit import abandon, commit, commit_uncertain
-from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
-from dckpt._dtensor import dtensor_chunks, is_dtensor
-from dckpt._errors import (
-    CheckpointError,
-    CheckpointExistsError,
-    UnsupportedStateError,
-)
+from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator, coordinator_for
+from dckpt._describe import Description, checksum_plain, describe
+from dckpt._errors import CheckpointExistsError
 from dckpt._faults import fault_point
-from dckpt._format import (
-    DEFAULT_BLOCK_BYTES,
-    DTYPE_ITEMSIZE,
-    MANIFEST_NAME,
-)
+from dckpt._format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, data_dir
 from dckpt._gc import gc_paused, paused_gc
+from dckpt._inflight import drain
 from dckpt._plan import (
-    ChunkOffer,
     FileResult,
     ManifestTemplate,
     RankOffer,
     RankPlan,
     SavePlan,
-    TensorOffer,
-    ValueOffer,
     manifest_template,
     plan_save,
-    renamed,
     render_manifest,
     structure_key,
-    with_save_id,
 )
-from dckpt._reshard import Box
-from dckpt._state import Resolved, resolve
-from dckpt._values import encode_value
+from dckpt._plancache import RESEND, Answer, CachedPlan, Message, PlanCache, cache_for
 from dckpt._version import __version__
 from dckpt._write import KnownCrcs, SourceMap, write_rank
-from dckpt.storage._base import FileLayout, Storage, open_storage
+from dckpt.storage import FileLayout, Storage, open_storage
 
 _log = logging.getLogger("dckpt")
 _clock = time.time  # replaced by the golden-format tests for byte-identical output
 
 
 def _library_version() -> str:
-
     return f"dckpt {__version__}"
 
 
@@ -77,425 +62,317 @@ def new_save_id() -> str:
 
 
 @dataclass(frozen=True)
-class Staged:
-    """One rank's state, flattened: what it offers and the tensors each chunk comes from."""
-
-    offer: RankOffer
-    sources: SourceMap
-
-
-def stage(state: Mapping[str, Any], rank: int, *, allow_pickle: bool) -> Staged:
-    """Resolve Stateful objects now and describe every chunk (no checksums yet)."""
-    resolved = resolve(state)
-    tensors, sources = _describe(resolved)
-    values = []
-    for v in resolved.values:
-        data = encode_value(v.value, v.key, allow_pickle=allow_pickle)
-        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        values.append(ValueOffer(v.key, v.path, data, text))
-    return Staged(RankOffer(rank, tuple(tensors), tuple(values)), sources)
-
-
-def staging_sources(state: Mapping[str, Any]) -> dict[tuple[str, Box], torch.Tensor]:
-    """The chunks a save of ``state`` would copy, without side effects on the state:
-    optimizers that have no state yet are left out rather than stepped into having one."""
-    return _describe(resolve(state, fresh_optimizers=False))[1]
-
-
-def _describe(
-    resolved: Resolved,
-) -> tuple[list[TensorOffer], dict[tuple[str, Box], torch.Tensor]]:
-    tensors: list[TensorOffer] = []
-    sources: dict[tuple[str, Box], torch.Tensor] = {}
-    for leaf in resolved.tensors:
-        t = leaf.tensor
-        name = dtype_name(t.dtype)
-        if name not in DTYPE_ITEMSIZE:
-            raise UnsupportedStateError(f"key {leaf.key!r}: dtype {t.dtype} cannot be saved")
-        problem = _unsavable(t)
-        if problem:
-            raise UnsupportedStateError(f"key {leaf.key!r}: {problem}")
-        shape = tuple(t.shape)
-        if is_dtensor(t):
-            pieces = dtensor_chunks(t)
-            for box, view in pieces:
-                sources[(leaf.key, box)] = view
-            chunks = tuple(ChunkOffer(box) for box, _ in pieces)
-            tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, True, chunks))
-            continue
-        box = Box((0,) * len(shape), shape)
-        if t.numel():
-            sources[(leaf.key, box)] = t
-            tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, (ChunkOffer(box),)))
-        else:
-            tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, ()))
-    return tensors, sources
-
-
-def _unsavable(t: torch.Tensor) -> str:
-    """Why ``t`` cannot be stored as a dense array of bytes, or "" when it can."""
-    if t.is_meta:
-        return (
-            "a meta tensor has no data to save; materialize it first "
-            "(e.g. module.to_empty(device=...) and initialize it)"
-        )
-    if t.is_quantized:
-        return "a quantized tensor cannot be saved; dequantize it (t.dequantize()) first"
-    if t.layout is not torch.strided:
-        return f"a {t.layout} tensor cannot be saved; convert it with t.to_dense() first"
-    return ""
-
-
-def checksum_plain(staged: Staged) -> tuple[RankOffer, KnownCrcs]:
-    """Checksum plain tensors up front: ranks holding equal bytes share one stored copy."""
-    known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]] = {}
-    tensors = []
-    for t in staged.offer.tensors:
-        if t.sharded or not t.chunks:
-            tensors.append(t)
-            continue
-        box = t.chunks[0].box
-        data = host_bytes(staged.sources[(t.key, box)])
-        crc = block_crcs(data, DEFAULT_BLOCK_BYTES)
-        known[(t.key, box)] = (crc, data)
-        tensors.append(TensorOffer(t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(box, crc),)))
-    return RankOffer(staged.offer.rank, tuple(tensors), staged.offer.values), known
-
-
-# ----------------------------------------------------------------------------- plan cache
-
-
-@dataclass(frozen=True, slots=True)
-class _Brief:
-    """A rank's plan message when its structure is unchanged since its last save."""
-
-    rank: int
-    key: bytes
-    crcs: tuple[tuple[int, ...] | None, ...]  # per tensor offer, in order
-    values: tuple[ValueOffer, ...]
-
-
-_RESEND = "resend"
-
-
-@dataclass(frozen=True, slots=True)
-class _Reuse:
-    """Rank 0's answer when a rank already holds this plan: only the new save id travels."""
-
-    serial: int
-    save_id: str
-
-
-@dataclass
-class _PlanCache:
-    """The last few structures saved on one group (a training job may save a few kinds of
-    state in turn): rank 0 keeps their offers, plans and manifest templates; every rank
-    keeps the structures it has committed and the plans it was sent."""
-
-    offers: OrderedDict[tuple[int, bytes], RankOffer] = field(default_factory=OrderedDict)
-    plans: OrderedDict[
-        tuple[tuple[bytes, ...], frozenset[str], FileLayout], tuple[int, SavePlan]
-    ] = field(default_factory=OrderedDict)
-    serial: int = 0
-    templates: dict[int, ManifestTemplate] = field(default_factory=dict)  # by plan serial
-    sent: dict[int, set[int]] = field(default_factory=dict)  # rank -> plan serials it holds
-    my_keys: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    my_plans: OrderedDict[int, RankPlan] = field(default_factory=OrderedDict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _remember(d: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
-    d[key] = value
-    d.move_to_end(key)
-    while len(d) > limit:
-        d.popitem(last=False)
-
-
-_caches: dict[str, _PlanCache] = {}
-_caches_lock = threading.Lock()
-_MAX_PLANS = 4
-
-
-def _cache_for(namespace: str, group: Any) -> _PlanCache:
-    name = f"{namespace}/{getattr(group, 'group_name', 'default')}"
-    with _caches_lock:
-        return _caches.setdefault(name, _PlanCache())
-
-
-def _crcs(offer: RankOffer) -> tuple[tuple[int, ...] | None, ...]:
-    return tuple(None if t.sharded or not t.chunks else t.chunks[0].crc for t in offer.tensors)
-
-
-def _divergent(
-    bases: list[RankOffer], crcs: list[tuple[tuple[int, ...] | None, ...]]
-) -> frozenset[str]:
-    """Plain-tensor keys whose holders disagree this time (a plain tensor is one chunk)."""
-    seen: dict[str, tuple[int, ...]] = {}
-    out: set[str] = set()
-    for base, cs in zip(bases, crcs, strict=True):
-        for t, c in zip(base.tensors, cs, strict=True):
-            if c is not None and seen.setdefault(t.key, c) != c:
-                out.add(t.key)
-    return frozenset(out)
-
-
-def _with_crcs(base: RankOffer, crcs: tuple[tuple[int, ...] | None, ...]) -> RankOffer:
-    tensors = tuple(
-        t
-        if c is None
-        else TensorOffer(t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(t.chunks[0].box, c),))
-        for t, c in zip(base.tensors, crcs, strict=True)
-    )
-    return RankOffer(base.rank, tensors, base.values)
-
-
-def _plan_from(
-    cache: _PlanCache, messages: list[RankOffer | _Brief], layout: FileLayout
-) -> tuple[int, SavePlan] | None:
-    """The save plan, reusing a cached one when every rank's structure and the replica
-    pattern are unchanged; None when a brief refers to an offer rank 0 no longer has."""
-    bases: list[RankOffer] = []
-    crcs: list[tuple[tuple[int, ...] | None, ...]] = []
-    values: list[RankOffer] = []
-    keys: list[bytes] = []
-    for m in messages:
-        if isinstance(m, _Brief):
-            base = cache.offers.get((m.rank, m.key))
-            if base is None:
-                return None
-            bases.append(base)
-            crcs.append(m.crcs)
-            keys.append(m.key)
-            values.append(RankOffer(m.rank, (), m.values))
-        else:
-            keys.append(structure_key(m))
-            _remember(cache.offers, (m.rank, keys[-1]), m, _MAX_PLANS * len(messages))
-            bases.append(m)
-            crcs.append(_crcs(m))
-            values.append(m)
-    cache_key = (tuple(keys), _divergent(bases, crcs), layout)
-    cached = cache.plans.get(cache_key)
-    if cached is not None:
-        cache.plans.move_to_end(cache_key)
-        return cached[0], with_save_id(cached[1], new_save_id(), values)
-    offers = [
-        _with_crcs(b, c) if isinstance(m, _Brief) else b
-        for b, c, m in zip(bases, crcs, messages, strict=True)
-    ]
-    offers = [RankOffer(o.rank, o.tensors, v.values) for o, v in zip(offers, values, strict=True)]
-    plan = plan_save(offers, new_save_id(), layout=layout)
-    cache.serial += 1
-    cache.plans[cache_key] = (cache.serial, plan)
-    cache.templates[cache.serial] = manifest_template(plan)
-    while len(cache.plans) > _MAX_PLANS:
-        serial, _ = cache.plans.popitem(last=False)[1]
-        cache.templates.pop(serial, None)
-    return cache.serial, plan
-
-
-# ----------------------------------------------------------------------------- the save
-
-
-@dataclass
-class _Leader:
-    """What only rank 0 keeps between the plan and the commit."""
-
-    plan: SavePlan | None = None
-    serial: int = 0
-    template: ManifestTemplate | None = None
-    previous: bytes | None = None
-
-
-@dataclass(frozen=True)
 class SaveOptions:
     overwrite: bool = False
     durable: bool = True
 
 
-def run_save(
-    coord: Any,
-    storage: Storage,
-    prepare: Callable[[], Staged],
-    options: SaveOptions,
-    cache: _PlanCache,
-) -> None:
-    """The collective part of a save, shared by ``save`` and the async writer thread."""
-    multi = coord.world_size > 1
-    local: dict[str, Any] = {}
-    leader = _Leader()
+@dataclass(frozen=True)
+class SaveRequest:
+    """The arguments ``save`` and ``async_save`` share, checked when it is made."""
 
-    def offer(full: bool) -> RankOffer | _Brief:
-        if "staged" not in local:
-            staged = prepare()
-            offer, known = checksum_plain(staged) if multi else (staged.offer, {})
-            local.update(staged=staged, offer=offer, known=known, key=structure_key(offer))
-        offer = local["offer"]
-        if not full and multi and local["key"] in cache.my_keys:
-            return _Brief(offer.rank, local["key"], _crcs(offer), offer.values)
-        return offer
+    state: Mapping[str, Any]
+    path: str | os.PathLike[str]
+    process_group: dist.ProcessGroup | None
+    overwrite: bool
+    durable: bool
+    timeout: float
+    allow_pickle: bool
+    storage_options: dict[str, Any] | None
 
-    def reduce_plan(
-        messages: list[RankOffer | _Brief],
-    ) -> list[tuple[int, RankPlan] | _Reuse] | list[str]:
-        with cache.lock:
-            found = _plan_from(cache, messages, storage.file_layout)
-        if found is None:
-            return [_RESEND] * len(messages)
-        serial, plan = found
-        leader.previous = storage.read_file(MANIFEST_NAME)
-        if leader.previous is not None and not options.overwrite:
-            raise CheckpointExistsError(
-                f"{storage.location} already holds a committed checkpoint; pass overwrite=True "
-                "to replace it (the old one stays loadable until the new one commits), or save "
-                "to a new path"
-            )
-        leader.plan, leader.serial = plan, serial
-        leader.template = cache.templates[serial]
-        return [
-            _Reuse(serial, plan.save_id) if serial in cache.sent.get(r.rank, ()) else (serial, r)
-            for r in plan.ranks
-        ]
-
-    answer = coord.exchange("plan", gc_paused(offer, False), gc_paused(reduce_plan), scatter=True)
-    if answer == _RESEND:
-        answer = coord.exchange(
-            "plan-full", gc_paused(offer, True), gc_paused(reduce_plan), scatter=True
+    def __post_init__(self) -> None:
+        check_save(
+            state=self.state,
+            path=self.path,
+            process_group=self.process_group,
+            timeout=self.timeout,
+            storage_options=self.storage_options,
+            allow_pickle=self.allow_pickle,
+            overwrite=self.overwrite,
+            durable=self.durable,
         )
-    if isinstance(answer, tuple):
-        _remember(cache.my_plans, answer[0], answer[1], _MAX_PLANS)
 
-    def my_plan() -> RankPlan:
-        """This rank's plan; a rank whose cached plan is not the one rank 0 meant fails."""
-        if isinstance(answer, _Reuse):
-            mine = cache.my_plans.get(answer.serial)
-            if mine is None:
-                raise CheckpointError(
-                    "internal error: this rank's cached save plan is out of step with rank 0's; "
-                    "the save was abandoned and the next one will plan afresh"
-                )
-            cache.my_plans.move_to_end(answer.serial)  # same recency order as rank 0's
-            return renamed(mine, answer.save_id)
-        assert isinstance(answer, tuple)
-        return answer[1]
+    @property
+    def options(self) -> SaveOptions:
+        return SaveOptions(overwrite=self.overwrite, durable=self.durable)
 
-    try:
-        _write_and_commit(
-            coord, storage, my_plan, local["staged"].sources, local["known"], leader, options
-        )
-    except BaseException:
-        if coord.rank == 0:
-            with cache.lock:
-                cache.sent.clear()  # plan afresh: some rank may not hold what we think
-        raise
-    if coord.rank == 0:
-        with cache.lock:
-            live = {serial for serial, _ in cache.plans.values()}
-            for r in range(coord.world_size):
-                held = cache.sent.setdefault(r, set())
-                held.add(leader.serial)
-                held &= live  # ranks keep as many plans as rank 0 does
-    _remember(cache.my_keys, local["key"], None, _MAX_PLANS)
+    def coordinator(self, namespace: str) -> Coordinator | LocalCoordinator:
+        return coordinator_for(self.process_group, timeout=self.timeout, namespace=namespace)
+
+    def storage(self) -> Storage:
+        return open_storage(self.path, self.storage_options)
+
+    def describe(self, rank: int) -> Description:
+        return describe(self.state, rank, allow_pickle=self.allow_pickle)
 
 
-def _write_and_commit(
-    coord: Any,
+# ----------------------------------------------------------------------------- the tail
+
+
+def write_planned(
     storage: Storage,
-    my_plan: Callable[[], RankPlan],
+    plan: RankPlan,
     sources: SourceMap,
-    known: KnownCrcs,
-    leader: _Leader,
-    options: SaveOptions,
+    *,
+    durable: bool,
+    known: KnownCrcs | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[FileResult]:
+    """Write one rank's files of a planned save."""
+    fault_point("save.write.before")
+    results = write_rank(
+        storage,
+        plan,
+        sources,
+        durable=durable,
+        block_bytes=DEFAULT_BLOCK_BYTES,
+        known_crcs=known,
+        progress=progress,
+    )
+    fault_point("save.write.after")
+    return results
+
+
+def publish(
+    storage: Storage,
+    plan: SavePlan,
+    template: ManifestTemplate,
+    results: Sequence[Sequence[FileResult]],
+    previous: bytes | None,
+    *,
+    durable: bool,
 ) -> None:
-    planned: list[RankPlan] = []
+    """Render the manifest of a written save and commit it over ``previous`` (rank 0)."""
+    manifest = render_manifest(
+        template,
+        plan,
+        results,
+        created=_clock(),
+        block_bytes=DEFAULT_BLOCK_BYTES,
+        library=_library_version(),
+    )
+    files = [f.name for rank_files in results for f in rank_files]
+    commit(storage, manifest, previous, durable=durable, save_id=plan.save_id, files=files)
+    fault_point("save.commit.after")
 
-    def local_write() -> list[FileResult]:
-        planned.append(my_plan())
-        rank_plan = planned[0]
-        fault_point("save.write.before")
-        results = write_rank(
-            storage,
-            rank_plan,
-            sources,
-            durable=options.durable,
-            block_bytes=DEFAULT_BLOCK_BYTES,
-            known_crcs=known,
-        )
-        fault_point("save.write.after")
-        return results
 
-    def reduce_commit(results: list[list[FileResult]]) -> None:
-        assert leader.plan is not None and leader.template is not None
-        manifest = render_manifest(
-            leader.template,
-            leader.plan,
-            results,
-            created=_clock(),
-            block_bytes=DEFAULT_BLOCK_BYTES,
-            library=_library_version(),
-        )
-        files = [f for rank_files in results for f in rank_files]
-        commit(
-            storage,
-            manifest,
-            leader.previous,
-            durable=options.durable,
-            save_id=leader.plan.save_id,
-            files=[f.name for f in files],
-        )
-        fault_point("save.commit.after")
-
+def save_alone(
+    storage: Storage,
+    offer: RankOffer,
+    sources: SourceMap,
+    *,
+    layout: FileLayout,
+    progress: Callable[[int], None] | None = None,
+) -> list[FileResult]:
+    """plan -> write -> manifest -> commit in one process, durably, where no checkpoint is
+    committed yet: no coordination and no plan cache. On a failure the save's data files
+    are removed, unless its commit may still land."""
+    plan = plan_save([offer], new_save_id(), layout=layout)
     try:
-        coord.exchange("write", local_write, gc_paused(reduce_commit))
+        results = write_planned(storage, plan.ranks[0], sources, durable=True, progress=progress)
+        publish(storage, plan, manifest_template(plan), [results], None, durable=True)
     except BaseException as exc:
-        if commit_uncertain(exc):
-            raise  # the manifest may land later: deleting its files could break it
-        save_id = planned[0].save_id if planned else None
-        if save_id is None and coord.rank == 0 and leader.plan is not None:
-            save_id = leader.plan.save_id
-        if save_id is not None and abandon(storage, save_id, planned, coord.rank == 0):
+        if not commit_uncertain(exc):
+            with contextlib.suppress(Exception):
+                storage.delete_prefix(data_dir(plan.save_id))
+        raise
+    return results
+
+
+# ----------------------------------------------------------------------------- the save
+
+
+@dataclass(frozen=True)
+class _Mine:
+    """This rank's part of the save, described once (at its first plan message)."""
+
+    sources: SourceMap
+    offer: RankOffer  # with the checksums of plain tensors, on a multi-rank save
+    known: KnownCrcs  # those checksums and bytes, so the writer does not redo them
+    key: bytes  # the structure key the plan cache knows it by
+
+
+@dataclass(frozen=True)
+class _Leading:
+    """What only rank 0 keeps between the plan and the commit."""
+
+    cached: CachedPlan
+    previous: bytes | None  # the manifest this save replaces, to commit over
+
+
+class _Round:
+    """One save on this rank: the two exchanges, and what their callbacks learn."""
+
+    def __init__(
+        self,
+        coord: Coordinator | LocalCoordinator,
+        storage: Storage,
+        prepare: Callable[[], Description],
+        options: SaveOptions,
+        cache: PlanCache,
+    ) -> None:
+        self.coord = coord
+        self.storage = storage
+        self.prepare = prepare
+        self.options = options
+        self.cache = cache
+        self.mine: _Mine | None = None  # set by this rank's first plan message
+        self.leading: _Leading | None = None  # rank 0, once planned
+        self.planned: RankPlan | None = None  # once this rank knows its plan
+
+    def plan(self) -> Answer:
+        """The plan exchange: this rank's plan or a reuse note, from rank 0."""
+        reduce = gc_paused(self._reduce_plan)
+        answer = self.coord.exchange("plan", gc_paused(self._message, False), reduce, scatter=True)
+        if isinstance(answer, str):  # == RESEND: a brief named an offer rank 0 no longer has
+            answer = self.coord.exchange(
+                "plan-full", gc_paused(self._message, True), reduce, scatter=True
+            )
+        assert not isinstance(answer, str), "rank 0 plans from full offers"
+        self.cache.received(answer)
+        return answer
+
+    def _message(self, full: bool) -> Message:
+        if self.mine is None:
+            self.mine = _describe_mine(self.prepare(), multi=self.coord.world_size > 1)
+        brief = not full and self.coord.world_size > 1
+        return self.cache.message(self.mine.offer, self.mine.key, brief=brief)
+
+    def _reduce_plan(self, messages: list[Message]) -> Sequence[Answer | str]:
+        cached = self.cache.plan(messages, self.storage.file_layout, new_save_id())
+        if cached is None:
+            return [RESEND] * len(messages)
+        previous = self.storage.read_file(MANIFEST_NAME)
+        if previous is not None and not self.options.overwrite:
+            raise CheckpointExistsError(
+                f"{self.storage.location} already holds a committed checkpoint; pass "
+                "overwrite=True to replace it (the old one stays loadable until the new one "
+                "commits), or save to a new path"
+            )
+        self.leading = _Leading(cached, previous)
+        return self.cache.answers(cached)
+
+    def write_and_commit(self, answer: Answer) -> None:
+        """The write exchange: every rank writes its files, rank 0 commits the manifest."""
+        write = functools.partial(self._write, answer)
+        try:
+            self.coord.exchange("write", write, gc_paused(self._reduce_commit))
+        except BaseException as exc:
+            if commit_uncertain(exc):
+                raise  # the manifest may land later: deleting its files could break it
+            if not self._abandon():
+                raise
             # The commit happened although this rank lost contact before hearing of it
             # (rank 0 left right after committing, say): the save succeeded.
             _log.warning(
                 "lost contact with the other ranks after checkpoint %s was committed; "
                 "the save succeeded",
-                storage.location,
+                self.storage.location,
             )
-            return
+
+    def _write(self, answer: Answer) -> list[FileResult]:
+        self.planned = self.cache.rank_plan(answer)
+        assert self.mine is not None  # described in the plan exchange
+        durable = self.options.durable
+        return write_planned(
+            self.storage, self.planned, self.mine.sources, durable=durable, known=self.mine.known
+        )
+
+    def _reduce_commit(self, results: list[list[FileResult]]) -> None:
+        assert self.leading is not None  # rank 0 planned this save
+        cached, previous = self.leading.cached, self.leading.previous
+        durable = self.options.durable
+        publish(self.storage, cached.plan, cached.template, results, previous, durable=durable)
+
+    def _abandon(self) -> bool:
+        """Clean up after a failed write or commit; True when it committed after all."""
+        save_id = None if self.planned is None else self.planned.save_id
+        if save_id is None and self.leading is not None:
+            save_id = self.leading.cached.plan.save_id
+        leader = self.coord.rank == 0
+        return save_id is not None and abandon(self.storage, save_id, self.planned, leader)
+
+
+def _describe_mine(description: Description, *, multi: bool) -> _Mine:
+    offer, known = checksum_plain(description) if multi else (description.offer, {})
+    return _Mine(description.sources, offer, known, structure_key(offer))
+
+
+def run_save(
+    coord: Coordinator | LocalCoordinator,
+    storage: Storage,
+    prepare: Callable[[], Description],
+    options: SaveOptions,
+    cache: PlanCache,
+) -> None:
+    """The collective part of a save, shared by ``save`` and the async writer thread."""
+    save = _Round(coord, storage, prepare, options, cache)
+    answer = save.plan()
+    try:
+        save.write_and_commit(answer)
+    except BaseException:
+        cache.failed()
         raise
+    assert save.mine is not None  # described in the plan exchange
+    leading = None if save.leading is None else save.leading.cached
+    cache.committed(save.mine.key, leading, coord.world_size)
 
 
 def save(
     state: Mapping[str, Any],
-    path: Any,
+    path: str | os.PathLike[str],
     *,
-    process_group: Any = None,
+    process_group: dist.ProcessGroup | None = None,
     overwrite: bool = False,
     durable: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
     allow_pickle: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> None:
-    """Save ``state`` to ``path``; collective over ``process_group`` (or one process)."""
-    from dckpt._async import drain
+    """Save ``state`` to ``path``, collectively over the ranks of ``process_group``.
 
-    check_save(
-        state=state,
-        path=path,
-        process_group=process_group,
-        timeout=timeout,
-        storage_options=storage_options,
-        allow_pickle=allow_pickle,
-        overwrite=overwrite,
-        durable=durable,
+    Every rank calls it with its own local state (modules, optimizers, tensors, DTensors,
+    Python values, Stateful objects). The manifest is committed last, atomically: the
+    checkpoint is complete or not there at all.
+
+    Args:
+        state: A dict of what to save; keys may differ between ranks.
+        path: A local directory, or a URL (``s3://bucket/run/step-100``, ``memory://x``).
+        process_group: The ranks saving together; None: the default group, or this process.
+        overwrite: Replace a checkpoint committed at ``path`` (it stays loadable until
+            the new one commits).
+        durable: fsync data and manifest before returning; False for scratch checkpoints.
+        timeout: Seconds each collective step waits for the other ranks.
+        allow_pickle: Store values JSON cannot hold by pickling them.
+        storage_options: Options for an fsspec URL's filesystem; dckpt's own under "dckpt".
+
+    Returns:
+        None, once the checkpoint is committed (on every rank).
+
+    Raises:
+        ArgumentError: An argument is invalid (``ArgumentTypeError``: of the wrong type).
+        UnsupportedStateError: A value cannot be saved; the message names its key.
+        CheckpointExistsError: ``path`` holds a checkpoint and ``overwrite`` is False,
+            or another job committed there during this save.
+        RankFailureError: The save failed on some rank (``CheckpointTimeoutError``: a
+            rank did not arrive within ``timeout``); the previous checkpoint stays intact.
+        StorageError: Writing to or committing in the storage failed.
+
+    Example:
+        ```python
+        dckpt.save({"model": model, "optimizer": optim, "step": step}, "ckpt/step-1000")
+        ```
+    """
+    request = SaveRequest(
+        state, path, process_group, overwrite, durable, timeout, allow_pickle, storage_options
     )
+    _save_now(request)
+
+
+def _save_now(request: SaveRequest) -> None:
     drain()  # one save at a time per process; surfaces an unobserved async failure
-    coord = coordinator_for(process_group, timeout=timeout)
-    storage = open_storage(path, storage_options)
+    coord = request.coordinator("sync")
+    storage = request.storage()
+    cache = cache_for("sync", request.process_group)
     with paused_gc():
-        run_save(
-            coord,
-            storage,
-            lambda: stage(state, coord.rank, allow_pickle=allow_pickle),
-            SaveOptions(overwrite=overwrite, durable=durable),
-            _cache_for("sync", process_group),
-        )
+        run_save(coord, storage, lambda: request.describe(coord.rank), request.options, cache)

@@ -45,7 +45,7 @@ from typing import Any
 
 from dckpt._errors import CheckpointError, StorageError, UnsafeCheckpointError
 from dckpt._format import DATA_DIR, MANIFEST_NAME, data_dir
-from dckpt.storage._base import LocalStorage, Storage
+from dckpt.storage import LocalStorage, Storage
 
 #: The marker a manager's rank 0 holds shared for the whole save of a step.
 MARKER_NAME = ".dckpt.writing"

@@ -162,7 +162,7 @@ def _decode(data: JSON, allow_pickle: bool, key: str) -> object:
             for k, v in data["items"]
         }
     if tag == "dtype":
-        import torch
+        import torch  # lazy: the manifest parser and its fuzzer run without torch
 
         dt = getattr(torch, str(data["name"]), None)
         if not isinstance(dt, torch.dtype):

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from dckpt._bytes import as_memoryview, block_crcs, host_bytes
-from dckpt._plan import FilePlan, FileResult, RankPlan
+from dckpt._plan import FilePlan, FileResult, RankPlan, WriteItem
 from dckpt._reshard import Box
-from dckpt.storage._base import Storage, Writer
+from dckpt.storage import Storage, Writer
 
 _ZEROS = memoryview(bytes(64))
 _BATCH_BYTES = 8 << 20
@@ -71,6 +71,59 @@ def write_rank(
     return results
 
 
+def _item_bytes(
+    item: WriteItem, sources: SourceMap, known: KnownCrcs
+) -> tuple[tuple[tuple[int, ...], np.ndarray] | None, np.ndarray]:
+    """The item's bytes on the host, and its checksums when they were computed already."""
+    done = known.get((item.key, item.box))
+    data = done[1] if done is not None else host_bytes(sources[(item.key, item.box)])
+    if data.nbytes != item.nbytes:
+        raise RuntimeError(f"key {item.key!r}: planned {item.nbytes} bytes, found {data.nbytes}")
+    return done, data
+
+
+def _write_checksummed(w: Writer, view: memoryview, block_bytes: int) -> tuple[int, ...]:
+    """Write a large chunk block by block, checksumming each block right before writing it,
+    while it is still in the CPU cache, instead of reading all of it twice from memory."""
+    crcs = []
+    for start in range(0, view.nbytes, block_bytes):
+        block = view[start : start + block_bytes]
+        crcs.append(crc32c.crc32c(block))
+        w.write([block])
+    return tuple(crcs)
+
+
+class _Batch:
+    """Buffers gathered for one vectored write, and the bytes not yet reported."""
+
+    def __init__(self, w: Writer, progress: Callable[[int], None] | None) -> None:
+        self.w = w
+        self.progress = progress
+        self.views: list[memoryview] = []
+        self.keep: list[np.ndarray] = []  # host copies must outlive the views into them
+        self.pending = 0
+
+    def add(self, view: memoryview, data: np.ndarray | None, nbytes: int) -> None:
+        self.views.append(view)
+        if data is not None:
+            self.keep.append(data)
+        self.pending += nbytes
+        if self.pending >= _BATCH_BYTES or len(self.views) >= _BATCH_BUFFERS:
+            self.flush()
+
+    def write(self) -> None:
+        if self.views:
+            self.w.write(self.views)
+            self.views, self.keep = [], []
+
+    def flush(self) -> None:
+        had = bool(self.views)
+        self.write()
+        if self.progress is not None and (had or self.pending):
+            self.progress(self.pending)
+        self.pending = 0
+
+
 def _write_file(
     storage: Storage,
     fp: FilePlan,
@@ -84,52 +137,23 @@ def _write_file(
     w = storage.open_writer(fp.name)
     writers.append(w)
     crcs: list[tuple[int, ...]] = []
-    batch: list[memoryview] = []
-    keep: list[np.ndarray] = []  # host copies must outlive the batch that points at them
-    pending = 0
+    batch = _Batch(w, progress)
     pos = 0
     for item in fp.items:
         if item.offset > pos:
-            batch.append(_ZEROS[: item.offset - pos])
+            batch.add(_ZEROS[: item.offset - pos], None, 0)
             pos = item.offset
-        done = known.get((item.key, item.box))
-        data = done[1] if done is not None else host_bytes(sources[(item.key, item.box)])
-        if data.nbytes != item.nbytes:
-            raise RuntimeError(
-                f"key {item.key!r}: planned {item.nbytes} bytes, found {data.nbytes}"
-            )
+        done, data = _item_bytes(item, sources, known)
         pos += item.nbytes
         if done is None and data.nbytes > block_bytes:
-            # Large chunk: checksum each block right before writing it, while it is still
-            # in the CPU cache, instead of reading all of it twice from memory.
-            if batch:
-                w.write(batch)
-                batch, keep = [], []
-            view = as_memoryview(data)
-            item_crcs = []
-            for start in range(0, data.nbytes, block_bytes):
-                block = view[start : start + block_bytes]
-                item_crcs.append(crc32c.crc32c(block))
-                w.write([block])
-            crcs.append(tuple(item_crcs))
-            pending += item.nbytes
-            if progress is not None:
-                progress(pending)
-            pending = 0
+            batch.write()
+            crcs.append(_write_checksummed(w, as_memoryview(data), block_bytes))
+            batch.pending += item.nbytes
+            batch.flush()
             continue
         crcs.append(done[0] if done is not None else block_crcs(data, block_bytes))
-        keep.append(data)
-        batch.append(as_memoryview(data))
-        pending += item.nbytes
-        if pending >= _BATCH_BYTES or len(batch) >= _BATCH_BUFFERS:
-            w.write(batch)
-            if progress is not None:
-                progress(pending)
-            batch, keep, pending = [], [], 0
-    if batch:
-        w.write(batch)
-        if progress is not None:
-            progress(pending)
+        batch.add(as_memoryview(data), data, item.nbytes)
+    batch.flush()
     size = w.close(durable=durable)
     with contextlib.suppress(ValueError):
         writers.remove(w)  # closed cleanly: nothing to abort for this file

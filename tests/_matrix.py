@@ -161,6 +161,6 @@ def dckpt_step_name(step: int) -> str:
 
 
 def dckpt_verify(path: str) -> list[Any]:
-    from dckpt._reader import open_checkpoint
+    from dckpt._api import open_checkpoint
 
     return open_checkpoint(path).verify()

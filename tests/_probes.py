@@ -28,17 +28,17 @@ class FailingState:
 @contextlib.contextmanager
 def counting_plans() -> Iterator[list[int]]:
     """Counts the save plans made from scratch (not taken from the plan cache)."""
-    import dckpt._save as save
+    import dckpt._plancache as plancache
 
     calls: list[int] = []
-    real = save.plan_save
+    real = plancache.plan_save
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    save.plan_save = counting  # type: ignore[assignment]
+    plancache.plan_save = counting  # type: ignore[assignment]
     try:
         yield calls
     finally:
-        save.plan_save = real
+        plancache.plan_save = real

@@ -37,20 +37,11 @@ def ranks(rank_pool: Callable[[int], RankPool]) -> Callable[[int], RankPool]:
 
 # -- S3 (moto) ---------------------------------------------------------------------------
 
-_MOTO_SNIPPET = (
-    "import sys\n"
-    "from moto.server import ThreadedMotoServer\n"
-    "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n"
-    "s.start()\n"
-    "print(s.get_host_and_port()[1], flush=True)\n"
-    "sys.stdin.read()\n"  # exits when the test session closes our end (or dies)
-)
-
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto's standalone server in a subprocess, on a free 127.0.0.1 port, for the session."""
-    with moto_process(_MOTO_SNIPPET) as (_proc, endpoint):
+    with moto_process() as (_proc, endpoint):
         server = S3Server(endpoint, "dckpt-test")
         with aws_env(server):
             yield server

@@ -107,6 +107,8 @@ def test_state_must_be_a_mapping(tmp_path: Path, state: Any) -> None:
         ({"timeout": "1"}, TypeError, "timeout"),
         ({"process_group": 1}, TypeError, "process_group"),
         ({"storage_options": 1}, TypeError, "storage_options"),
+        ({"durable": "no"}, TypeError, "durable"),
+        ({"allow_pickle": 1}, TypeError, "allow_pickle"),
     ],
     ids=lambda x: repr(x)[:30],
 )
@@ -125,6 +127,18 @@ def test_manager_steps_are_validated(tmp_path: Path, step: Any, kind: type[Excep
     _expect(lambda: mgr.save(step, {"w": torch.ones(2)}), kind, "step")
     assert mgr.steps() == []
     _expect(lambda: mgr.load({"w": torch.ones(2)}, step=step), kind, "step")
+
+
+def test_manager_load_takes_the_step_by_keyword_only(tmp_path: Path) -> None:
+    """``save(step, state)`` but ``load(state, *, step)``: a step passed by position (the
+    order before 0.1) is refused with a message that shows the keyword, and loads nothing."""
+    mgr = dckpt.CheckpointManager(tmp_path / "m")
+    mgr.save(1, {"w": torch.ones(2)})
+    mgr.save(2, {"w": torch.full((2,), 2.0)})
+    state = {"w": torch.zeros(2)}
+    _expect(lambda: mgr.load(state, 1), TypeError, "load(state, step=1)")  # type: ignore[misc]
+    assert not state["w"].any()
+    assert mgr.load(state, step=1) == 1 and torch.equal(state["w"], torch.ones(2))
 
 
 def test_prepare_async_save_and_convert_validate(tmp_path: Path) -> None:

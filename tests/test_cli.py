@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 import dckpt
 from dckpt._manager import CheckpointManager, step_name
-from dckpt.cli._commands import cli, human, want_progress
+from dckpt.cli._commands import cli
+from dckpt.cli._output import human, want_progress
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
 
 import dckpt
-from dckpt._reader import open_checkpoint
-from dckpt.interop._convert import convert, nest, parse_size, shard, strip_prefix
+from dckpt._api import open_checkpoint
+from dckpt.interop._convert import convert, parse_size, strip_prefix
+from dckpt.interop._outputs import nest, shard
 
 REPO = Path(__file__).resolve().parents[1]
 

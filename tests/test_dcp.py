@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import dckpt
-from dckpt._reader import open_checkpoint
+from dckpt._api import open_checkpoint
 from dckpt.interop._dcp import DcpReader
 from dckpt.interop._dcp_meta import parse_metadata
 from tests._dist import RankPool

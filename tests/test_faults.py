@@ -31,17 +31,10 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 import dckpt
+from dckpt._api import open_checkpoint
 from dckpt._bytes import dtype_name, torch_dtype
-from dckpt._format import (
-    ChunkRecord,
-    FileRecord,
-    Manifest,
-    TensorEntry,
-    ValueEntry,
-    align,
-    manifest_to_bytes,
-)
-from dckpt._reader import open_checkpoint
+from dckpt._format import ChunkRecord, FileRecord, Manifest, TensorEntry, ValueEntry, align
+from dckpt._manifest_text import manifest_to_bytes
 from dckpt._values import encode_value
 from dckpt.cli._commands import cli
 from tests._dist import RankPool, run_fresh

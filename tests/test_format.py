@@ -24,9 +24,8 @@ from dckpt._format import (
     TensorEntry,
     ValueEntry,
     manifest_from_bytes,
-    manifest_to_bytes,
-    manifest_to_json,
 )
+from dckpt._manifest_text import manifest_to_bytes, manifest_to_json
 
 GOLDEN = Path(__file__).parent / "golden" / "v1"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dckpt
-from dckpt import _save
+from dckpt import _plancache, _save
 from dckpt._gc import gc_paused, paused_gc
 
 
@@ -53,7 +53,7 @@ def test_async_save_pauses_the_collector_for_planning_and_commit_not_for_writing
 
     monkeypatch.setattr(_save, "render_manifest", spy("commit", _save.render_manifest))
     monkeypatch.setattr(_save, "write_rank", spy("write", _save.write_rank))
-    monkeypatch.setattr(_save, "plan_save", spy("plan", _save.plan_save))
+    monkeypatch.setattr(_plancache, "plan_save", spy("plan", _plancache.plan_save))
     # A structure no other test saves, so that it is planned afresh (not from the cache).
     dckpt.async_save({"test_gc.w": torch.ones(8)}, tmp_path / "ck").result()
     # Background thread: the allocation-heavy steps run paused; a long write does not hold

@@ -28,9 +28,9 @@ from click.testing import CliRunner
 
 import dckpt
 from dckpt import _faults
-from dckpt._reader import open_checkpoint
+from dckpt._api import open_checkpoint
 from dckpt.cli._commands import cli
-from dckpt.storage._base import MAX_READ_BYTES, LocalStorage
+from dckpt.storage import MAX_READ_BYTES, LocalStorage
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import dckpt
-from dckpt import _async
+from dckpt import _async, _faults
 from dckpt._manager import (
     CheckpointManager,
     retained_steps,
@@ -188,6 +189,26 @@ def test_url_root(tmp_path: Path) -> None:
     assert {e.name for e in scan_root(root)} == {step_name(2)}
     state = empty_state()
     assert m.load(state) == 2 and state["step"] == 2
+
+
+def test_durable_and_allow_pickle_reach_save_and_load(tmp_path: Path) -> None:
+    """The manager passes ``durable`` and ``allow_pickle`` to every save and load."""
+    state = {"w": torch.ones(3), "ratio": Fraction(1, 3)}
+    with pytest.raises(dckpt.UnsupportedStateError, match="allow_pickle"):
+        CheckpointManager(tmp_path / "plain").save(1, state)
+    fsyncs = []
+    for durable in (True, False):
+        m = CheckpointManager(tmp_path / str(durable), durable=durable, allow_pickle=True)
+        _faults.record(True)
+        try:
+            m.save(1, state)
+        finally:
+            fsyncs.append(_faults.record(False).count("storage.fsync"))
+        back = {"w": torch.zeros(3), "ratio": None}
+        assert m.load(back) == 1 and back["ratio"] == Fraction(1, 3)
+        with pytest.raises(dckpt.UnsafeCheckpointError, match="allow_pickle"):
+            CheckpointManager(tmp_path / str(durable)).load(back)
+    assert fsyncs[0] > 0 and fsyncs[1] == 0
 
 
 # -------------------------------------------------------------------------- async saves

@@ -29,7 +29,7 @@ import dckpt
 from dckpt import _faults
 from dckpt._manager import CheckpointManager, scan_root, step_name
 from dckpt._tidy import MARKER_NAME, WriterMarker, remove_stale_data, save_id_time_ns
-from dckpt.storage._base import Storage, open_storage
+from dckpt.storage import Storage, open_storage
 from tests._dist import RankPool, run_fresh
 
 Pools = Callable[[int], RankPool]

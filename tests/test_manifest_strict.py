@@ -26,10 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dckpt
+from dckpt._api import open_checkpoint
 from dckpt._errors import CorruptCheckpointError, UnsafeCheckpointError
 from dckpt._format import ChunkRecord, manifest_from_bytes
 from dckpt._manifest_checks import tiling_problem
-from dckpt._reader import open_checkpoint
 from dckpt.cli._commands import cli
 
 GOLDEN = Path(__file__).parent / "golden" / "v1"

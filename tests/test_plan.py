@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dckpt._errors import UnsupportedStateError
-from dckpt._format import ALIGNMENT, manifest_to_bytes
+from dckpt._format import ALIGNMENT
+from dckpt._manifest_text import manifest_to_bytes
 from dckpt._plan import (
     ChunkOffer,
     FileResult,
@@ -19,7 +20,7 @@ from dckpt._plan import (
     with_save_id,
 )
 from dckpt._reshard import Box
-from dckpt.storage._base import FileLayout
+from dckpt.storage import FileLayout
 
 
 def full(shape: tuple[int, ...]) -> Box:

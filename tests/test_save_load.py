@@ -259,7 +259,7 @@ def test_per_rank_values_come_back_to_their_rank(rank_pool: Pools, tmp_path: Pat
     assert rank_pool(2).run(_w_per_rank_load, path) == [(1000, 2, True), (1001, 2, True)]
     messages = rank_pool(3).run(_w_per_rank_load_elsewhere, path)
     assert all("'loader.position'" in m and "2 ranks" in m for m in messages)
-    manifest = dckpt._load.read_manifest(dckpt.storage._base.LocalStorage(path))[0]
+    manifest = dckpt._load.read_manifest(dckpt.storage.LocalStorage(path))[0]
     assert manifest.values["loader.epoch"].per_rank is None  # equal everywhere: stored once
     assert manifest.tensors["rng"].per_rank and not manifest.tensors["shared"].per_rank
     assert len(manifest.tensors["shared"].chunks) == 1
@@ -308,7 +308,7 @@ def test_module_and_optimizer_keys_line_up_with_torch_helpers(tmp_path: Path) ->
     model, optim = build(fsdp=False)
     train(model, optim, 1)
     dckpt.save({"model": model, "optimizer": optim}, tmp_path / "ck")
-    manifest = dckpt._load.read_manifest(dckpt.storage._base.LocalStorage(tmp_path / "ck"))[0]
+    manifest = dckpt._load.read_manifest(dckpt.storage.LocalStorage(tmp_path / "ck"))[0]
     assert "model.net1.0.weight" in manifest.tensors
     assert "optimizer.state.net1.0.weight.exp_avg" in manifest.tensors
     assert manifest.values["optimizer.param_groups"].value[0]["params"][0] == "net1.0.weight"

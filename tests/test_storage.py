@@ -1,8 +1,11 @@
-"""One behavioural suite for every Storage: local directory, fsspec memory://, S3 (moto).
+"""One behavioural suite for every Storage backend, each opened through ``open_storage``:
+the local directory, fsspec memory://, S3 (moto), and ``dirtest://``, a backend registered
+from the tests through the public seam (tests/test_storage_seam.py).
 
 What the save and load paths rely on: writers that produce exactly the bytes given, sizes,
-ranged reads (also batched), listing, deletion, commit that replaces, None for missing
-files, and truncation reported as corruption rather than short data.
+ranged reads (also batched, also through the storage's range reader), listing, deletion,
+commit that replaces, None for missing files, and truncation reported as corruption rather
+than short data.
 """
 
 from __future__ import annotations
@@ -20,24 +23,39 @@ from hypothesis import strategies as st
 
 from dckpt._errors import CheckpointError, CorruptCheckpointError, StorageError
 from dckpt._readahead import ReadAhead
-from dckpt.storage._base import FileLayout, LocalStorage, Storage, open_storage
+from dckpt.storage import (
+    FileLayout,
+    LocalStorage,
+    Storage,
+    open_storage,
+    register_backend,
+    unregister_backend,
+)
+from dckpt.storage._body import ViewsBody
 from dckpt.storage._fsspec import FsspecStorage, _plan_gets
-from dckpt.storage._s3write import ViewsBody
 from tests._s3 import S3Server
+from tests.test_storage_seam import SCHEME, DirStorage, dir_url
 
 MiB = 1 << 20
 # Small parts so that a few MiB exercise multipart uploads and split GETs (5 MiB: S3's min).
 PART = 5 * MiB
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", "s3", SCHEME])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     kind = request.param
     if kind == "local":
-        yield LocalStorage(tmp_path / "ck")
+        yield open_storage(tmp_path / "ck")
+        return
+    if kind == SCHEME:
+        register_backend(SCHEME, DirStorage)
+        try:
+            yield open_storage(dir_url(tmp_path / "ck"))
+        finally:
+            unregister_backend(SCHEME)
         return
     if kind == "memory":
-        st = FsspecStorage(f"memory://dckpt-{uuid.uuid4().hex}/ck", {"dckpt": {"part_size": MiB}})
+        st = open_storage(f"memory://dckpt-{uuid.uuid4().hex}/ck", {"dckpt": {"part_size": MiB}})
         yield st
         st.delete_prefix("")
         return
@@ -51,7 +69,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
             "retry_timeout": 10,
         },
     }
-    st = FsspecStorage(server.url(uuid.uuid4().hex), opts)
+    st = open_storage(server.url(uuid.uuid4().hex), opts)
     yield st
     st.delete_prefix("")
 
@@ -107,6 +125,25 @@ def test_missing_and_truncated(storage: Storage) -> None:
         storage.read_into("short", 5, memoryview(bytearray(10)))
     with pytest.raises(CorruptCheckpointError, match="truncated"):
         storage.read_into("short", 50, memoryview(bytearray(1)))
+
+
+def test_range_reader(storage: Storage) -> None:
+    """``open_ranges``: many reads of one file through one reader, as a load makes them."""
+    data = os.urandom(PART + 4321)
+    _write(storage, "data/s1/r0-0.bin", data)
+    with storage.open_ranges("data/s1/r0-0.bin") as ranges:
+        assert ranges.low_latency is isinstance(storage, LocalStorage)
+        for off, n in [(0, 10), (PART - 3, 7), (len(data) - 5, 5), (1, len(data) - 1), (9, 0)]:
+            out = bytearray(n)
+            ranges.read_into(off, memoryview(out))
+            assert out == data[off : off + n]
+        spans = [(0, 100), (150, 4096), (PART, PART + 4321)]
+        outs = [bytearray(b - a) for a, b in spans]
+        ranges.read_ranges(spans, [memoryview(o) for o in outs])
+        assert [bytes(o) for o in outs] == [data[a:b] for a, b in spans]
+        with pytest.raises(CorruptCheckpointError, match="truncated"):
+            ranges.read_into(len(data) - 2, memoryview(bytearray(4)))
+    ranges.close()  # again: fine
 
 
 def test_list_delete_and_prefixes(storage: Storage) -> None:
@@ -211,7 +248,7 @@ def test_s3_objects_up_to_the_threshold_go_up_as_one_put(s3_server: S3Server) ->
         for name, n, parts in [("one", 2 * PART, None), ("three", 2 * PART + 1, 3)]:
             data = os.urandom(n)
             assert _write(st3, name, data) == n
-            etag = str(st3.fs.info(st3._path(name))["ETag"]).strip('"')
+            etag = str(st3.fs.info(st3.ops.path(name))["ETag"]).strip('"')
             assert etag.endswith(f"-{parts}") if parts else "-" not in etag, (name, etag)
             out = bytearray(n)
             st3.read_into(name, 0, memoryview(out))

@@ -8,23 +8,21 @@ one ``dckpt: error: ...`` line and exit status 1 (2 for usage errors, as click d
 
 from __future__ import annotations
 
-import contextlib
-import json
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 import click
 
+from dckpt._api import open_checkpoint
 from dckpt._errors import CheckpointError, CheckpointNotFoundError
+from dckpt._manager import scan_root
 from dckpt._version import __version__
 from dckpt.cli._diff import diff_sources, shape_text
+from dckpt.cli._output import bar, emit_json, human, table, want_progress, when
 from dckpt.interop._convert import FORMATS, convert, parse_size
 from dckpt.interop._sources import open_source
-
-Progress = Callable[[int], None]
+from dckpt.storage import open_storage
 
 
 class _Failed(click.ClickException):
@@ -66,60 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def human(n: int | None) -> str:
-    """Bytes in binary units: ``1.5 MiB``."""
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _when(t: float | None) -> str:
-    if t is None:
-        return "-"
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-    except (OverflowError, OSError, ValueError):  # a valid manifest may hold any finite time
-        return f"{t!r} s after the epoch"
-
-
-def want_progress(as_json: bool, stream: Any = None) -> bool:
-    """Bars only for a person watching: stderr is a terminal and the output is not JSON."""
-    stream = sys.stderr if stream is None else stream
-    isatty = getattr(stream, "isatty", None)
-    return not as_json and callable(isatty) and bool(isatty())
-
-
-@contextlib.contextmanager
-def _bar(enabled: bool, total: int | None, desc: str) -> Iterator[Progress | None]:
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False
-    ) as bar:
-        yield bar.update
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
 def _open(path: str) -> Any:
-    from dckpt._reader import open_checkpoint
-
     return open_checkpoint(path)
 
 
@@ -134,6 +79,18 @@ def _preview(reader: Any, key: str) -> str:
 # --------------------------------------------------------------------------- inspect
 
 
+def _totals(infos: Sequence[Any], manifest: Any) -> dict[str, int | None]:
+    tensors = [i for i in infos if i.kind == "tensor"]
+    return {
+        "keys": len(infos),
+        "tensors": len(tensors),
+        "values": len(infos) - len(tensors),
+        "tensor_bytes": sum(i.nbytes for i in tensors),
+        "files": len(manifest.files) if manifest is not None else None,
+        "file_bytes": manifest.total_bytes if manifest is not None else None,
+    }
+
+
 @cli.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -145,15 +102,7 @@ def inspect(path: str, as_json: bool) -> None:
     reader = _open(path)
     infos = reader.infos()
     manifest = getattr(reader, "manifest", None)
-    tensors = [i for i in infos if i.kind == "tensor"]
-    totals = {
-        "keys": len(infos),
-        "tensors": len(tensors),
-        "values": len(infos) - len(tensors),
-        "tensor_bytes": sum(i.nbytes for i in tensors),
-        "files": len(manifest.files) if manifest is not None else None,
-        "file_bytes": manifest.total_bytes if manifest is not None else None,
-    }
+    totals = _totals(infos, manifest)
     meta = {
         "path": reader.location,
         "format": reader.format,
@@ -169,13 +118,13 @@ def inspect(path: str, as_json: bool) -> None:
         for k in keys:
             if k["kind"] == "value":
                 k["value"] = _preview(reader, k["key"])
-        _emit_json({**meta, "keys": keys, "totals": totals})
+        emit_json({**meta, "keys": keys, "totals": totals})
         return
     click.echo(
         f"{reader.location}: {reader.format} checkpoint saved by {reader.world_size} rank(s)"
     )
     if manifest is not None:
-        click.echo(f"created {_when(manifest.created)} by {manifest.library or 'unknown'}")
+        click.echo(f"created {when(manifest.created)} by {manifest.library or 'unknown'}")
     rows = [
         [
             i.key + (" (per rank)" if i.per_rank else ""),
@@ -187,7 +136,7 @@ def inspect(path: str, as_json: bool) -> None:
         ]
         for i in infos
     ]
-    _table(rows, ["KEY", "KIND", "DTYPE", "SHAPE", "SIZE/VALUE", "CHUNKS"])
+    table(rows, ["KEY", "KIND", "DTYPE", "SHAPE", "SIZE/VALUE", "CHUNKS"])
     files = "" if totals["files"] is None else f" in {totals['files']} file(s)"
     click.echo(
         f"{totals['keys']} keys: {totals['tensors']} tensors ({human(totals['tensor_bytes'])})"
@@ -241,7 +190,7 @@ def verify(path: str, as_json: bool) -> None:
     manifest = getattr(reader, "manifest", None)
     if manifest is not None:  # per-rank tensors are stored once per rank
         total = sum(c.nbytes for t in manifest.tensors.values() for c in t.chunks)
-    with _bar(want_progress(as_json), total, "verify") as progress:
+    with bar(want_progress(as_json), total, "verify") as progress:
         problems = reader.verify(progress)
     keys, files = _damage(reader, problems)
     checked = {
@@ -252,7 +201,7 @@ def verify(path: str, as_json: bool) -> None:
     }
     note = _DCP_NOTE if reader.format == "dcp" else ""
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "path": reader.location,
                 "format": reader.format,
@@ -271,17 +220,23 @@ def verify(path: str, as_json: bool) -> None:
             f"{checked['values']} value(s); {what}"
         )
     else:
-        click.echo(f"DAMAGED: {reader.location}: {len(problems)} problem(s)")
-        for p in problems:
-            click.echo(f"  - {p}")
-        if files:
-            click.echo("damaged files: " + ", ".join(files))
-        if keys:
-            click.echo("damaged keys: " + ", ".join(keys))
-        if note:
-            click.echo(f"note: {note}")
+        _report_damage(reader.location, problems, keys, files, note)
     if problems:
         raise click.exceptions.Exit(1)
+
+
+def _report_damage(
+    location: str, problems: list[str], keys: list[str], files: list[str], note: str
+) -> None:
+    click.echo(f"DAMAGED: {location}: {len(problems)} problem(s)")
+    for p in problems:
+        click.echo(f"  - {p}")
+    if files:
+        click.echo("damaged files: " + ", ".join(files))
+    if keys:
+        click.echo("damaged keys: " + ", ".join(keys))
+    if note:
+        click.echo(f"note: {note}")
 
 
 # --------------------------------------------------------------------------- ls
@@ -296,14 +251,11 @@ def ls(root: str, as_json: bool) -> None:
     Shows size, creation time and whether each step committed; leftovers of saves
     that never finished are listed too, marked uncommitted.
     """
-    from dckpt._manager import scan_root
-    from dckpt.storage._base import open_storage
-
     if not open_storage(root).exists():
         raise CheckpointNotFoundError(f"{root} does not exist")
     entries = scan_root(root, sizes=True)
     if as_json:
-        _emit_json(
+        emit_json(
             [
                 {
                     "step": e.step,
@@ -326,12 +278,12 @@ def ls(root: str, as_json: bool) -> None:
             str(e.step),
             "yes" if e.committed else f"no ({e.status})",
             human(e.size),
-            _when(e.created),
+            when(e.created),
             e.name,
         ]
         for e in entries
     ]
-    _table(rows, ["STEP", "COMMITTED", "SIZE", "CREATED", "DIR"])
+    table(rows, ["STEP", "COMMITTED", "SIZE", "CREATED", "DIR"])
     leftovers = [e for e in entries if not e.committed]
     if leftovers:
         click.echo(
@@ -367,10 +319,10 @@ def convert_cmd(
     Sources: dckpt, DCP, .safetensors, hf directories, .pt/.bin. Formats to write:
     dckpt (a directory), safetensors, hf (sharded safetensors + index) and pt.
     """
-    with _bar(want_progress(as_json), None, "convert") as progress:
+    with bar(want_progress(as_json), None, "convert") as progress:
         report = convert(src, dst, to=to, prefix=prefix, shard_size=shard_size, progress=progress)
     if as_json:
-        _emit_json(asdict(report))
+        emit_json(asdict(report))
         return
     click.echo(
         f"converted {report.tensors} tensors ({human(report.nbytes)}) and {report.values} "
@@ -404,14 +356,14 @@ def diff(a: str, b: str, as_json: bool) -> None:
         sb = open_source(b)
         try:
             total = sum(e.nbytes for e in sa.entries())
-            with _bar(want_progress(as_json), total, "diff") as progress:
+            with bar(want_progress(as_json), total, "diff") as progress:
                 report = diff_sources(sa, sb, progress)
         finally:
             sb.close()
     finally:
         sa.close()
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 "a": a,
                 "b": b,

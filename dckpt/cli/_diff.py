@@ -7,15 +7,14 @@ their checksums like any load, so a damaged file is an error rather than a diffe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from dckpt.cli._output import Progress
 from dckpt.interop._sources import Entry, Source, read_checked
-
-Progress = Callable[[int], None]
 
 
 @dataclass

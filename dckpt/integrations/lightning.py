@@ -350,7 +350,7 @@ def remove(path: str) -> None:
         >>> remove("checkpoints/epoch=0-step=100.ckpt")  # doctest: +SKIP
     """
     if "://" in path:
-        import fsspec
+        import fsspec  # lazy: only remote checkpoint paths need it
 
         fs, root = fsspec.core.url_to_fs(path)
         if fs.exists(root):

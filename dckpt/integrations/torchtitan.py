@@ -97,7 +97,7 @@ class DckptCheckpointManager(BaseCheckpointManager):
     Raises:
         dckpt.ArgumentError: ``last_save_in_hf`` without ``sd_adapter``, an HF save to an
             object store, or a ``folder`` that holds torchtitan DCP steps (dckpt's
-            manager would take them for unfinished saves and delete them).
+            manager would not resume from them).
 
     Example:
         >>> from dckpt.integrations.torchtitan import DckptCheckpointManager
@@ -172,7 +172,19 @@ class DckptCheckpointManager(BaseCheckpointManager):
         self.export_dtype: torch.dtype = TORCH_DTYPE_MAP[config.export_dtype]
         self.sd_adapter = sd_adapter
         self.timeout = config.timeout
-        if self.last_save_in_hf and sd_adapter is None:
+        self._check_options()
+        self.async_mode = config.async_mode
+        self._manager = dckpt.CheckpointManager(
+            self.folder,
+            keep_last=config.keep_latest_k or None,
+            async_save=self.async_mode != "disabled",
+            timeout=self.timeout,
+        )
+        log.info("dckpt checkpointing active under %s", self.folder)
+
+    def _check_options(self) -> None:
+        """Refuse what cannot work, before anything is saved."""
+        if self.last_save_in_hf and self.sd_adapter is None:
             raise dckpt.ArgumentError(
                 "checkpoint.last_save_in_hf is True but the model has no sd_adapter to name "
                 "its weights the Hugging Face way; set last_save_in_hf=False"
@@ -188,19 +200,11 @@ class DckptCheckpointManager(BaseCheckpointManager):
             raise dckpt.ArgumentError(
                 f"checkpoint.folder {self.folder!r} holds torch DCP checkpoints "
                 f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) written by "
-                "torchtitan's own CheckpointManager; dckpt's manager would take them for "
-                "unfinished saves and delete them. To switch, set checkpoint.initial_load_path "
+                "torchtitan's own CheckpointManager; dckpt's manager would not resume from "
+                "them. To switch, set checkpoint.initial_load_path "
                 f"to the step to resume from (e.g. {filesystem.join(self.folder, foreign[-1])}), "
                 "checkpoint.initial_load_model_only=False, and a new checkpoint.folder"
             )
-        self.async_mode = config.async_mode
-        self._manager = dckpt.CheckpointManager(
-            self.folder,
-            keep_last=config.keep_latest_k or None,
-            async_save=self.async_mode != "disabled",
-            timeout=self.timeout,
-        )
-        log.info("dckpt checkpointing active under %s", self.folder)
 
     # -- saving -----------------------------------------------------------------------
 
@@ -334,7 +338,7 @@ class DckptCheckpointManager(BaseCheckpointManager):
                 "checkpoint.folder, or set checkpoint.last_save_model_only=False next time"
             )
         state = self._states_to_load(model_only)
-        self._manager.load(state, target)
+        self._manager.load(state, step=target)
         self._restore_model(state)
         log.info("loaded step %d from %s", target, path)
         return True

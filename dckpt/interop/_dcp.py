@@ -6,12 +6,16 @@ tensor chunk and every non-tensor value is a complete ``torch.save`` archive at 
 so it goes through an unpickler that can build only the handful of classes DCP metadata is
 made of; chunks and values are decoded with ``torch.load(weights_only=True)``. Loads reshard
 like dckpt's own: each rank reads only the chunks that overlap what it holds.
+
+:class:`DcpReader` is both the random-access reader and the format's reader for the
+collective load (``dckpt._loadcore``); :data:`DCP_FORMAT` is its registry entry.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,128 +23,41 @@ import crc32c
 import torch
 
 from dckpt._bytes import dtype_name
-from dckpt._errors import (
-    CheckpointError,
-    CorruptCheckpointError,
-    StateMismatchError,
-)
-from dckpt._format import MANIFEST_NAME, PathPart
-from dckpt._load import (
-    LoadPlan,
-    LoadResult,
-    _mismatch_message,
-    _read_threads,
-    apply_loaded,
-    require_same,
-)
-from dckpt._read import DEFAULT_MEMORY_BUDGET
-from dckpt._reader import KeyInfo
+from dckpt._dtensor import dtensor_chunks, is_dtensor
+from dckpt._errors import CheckpointError, CorruptCheckpointError
+from dckpt._format import PathPart
+from dckpt._formats import CheckpointFormat
+from dckpt._loadcore import KeyInfo, Matching, mismatch_message
 from dckpt._reshard import Box, ChunkIndex
-from dckpt._state import TensorLeaf, ValueLeaf, flat_key, resolve
-from dckpt.interop._dcp_files import DcpFiles, decode, decode_tensor
+from dckpt._state import Resolved, TensorLeaf, ValueLeaf, flat_key
+from dckpt.interop._dcp_files import (
+    ChunkJob,
+    DcpFiles,
+    add_copies,
+    decode,
+    read_whole,
+    run_job,
+    run_jobs,
+)
 from dckpt.interop._dcp_meta import (
-    _RANK_FILE,
     DCP_METADATA,
-    DcpChunk,
+    RANK_FILE,
     DcpMetadata,
-    DcpTensor,
     read_metadata,
 )
-from dckpt.storage._base import Storage, open_storage
+from dckpt.storage import Storage, open_storage
 
-__all__ = ["DCP_METADATA", "DcpMetadata", "DcpReader", "is_dcp_checkpoint", "load_dcp"]
-
-
-def is_dcp_checkpoint(path: Any, storage_options: dict[str, Any] | None = None) -> bool:
-    """True for a directory with DCP's ``.metadata`` and no dckpt manifest; never raises."""
-    try:
-        storage = open_storage(path, storage_options)
-        return storage.size(MANIFEST_NAME) is None and storage.size(DCP_METADATA) is not None
-    except Exception:  # let the ordinary load path report it, collectively
-        return False
-
-
-# -- reading archives -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Dest:
-    overlap: Box
-    dest: torch.Tensor
-    dest_box: Box
-
-
-@dataclass
-class _Job:
-    """One chunk to decode once, and every destination region it fills on this rank."""
-
-    tensor: DcpTensor
-    chunk: DcpChunk
-    dests: list[_Dest] = field(default_factory=list)
-
-
-def _add_copies(
-    jobs: dict[tuple[str, int], _Job], saved: DcpTensor, dests: list[tuple[Box, torch.Tensor]]
-) -> None:
-    index = ChunkIndex([c.box for c in saved.chunks])
-    for want, dest in dests:
-        if want.numel == 0:
-            continue
-        try:
-            copies = index.plan_copies(want, saved.dtype.itemsize)
-        except ValueError as exc:
-            raise CorruptCheckpointError(
-                f"key {saved.key!r}: the DCP checkpoint does not hold the region {want} ({exc})"
-            ) from None
-        for cp in copies:
-            chunk = saved.chunks[cp.source]
-            job = jobs.setdefault((chunk.item.file, chunk.item.offset), _Job(saved, chunk))
-            job.dests.append(_Dest(cp.overlap, dest, want))
-
-
-def _run_job(files: DcpFiles, job: _Job) -> None:
-    t, c = job.tensor, job.chunk
-    what = f"chunk {c.box} of {t.key!r} ({files.storage.location}/{c.item.file} @{c.item.offset})"
-    files.require_chunk(t, c)
-    src = decode_tensor(files.read(c.item), what, t.dtype, c.box.sizes)
-    for d in job.dests:
-        d.dest[d.overlap.relative_to(d.dest_box)].copy_(src[d.overlap.relative_to(c.box)])
-
-
-def _run_jobs(files: DcpFiles, jobs: list[_Job], *, memory_budget: int, threads: int) -> None:
-    """Decode each chunk once, copy it out, drop it; waves keep decoded bytes near the budget."""
-    jobs = sorted(jobs, key=lambda j: (j.chunk.item.file, j.chunk.item.offset))
-    limit = max(1, memory_budget // 2)  # an archive and its decoded tensor live together
-    waves: list[list[_Job]] = []
-    used = limit
-    for job in jobs:
-        if used + job.chunk.item.length > limit:
-            waves.append([])
-            used = 0
-        waves[-1].append(job)
-        used += job.chunk.item.length
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="dckpt-dcp") as pool:
-        for wave in waves:
-            list(pool.map(lambda j: _run_job(files, j), wave))
-
-
-def read_whole(files: DcpFiles, saved: DcpTensor) -> torch.Tensor:
-    files.require_tensor(saved)  # the shape is a claim: bound it by the files before allocating
-    out = torch.empty(saved.shape, dtype=saved.dtype)
-    jobs: dict[tuple[str, int], _Job] = {}
-    _add_copies(jobs, saved, [(Box((0,) * out.ndim, saved.shape), out)])
-    for job in jobs.values():
-        _run_job(files, job)
-    return out
+__all__ = ["DCP_FORMAT", "DCP_METADATA", "DcpMetadata", "DcpPlan", "DcpReader"]
 
 
 # -- loading into a state -------------------------------------------------------------------
 
 
 @dataclass
-class _DcpPlan:
-    lp: LoadPlan = field(default_factory=LoadPlan)
-    jobs: dict[tuple[str, int], _Job] = field(default_factory=dict)
+class DcpPlan(Matching):
+    """A DCP load's plan: the chunks to decode, and the saved keys some leaf used."""
+
+    jobs: dict[tuple[str, int], ChunkJob] = field(default_factory=dict)
     consumed: set[str] = field(default_factory=set)
 
 
@@ -149,73 +66,67 @@ class _Planner:
         self.files = files
         self.md = md
         self.allow_pickle = allow_pickle
-        self.plan = _DcpPlan()
+        self.plan = DcpPlan()
         self._below: dict[str, list[tuple[str, tuple[PathPart, ...]]]] | None = None
         self._decoded: dict[str, Any] = {}
 
     def tensor(self, leaf: TensorLeaf) -> None:
-        from torch.distributed.tensor import DTensor
-
-        from dckpt._dtensor import dtensor_chunks
-
-        lp, key, t = self.plan.lp, leaf.key, leaf.tensor
+        plan, key, t = self.plan, leaf.key, leaf.tensor
         saved = self.md.tensors.get(key)
         if saved is None:
             holder = key if key in self.md.values else self._ancestor(leaf.path)[0]
             if holder is None:
-                lp.missing.append(key)
+                plan.missing.append(key)
                 return
-            self.plan.consumed.add(holder)
-            lp.mismatched.append(key)
-            lp.problems.append(
+            plan.consumed.add(holder)
+            plan.mismatched.append(key)
+            plan.problems.append(
                 f"{key!r}: saved as a non-tensor value, requested a tensor"
                 if holder == key
                 else f"{key!r}: saved inside the non-tensor value {holder!r} (a DCP save "
                 "without flatten_state_dict); dckpt cannot load tensors from inside it"
             )
             return
-        self.plan.consumed.add(key)
+        plan.consumed.add(key)
         if saved.dtype != t.dtype or saved.shape != tuple(t.shape):
-            lp.mismatched.append(key)
-            lp.problems.append(
+            plan.mismatched.append(key)
+            plan.problems.append(
                 f"{key!r}: saved {dtype_name(saved.dtype)}{list(saved.shape)}, requested "
                 f"{dtype_name(t.dtype)}{list(t.shape)}"
             )
             return
-        if isinstance(t, DTensor):
-            dests = dtensor_chunks(t)
-        else:
-            dests = [(Box((0,) * t.ndim, tuple(t.shape)), t)]
-        _add_copies(self.plan.jobs, saved, dests)
+        whole = Box((0,) * t.ndim, tuple(t.shape))
+        dests = dtensor_chunks(t) if is_dtensor(t) else [(whole, t)]
+        add_copies(plan.jobs, saved, dests)
 
     def value(self, leaf: ValueLeaf) -> None:
-        lp, key, md = self.plan.lp, leaf.key, self.md
+        plan, key, md = self.plan, leaf.key, self.md
         if key in md.values:
-            self.plan.consumed.add(key)
-            lp.values.append((leaf.set, self._decode(key)))
+            plan.consumed.add(key)
+            plan.values.append((leaf.set, self._decode(key)))
             return
         if key in md.tensors:
-            self.plan.consumed.add(key)
-            lp.mismatched.append(key)
-            lp.problems.append(f"{key!r}: saved as a tensor, requested a non-tensor value")
+            plan.consumed.add(key)
+            plan.mismatched.append(key)
+            plan.problems.append(f"{key!r}: saved as a tensor, requested a non-tensor value")
             return
         below = self._descendants().get(key)
         if below:
             # DCP flattens lists of dicts (optimizer param_groups) into one key per leaf.
-            self.plan.consumed.update(k for k, _ in below)
+            plan.consumed.update(k for k, _ in below)
             parts = [(rel, self._whole(k)) for k, rel in below]
-            lp.values.append((leaf.set, _assemble(key, parts)))
+            plan.values.append((leaf.set, _assemble(key, parts)))
             return
         holder, depth = self._ancestor(leaf.path)
         if holder is not None:
-            self.plan.consumed.add(holder)
+            plan.consumed.add(holder)
             found, value = _descend(self._decode(holder), leaf.path[depth:])
             if found:
-                lp.values.append((leaf.set, value))
+                plan.values.append((leaf.set, value))
                 return
         elif isinstance(leaf.value, Mapping) and not leaf.value:
             return  # DCP's flattening stores nothing for an empty dict
-        lp.missing.append(key)
+        plan.missing.append(key)
 
     def _decode(self, key: str) -> Any:
         if key not in self._decoded:
@@ -294,94 +205,84 @@ def _descend(value: Any, rel: tuple[PathPart, ...]) -> tuple[bool, Any]:
     return True, value
 
 
-def load_dcp(
-    state: Mapping[str, Any],
-    path: Any,
-    coord: Any,
-    *,
-    strict: bool = True,
-    allow_pickle: bool = False,
-    storage_options: dict[str, Any] | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-) -> LoadResult:
-    """``dckpt.load`` for a DCP checkpoint: collective over ``coord``'s ranks, resharding."""
-    ctx: dict[str, Any] = {}
-
-    def local_prepare() -> int:
-        storage = open_storage(path, storage_options)
-        md, raw = read_metadata(storage)
-        files = DcpFiles(storage)
-        resolved = resolve(state, strict=strict)
-        planner = _Planner(files, md, allow_pickle)  # collects problems; decodes values now
-        for t in resolved.tensors:
-            planner.tensor(t)
-        for v in resolved.values:
-            planner.value(v)
-        plan, lp = planner.plan, planner.plan.lp
-        if strict and (lp.missing or lp.problems):
-            raise StateMismatchError(_mismatch_message(storage.location, lp))
-        for job in plan.jobs.values():
-            files.require_chunk(job.tensor, job.chunk)
-        unexpected = sorted(set(md.keys()) - plan.consumed)
-        ctx.update(files=files, plan=plan, resolved=resolved)
-        ctx["result"] = LoadResult(
-            tuple(sorted(lp.missing)), tuple(unexpected), tuple(sorted(lp.mismatched))
-        )
-        return int(crc32c.crc32c(raw))
-
-    coord.exchange(
-        "dcp-load-plan",
-        local_prepare,
-        lambda digests: require_same(digests, "DCP metadata", ctx["files"].storage.location),
-    )
-
-    def local_read() -> None:
-        plan: _DcpPlan = ctx["plan"]
-        _run_jobs(
-            ctx["files"],
-            list(plan.jobs.values()),
-            memory_budget=memory_budget,
-            threads=_read_threads(),
-        )
-        apply_loaded(plan.lp.values, ctx["resolved"])
-
-    coord.exchange("dcp-load-read", local_read)
-    result: LoadResult = ctx["result"]
-    return result
-
-
-# -- random access, for tools -----------------------------------------------------------------
+# -- the reader: random access for tools, and the load's Reader ---------------------------
 
 
 class DcpReader:
-    """``CheckpointReader``'s interface over a DCP checkpoint.
+    """A torch DCP checkpoint, read one key at a time; also the DCP format's reader for
+    ``dckpt.load``.
 
-    ``has_checksums`` is False: DCP's metadata records none (see :meth:`verify`).
+    It offers :class:`dckpt._reader.CheckpointReader`'s interface. ``has_checksums`` is
+    False: DCP's metadata records none (see :meth:`verify`).
+
+    Attributes:
+        format (`str`): ``"dcp"``.
+        storage (`Storage`): where the checkpoint lives.
+        metadata (`DcpMetadata`): the validated ``.metadata``.
+
+    Example:
+
+    ```python
+    from dckpt.interop._dcp import DcpReader
+
+    reader = DcpReader.open("dcp/step-1000")
+    print(reader.world_size, reader.keys()[:5])
+    ```
     """
 
     format = "dcp"
     has_checksums = False
+    index_name = "DCP metadata"
 
-    def __init__(self, storage: Storage, metadata: DcpMetadata) -> None:
+    def __init__(self, storage: Storage, metadata: DcpMetadata, *, index_digest: int) -> None:
         self.storage = storage
         self.metadata = metadata
+        self.index_digest = index_digest
         self._files = DcpFiles(storage)
-        names = {i.file for i in metadata.values.values()}
-        names |= {c.item.file for t in metadata.tensors.values() for c in t.chunks}
-        names |= {n for n in storage.list() if "/" not in n}
-        ranks = {int(m.group(1)) for n in names if (m := _RANK_FILE.match(n))}
-        self.world_size = max(1, len(ranks))
 
     @classmethod
-    def open(cls, path: Any, storage_options: dict[str, Any] | None = None) -> DcpReader:
+    def open(
+        cls,
+        path: str | os.PathLike[str] | Storage,
+        storage_options: dict[str, Any] | None = None,
+    ) -> DcpReader:
+        """Open the DCP checkpoint at ``path`` (no format detection).
+
+        Args:
+            path (`str`, `os.PathLike` or `Storage`):
+                A local directory, a ``file://`` or fsspec URL, or an opened storage.
+            storage_options (`dict`, *optional*):
+                Options for the storage backend (endpoint, credentials, ...).
+
+        Returns:
+            `DcpReader`: the reader, its ``.metadata`` read and validated.
+
+        Raises:
+            CorruptCheckpointError: ``.metadata`` is missing, damaged or inconsistent.
+            UnsafeCheckpointError: ``.metadata`` asks for a class DCP metadata never holds.
+        """
         storage = open_storage(path, storage_options)
-        return cls(storage, read_metadata(storage)[0])
+        metadata, raw = read_metadata(storage)
+        return cls(storage, metadata, index_digest=int(crc32c.crc32c(raw)))
 
     @property
     def location(self) -> str:
+        """Where the checkpoint is: a directory or URL."""
         return self.storage.location
 
+    @functools.cached_property
+    def world_size(self) -> int:
+        """The number of ranks that saved it, from the data file names (a listing, so it
+        is read on first use and never by a load)."""
+        md = self.metadata
+        names = {i.file for i in md.values.values()}
+        names |= {c.item.file for t in md.tensors.values() for c in t.chunks}
+        names |= {n for n in self.storage.list() if "/" not in n}
+        ranks = {int(m.group(1)) for n in names if (m := RANK_FILE.match(n))}
+        return max(1, len(ranks))
+
     def infos(self) -> list[KeyInfo]:
+        """Every saved key with its kind, dtype, shape, size and chunk count, sorted by key."""
         md = self.metadata
         out = [
             KeyInfo(k, md.path(k), "tensor", dtype_name(t.dtype), t.shape, t.nbytes, len(t.chunks))
@@ -391,16 +292,50 @@ class DcpReader:
         return sorted(out, key=lambda i: i.key)
 
     def keys(self) -> list[str]:
+        """Every saved key (tensors and values), sorted."""
         return self.metadata.keys()
 
     def read_tensor(self, key: str, *, rank: int = 0) -> torch.Tensor:
-        """The whole tensor (``rank`` is accepted for interface parity: DCP has no per-rank)."""
+        """Read one whole tensor into a new CPU tensor.
+
+        Args:
+            key (`str`):
+                The flat key, as :meth:`keys` lists it.
+            rank (`int`, *optional*, defaults to 0):
+                Accepted for interface parity: DCP saves nothing per rank.
+
+        Returns:
+            `torch.Tensor`: the tensor with its saved dtype and shape.
+
+        Raises:
+            CheckpointError: the checkpoint has no tensor ``key``.
+            CorruptCheckpointError: the files cannot back the metadata's claims, or an
+                archive is damaged.
+        """
         saved = self.metadata.tensors.get(key)
         if saved is None:
             raise CheckpointError(f"{self.location} has no tensor {key!r}")
         return read_whole(self._files, saved)
 
     def read_value(self, key: str, *, rank: int = 0, allow_pickle: bool = False) -> Any:
+        """Decode one saved non-tensor value.
+
+        Args:
+            key (`str`):
+                The flat key.
+            rank (`int`, *optional*, defaults to 0):
+                Accepted for interface parity: DCP saves nothing per rank.
+            allow_pickle (`bool`, *optional*, defaults to `False`):
+                Allow what ``torch.load(weights_only=True)`` refuses; only for trusted files.
+
+        Returns:
+            `Any`: the value as it was saved.
+
+        Raises:
+            CheckpointError: the checkpoint has no value ``key``.
+            UnsafeCheckpointError: the value needs an unsafe unpickle and ``allow_pickle``
+                is False.
+        """
         item = self.metadata.values.get(key)
         if item is None:
             raise CheckpointError(f"{self.location} has no value {key!r}")
@@ -412,6 +347,13 @@ class DcpReader:
         DCP's metadata records no checksums; what is checked is the CRC-32 that each
         ``torch.save`` archive keeps per member, so a damaged ``.metadata`` that still
         parses, or a consistent rewrite of an archive, goes unnoticed.
+
+        Args:
+            progress (`Callable[[int], None]`, *optional*):
+                Called with the byte count of each archive once it is checked.
+
+        Returns:
+            `list[str]`: one message per problem; empty when nothing was found.
         """
         problems: list[str] = []
         for key, saved in sorted(self.metadata.tensors.items()):
@@ -423,7 +365,7 @@ class DcpReader:
                 problems.append(f"tensor {key!r} is incomplete: {exc}")
             for c in saved.chunks:
                 try:
-                    _run_job(self._files, _Job(saved, c))
+                    run_job(self._files, ChunkJob(saved, c))
                 except CheckpointError as exc:
                     problems.append(str(exc))
                 if progress is not None:
@@ -438,5 +380,48 @@ class DcpReader:
         return problems
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, tensor)`` for every saved tensor in key order, one in memory at a time."""
         for key in sorted(self.metadata.tensors):
             yield key, self.read_tensor(key)
+
+    # -- the collective load's Reader (dckpt._loadcore) ----------------------------------
+
+    def grower(self, rank: int, world_size: int, *, allow_pickle: bool) -> None:
+        """None: a DCP load grows no containers (flattened lists are assembled instead)."""
+        return None
+
+    def plan(
+        self, resolved: Resolved, rank: int, world_size: int, *, allow_pickle: bool
+    ) -> DcpPlan:
+        """The chunks to decode for this rank, decoded values, and the keys that do not match."""
+        planner = _Planner(self._files, self.metadata, allow_pickle)  # decodes values now
+        for t in resolved.tensors:
+            planner.tensor(t)
+        for v in resolved.values:
+            planner.value(v)
+        plan = planner.plan
+        plan.unexpected = sorted(set(self.metadata.keys()) - plan.consumed)
+        return plan
+
+    def mismatch_message(self, plan: DcpPlan) -> str:
+        """The strict load's report."""
+        return mismatch_message(self.location, plan)
+
+    def check_files(self, plan: DcpPlan) -> None:
+        """Every planned chunk lies within its file and can hold its elements."""
+        for job in plan.jobs.values():
+            self._files.require_chunk(job.tensor, job.chunk)
+
+    def read(self, plan: DcpPlan, *, memory_budget: int, threads: int) -> None:
+        """Decode each planned chunk once and copy it into its destinations."""
+        run_jobs(
+            self._files, list(plan.jobs.values()), memory_budget=memory_budget, threads=threads
+        )
+
+
+def _has_dcp_metadata(storage: Storage) -> bool:
+    # Sniffed after dckpt's format: no manifest.json is there.
+    return storage.size(DCP_METADATA) is not None
+
+
+DCP_FORMAT = CheckpointFormat("dcp", "dcp-load", _has_dcp_metadata, DcpReader.open)

@@ -5,7 +5,8 @@ files on storage before a byte is read or a tensor allocated: an item must lie w
 file, a chunk's archive must be big enough for the chunk's elements, and a tensor read
 whole must be no bigger than the files holding it. Each item is a complete ``torch.save``
 archive, decoded with ``torch.load(weights_only=True)`` unless the caller opted in to
-pickle.
+pickle. :func:`run_jobs` decodes each chunk a rank needs once and copies it into every
+destination region it overlaps.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from __future__ import annotations
 import io
 import pickle
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dckpt._bytes import dtype_name
 from dckpt._errors import CorruptCheckpointError, UnsafeCheckpointError
+from dckpt._reshard import Box, ChunkIndex
 from dckpt.interop._dcp_meta import DcpChunk, DcpItem, DcpTensor
-from dckpt.storage._base import Storage
+from dckpt.storage import Storage
 
 _WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 
@@ -140,3 +144,81 @@ def decode_tensor(data: bytes, what: str, dtype: torch.dtype, shape: tuple[int, 
             f"{dtype_name(dtype)}{list(shape)}"
         )
     return obj
+
+
+# -- decoding chunks into destination tensors -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Dest:
+    overlap: Box
+    dest: torch.Tensor
+    dest_box: Box
+
+
+@dataclass
+class ChunkJob:
+    """One chunk to decode once, and every destination region it fills on this rank."""
+
+    tensor: DcpTensor
+    chunk: DcpChunk
+    dests: list[_Dest] = field(default_factory=list)
+
+
+def add_copies(
+    jobs: dict[tuple[str, int], ChunkJob], saved: DcpTensor, dests: list[tuple[Box, torch.Tensor]]
+) -> None:
+    """Add to ``jobs`` (keyed by archive) the chunks of ``saved`` that fill each (global
+    box, destination) pair of ``dests``."""
+    index = ChunkIndex([c.box for c in saved.chunks])
+    for want, dest in dests:
+        if want.numel == 0:
+            continue
+        try:
+            copies = index.plan_copies(want, saved.dtype.itemsize)
+        except ValueError as exc:
+            raise CorruptCheckpointError(
+                f"key {saved.key!r}: the DCP checkpoint does not hold the region {want} ({exc})"
+            ) from None
+        for cp in copies:
+            chunk = saved.chunks[cp.source]
+            job = jobs.setdefault((chunk.item.file, chunk.item.offset), ChunkJob(saved, chunk))
+            job.dests.append(_Dest(cp.overlap, dest, want))
+
+
+def run_job(files: DcpFiles, job: ChunkJob) -> None:
+    """Decode the job's chunk, checked against the metadata, and copy it out."""
+    t, c = job.tensor, job.chunk
+    what = f"chunk {c.box} of {t.key!r} ({files.storage.location}/{c.item.file} @{c.item.offset})"
+    files.require_chunk(t, c)
+    src = decode_tensor(files.read(c.item), what, t.dtype, c.box.sizes)
+    for d in job.dests:
+        d.dest[d.overlap.relative_to(d.dest_box)].copy_(src[d.overlap.relative_to(c.box)])
+
+
+def run_jobs(files: DcpFiles, jobs: list[ChunkJob], *, memory_budget: int, threads: int) -> None:
+    """Decode each chunk once, copy it out, drop it; waves keep decoded bytes near the budget."""
+    jobs = sorted(jobs, key=lambda j: (j.chunk.item.file, j.chunk.item.offset))
+    limit = max(1, memory_budget // 2)  # an archive and its decoded tensor live together
+    waves: list[list[ChunkJob]] = []
+    used = limit
+    for job in jobs:
+        if used + job.chunk.item.length > limit:
+            waves.append([])
+            used = 0
+        waves[-1].append(job)
+        used += job.chunk.item.length
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="dckpt-dcp") as pool:
+        for wave in waves:
+            list(pool.map(lambda j: run_job(files, j), wave))
+
+
+def read_whole(files: DcpFiles, saved: DcpTensor) -> torch.Tensor:
+    """The whole tensor ``saved`` as a new CPU tensor."""
+    files.require_tensor(saved)  # the shape is a claim: bound it by the files before allocating
+    out = torch.empty(saved.shape, dtype=saved.dtype)
+    jobs: dict[tuple[str, int], ChunkJob] = {}
+    add_copies(jobs, saved, [(Box((0,) * out.ndim, saved.shape), out)])
+    for job in jobs.values():
+        run_job(files, job)
+    return out

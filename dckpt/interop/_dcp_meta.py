@@ -21,10 +21,10 @@ import torch
 from dckpt._errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from dckpt._format import PathPart, check_file_name
 from dckpt._reshard import Box
-from dckpt.storage._base import Storage
+from dckpt.storage import Storage
 
 DCP_METADATA = ".metadata"
-_RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 # -- the data model, detached from torch's classes -----------------------------------------
 
@@ -213,7 +213,30 @@ def _convert(md: object, source: str) -> DcpMetadata:
     sdm, storage = getattr(md, "state_dict_metadata", None), getattr(md, "storage_data", None)
     if not isinstance(sdm, dict) or not isinstance(storage, dict):
         raise _bad(source, "state_dict_metadata or storage_data is not a dict")
-    items: dict[tuple[str, tuple[int, ...] | None], DcpItem] = {}
+    items = _storage_items(storage, source)
+    tensors: dict[str, DcpTensor] = {}
+    values: dict[str, DcpItem] = {}
+    for key, entry in sdm.items():
+        if not isinstance(key, str):
+            raise _bad(source, f"key {key!r} is not a string")
+        if _is(entry, "BytesStorageMetadata"):
+            if (key, None) not in items:
+                raise _bad(source, f"value {key!r} has no storage entry")
+            values[key] = items[(key, None)]
+            continue
+        if not _is(entry, "TensorStorageMetadata"):
+            raise _bad(source, f"key {key!r} has entry type {type(entry).__name__}")
+        tensors[key] = _tensor(key, entry, items, source)
+    version = getattr(md, "version", None)
+    paths = _flatten_paths(getattr(md, "planner_data", None), sdm)
+    return DcpMetadata(tensors, values, paths, version if isinstance(version, str) else None)
+
+
+_Items = dict[tuple[str, tuple[int, ...] | None], DcpItem]  # (key, chunk offsets) -> archive
+
+
+def _storage_items(storage: dict[Any, Any], source: str) -> _Items:
+    items: _Items = {}
     names: dict[object, str] = {}  # few distinct files: check each name once
     for index, info in storage.items():
         fqn, offset = getattr(index, "fqn", None), getattr(index, "offset", None)
@@ -232,38 +255,27 @@ def _convert(md: object, source: str) -> DcpMetadata:
         where = (getattr(info, "offset", None), getattr(info, "length", None))
         start, length = _ints(where, f"{fqn!r} byte range", source)
         items[(fqn, offsets)] = DcpItem(file, start, length)
-    tensors: dict[str, DcpTensor] = {}
-    values: dict[str, DcpItem] = {}
-    for key, entry in sdm.items():
-        if not isinstance(key, str):
-            raise _bad(source, f"key {key!r} is not a string")
-        if _is(entry, "BytesStorageMetadata"):
-            if (key, None) not in items:
-                raise _bad(source, f"value {key!r} has no storage entry")
-            values[key] = items[(key, None)]
-            continue
-        if not _is(entry, "TensorStorageMetadata"):
-            raise _bad(source, f"key {key!r} has entry type {type(entry).__name__}")
-        props = getattr(entry, "properties", None)
-        dtype = _dtype_of(props) if _is(props, "TensorProperties") else None
-        if not isinstance(dtype, torch.dtype):
-            raise _bad(source, f"tensor {key!r} has dtype {dtype!r}")
-        shape = _ints(getattr(entry, "size", None), f"{key!r} size", source)
-        chunks: list[DcpChunk] = []
-        for c in getattr(entry, "chunks", None) or ():
-            if not _is(c, "ChunkStorageMetadata"):
-                raise _bad(source, f"tensor {key!r} has a chunk of type {type(c).__name__}")
-            offs = _ints(getattr(c, "offsets", None), f"{key!r} chunk offsets", source)
-            box = Box(offs, _ints(getattr(c, "sizes", None), f"{key!r} chunk sizes", source))
-            if len(offs) != len(shape) or any(map(int.__gt__, box.stops, shape)):
-                raise _bad(source, f"tensor {key!r} of shape {list(shape)} has chunk {box}")
-            if (key, offs) not in items:
-                raise _bad(source, f"chunk {box} of tensor {key!r} has no storage entry")
-            chunks.append(DcpChunk(box, items[(key, offs)]))
-        tensors[key] = DcpTensor(key, dtype, shape, tuple(chunks))
-    version = getattr(md, "version", None)
-    paths = _flatten_paths(getattr(md, "planner_data", None), sdm)
-    return DcpMetadata(tensors, values, paths, version if isinstance(version, str) else None)
+    return items
+
+
+def _tensor(key: str, entry: object, items: _Items, source: str) -> DcpTensor:
+    props = getattr(entry, "properties", None)
+    dtype = _dtype_of(props) if _is(props, "TensorProperties") else None
+    if not isinstance(dtype, torch.dtype):
+        raise _bad(source, f"tensor {key!r} has dtype {dtype!r}")
+    shape = _ints(getattr(entry, "size", None), f"{key!r} size", source)
+    chunks: list[DcpChunk] = []
+    for c in getattr(entry, "chunks", None) or ():
+        if not _is(c, "ChunkStorageMetadata"):
+            raise _bad(source, f"tensor {key!r} has a chunk of type {type(c).__name__}")
+        offs = _ints(getattr(c, "offsets", None), f"{key!r} chunk offsets", source)
+        box = Box(offs, _ints(getattr(c, "sizes", None), f"{key!r} chunk sizes", source))
+        if len(offs) != len(shape) or any(map(int.__gt__, box.stops, shape)):
+            raise _bad(source, f"tensor {key!r} of shape {list(shape)} has chunk {box}")
+        if (key, offs) not in items:
+            raise _bad(source, f"chunk {box} of tensor {key!r} has no storage entry")
+        chunks.append(DcpChunk(box, items[(key, offs)]))
+    return DcpTensor(key, dtype, shape, tuple(chunks))
 
 
 def _flatten_paths(
@@ -286,6 +298,7 @@ def _flatten_paths(
 
 
 def read_metadata(storage: Storage) -> tuple[DcpMetadata, bytes]:
+    """The checkpoint's ``.metadata``, parsed and validated, and its raw bytes."""
     raw = storage.read_file(DCP_METADATA)
     if raw is None:
         raise CorruptCheckpointError(f"{storage.location} has no DCP {DCP_METADATA} file")

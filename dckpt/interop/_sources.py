@@ -23,11 +23,10 @@ from dckpt._errors import (
     CorruptCheckpointError,
     UnsupportedStateError,
 )
-from dckpt._format import (
-    DTYPE_ITEMSIZE,
-    MANIFEST_NAME,
-    PathPart,
-)
+from dckpt._format import DTYPE_ITEMSIZE, PathPart
+from dckpt._formats import DCKPT_FORMAT, detect_format, format_of
+from dckpt._state import resolve
+from dckpt.storage import open_storage
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # torch dtype name <-> safetensors dtype code
@@ -115,7 +114,7 @@ class _SafetensorsSource(Source):
         self._handles: dict[str, Any] = {}
 
     def _open(self, name: str) -> Any:
-        from safetensors import safe_open
+        from safetensors import safe_open  # lazy: `import dckpt` never loads safetensors
 
         if name not in self._handles:
             try:
@@ -149,7 +148,7 @@ class _SafetensorsSource(Source):
 
 
 def _safetensors_file(path: str) -> _SafetensorsSource:
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: `import dckpt` never loads safetensors
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -177,8 +176,6 @@ class _TorchSource(Source):
     format = "pt"
 
     def __init__(self, path: str) -> None:
-        from dckpt._state import resolve
-
         self.location = path
         try:
             try:
@@ -223,18 +220,20 @@ def open_source(path: Any, storage_options: dict[str, Any] | None = None) -> Sou
     text = os.fspath(path)
     if not isinstance(text, str):
         raise CheckpointError(f"a path must be text, got {path!r}")
-    from dckpt._reader import open_checkpoint
-
     if "://" in text:
-        return _ReaderSource(open_checkpoint(text, storage_options))
+        storage = open_storage(text, storage_options)
+        return _ReaderSource(format_of(storage).open(storage))
     if os.path.isdir(text):
-        indexes = sorted(n for n in os.listdir(text) if n.endswith(".safetensors.index.json"))
-        if indexes and not os.path.exists(os.path.join(text, MANIFEST_NAME)):
-            return _hf_dir(text, os.path.join(text, indexes[0]))
-        single = os.path.join(text, "model.safetensors")
-        if os.path.isfile(single) and not os.path.exists(os.path.join(text, MANIFEST_NAME)):
-            return _safetensors_file(single)
-        return _ReaderSource(open_checkpoint(text, storage_options))
+        storage = open_storage(text, storage_options)
+        fmt = detect_format(storage)
+        if fmt is None:  # no registered checkpoint format: perhaps Hugging Face weights
+            indexes = sorted(n for n in os.listdir(text) if n.endswith(".safetensors.index.json"))
+            if indexes:
+                return _hf_dir(text, os.path.join(text, indexes[0]))
+            single = os.path.join(text, "model.safetensors")
+            if os.path.isfile(single):
+                return _safetensors_file(single)
+        return _ReaderSource((fmt or DCKPT_FORMAT).open(storage))
     if not os.path.exists(text):
         raise CheckpointNotFoundError(f"nothing at {text}")
     if text.endswith(".safetensors"):

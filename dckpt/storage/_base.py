@@ -1,64 +1,60 @@
-"""Storage: the small interface a checkpoint needs from a disk or an object store.
+"""The storage interface: what a checkpoint needs from a disk or an object store.
 
-Names are relative, '/'-separated and already validated by the caller (see
-``_format.check_file_name``); implementations still refuse to follow anything that
-resolves outside the checkpoint root. Every OS-level failure becomes a
-:class:`StorageError` naming the file and what went wrong.
+Names are relative, '/'-separated and already validated by the caller (dckpt checks
+every name a manifest holds before it reaches a backend); implementations still refuse to
+follow anything that resolves outside the checkpoint root. Every failure of the
+underlying system becomes a :class:`~dckpt.StorageError` naming the file and what went
+wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
-import secrets
-import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from dckpt._errors import CheckpointError, StorageError, UnsafeCheckpointError
-from dckpt._faults import fault_point
-from dckpt._format import MAX_MANIFEST_BYTES
-from dckpt.storage._localfs import (
-    fsync_dir,
-    open_dir,
-    open_regular,
-    oserror,
-    read_fd_into,
-    read_limited,
-    refusal,
-    require_inside,
-    write_fd,
-)
+from dckpt.storage._files import Buffer, RangeReader, Writer
 
-Buffer = memoryview
-#: The most ``read_file`` reads by default; a larger file is refused before reading it.
-MAX_READ_BYTES = MAX_MANIFEST_BYTES
+__all__ = [
+    "LOCAL_LAYOUT",
+    "MAX_READ_BYTES",
+    "Buffer",
+    "FileLayout",
+    "RangeReader",
+    "Storage",
+    "Writer",
+    "as_bytes_view",
+]
+# Storage's own limit; the manifest codec keeps its own constant.
+MAX_READ_BYTES = 1 << 30
+"""The most :meth:`Storage.read_file` reads by default (1 GiB); a larger file is refused
+before it is read."""
 
 
-class Writer(ABC):
-    """A file being written sequentially from buffers; invisible to readers until committed."""
-
-    @abstractmethod
-    def write(self, buffers: Sequence[Buffer]) -> None:
-        """Append ``buffers``. They may be sent later, straight from their memory: the
-        caller keeps them alive and unchanged until ``close`` or ``abort`` returns."""
-
-    @abstractmethod
-    def close(self, *, durable: bool) -> int:
-        """Finish the file (flushing to stable storage when ``durable``); returns its size."""
-
-    @abstractmethod
-    def abort(self) -> None:
-        """Drop the partial file; never raises."""
+def as_bytes_view(data: Any) -> memoryview:
+    """``data`` (a buffer: memoryview, bytes, numpy array) as a flat byte memoryview."""
+    mv = data if isinstance(data, memoryview) else memoryview(data)
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
 @dataclass(frozen=True, slots=True)
 class FileLayout:
-    """How a save splits one rank's share into data files: up to ``max_files`` files of
-    about ``target_bytes`` each, written in parallel. Local disks want a few large files;
-    object stores want more objects, each small enough to go up as one PUT."""
+    """How a save splits one rank's share into data files.
+
+    Up to ``max_files`` files of about ``target_bytes`` each, written in parallel. Local
+    disks want a few large files; object stores want more objects, each small enough to go
+    up as one PUT.
+
+    Args:
+        max_files: The most data files one rank writes per save (at least 1).
+        target_bytes: About how many bytes go into one file before the next is started.
+
+    Example:
+        >>> FileLayout(max_files=16, target_bytes=16 << 20)
+        FileLayout(max_files=16, target_bytes=16777216)
+    """
 
     max_files: int = 4
     target_bytes: int = 64 << 20
@@ -67,355 +63,272 @@ class FileLayout:
 LOCAL_LAYOUT = FileLayout()
 
 
-class Storage(ABC):
-    """One checkpoint's worth of storage, rooted at a directory or URL prefix."""
+class _StorageRanges(RangeReader):
+    """The default :class:`RangeReader`: each read goes through the storage's own methods."""
 
-    #: A printable location without credentials, used in messages.
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.storage = storage
+        self.name = name
+
+    def read_into(self, offset: int, out: Buffer) -> None:
+        self.storage.read_into(self.name, offset, out)
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]], outs: Sequence[Buffer]) -> None:
+        self.storage.read_ranges(self.name, ranges, outs)
+
+
+class Storage(ABC):
+    """One checkpoint's worth of storage, rooted at a directory or URL prefix.
+
+    This is the seam for new backends: subclass it, implement the abstract methods, and
+    make :func:`dckpt.storage.open_storage` find it with
+    :func:`dckpt.storage.register_backend` (or the ``dckpt.storage`` entry point group).
+    Every ``dckpt.save``, ``dckpt.load`` and ``CheckpointManager`` then works on it.
+
+    The contract a backend meets:
+
+    * **Names** are relative and ``/``-separated (``manifest.json``,
+      ``data/<save_id>/r0-0.bin``); directories, where the backend has them, are created
+      as needed by :meth:`open_writer` and :meth:`commit`. Nothing outside the root is
+      ever read, written or deleted.
+    * **Data files** are written through :meth:`open_writer`, each under a fresh name
+      that nothing refers to until the manifest naming it is committed, so a partial file
+      may be visible while it is written (local disks) or not (object stores). When
+      :meth:`Writer.close` returns the file is complete (and, with ``durable=True``, on
+      stable storage); :meth:`Writer.abort` removes whatever was written. Writers of
+      different files run in parallel threads.
+    * **Commit** (:meth:`commit`) publishes a small file (the manifest) as one step:
+      a reader sees the old bytes or the new ones, never a mix or nothing. With
+      ``atomic_commit = True`` the backend replaces atomically (rename); ``False`` says
+      it is last-writer-wins, and :meth:`commit_lock` is then the only guard against two
+      concurrent jobs. With ``durable=True`` the file, and the name, survive a power loss
+      when ``commit`` returns.
+    * **Reads**: :meth:`read_file` returns None for a missing file (not an error);
+      ranged reads of a missing file raise :class:`~dckpt.StorageError`; a file shorter
+      than a read raises :class:`~dckpt.CorruptCheckpointError` whose message says
+      "truncated". :meth:`read_file` refuses a file over ``max_bytes`` before reading it.
+    * **Deletes** of missing files or prefixes succeed silently.
+    * **Errors**: every failure raises a subclass of :class:`~dckpt.CheckpointError`,
+      :class:`~dckpt.StorageError` for the store's own failures (set its ``errno`` to
+      ``errno.ENOENT`` for a missing file), never a raw ``OSError`` or a client library's
+      exception, and the message names the file and never a credential.
+    * **Threads**: one storage is used from several threads at once.
+
+    Attributes:
+        location: A printable location without credentials, used in messages.
+        atomic_commit: Whether :meth:`commit` replaces atomically (rename) rather than by
+            last-writer-wins.
+        file_layout: The data-file layout saves to this storage use.
+
+    Example:
+        A backend for ``kv://`` URLs over some key-value client (only two methods shown;
+        the other abstract ones follow the same pattern)::
+
+            class KVStorage(dckpt.storage.Storage):
+                atomic_commit = True  # the client's put replaces atomically
+
+                def __init__(self, url: str, storage_options: dict) -> None:
+                    self.location = url
+                    self.client = kv.connect(url, **storage_options)
+
+                def read_file(self, name, *, max_bytes=dckpt.storage.MAX_READ_BYTES):
+                    size = self.size(name)
+                    if size is None:
+                        return None
+                    if size > max_bytes:
+                        raise dckpt.CorruptCheckpointError(
+                            f"{self.location}/{name} is {size} bytes, over {max_bytes}"
+                        )
+                    return self.client.get(name)
+
+                def commit(self, name, data, *, durable):
+                    try:
+                        self.client.put(name, data)
+                    except kv.Error as exc:
+                        raise dckpt.StorageError(f"writing {self.location}/{name}: {exc}")
+                ...
+
+            dckpt.storage.register_backend("kv", KVStorage)
+            dckpt.save(state, "kv://host/run1/step-10")
+    """
+
     location: str
-    #: Whether ``commit`` replaces atomically (rename) rather than by last-writer-wins.
     atomic_commit: bool = True
-    #: The data-file layout saves to this storage use.
     file_layout: FileLayout = LOCAL_LAYOUT
 
     @abstractmethod
     def read_file(self, name: str, *, max_bytes: int = MAX_READ_BYTES) -> bytes | None:
-        """The whole file, or None when it does not exist. A file over ``max_bytes`` is a
-        CorruptCheckpointError naming it, its size and the limit, raised before reading it
-        (and raised too if it grows past the limit while being read)."""
+        """The whole file, or None when it does not exist.
+
+        Args:
+            name: The file's name under the root.
+            max_bytes: The largest file accepted.
+
+        Returns:
+            The file's bytes, or None if there is no such file.
+
+        Raises:
+            CorruptCheckpointError: The file is over ``max_bytes`` (raised before reading
+                it, and also if it grows past the limit while being read); the message
+                names the file, its size and the limit.
+            StorageError: The file exists but cannot be read.
+        """
 
     @abstractmethod
     def read_into(self, name: str, offset: int, out: Buffer) -> None:
-        """Fill ``out`` from ``offset``; a short file is a CorruptCheckpointError-worthy StorageError."""
+        """Fill ``out`` with bytes of ``name`` from ``offset`` on.
+
+        Args:
+            name: The file's name under the root.
+            offset: Where in the file to start (>= 0).
+            out: A writable buffer; all of it is filled.
+
+        Raises:
+            CorruptCheckpointError: The file ends before ``out`` is full ("truncated").
+            StorageError: The file is missing (``errno.ENOENT``) or cannot be read.
+        """
 
     def read_ranges(
         self, name: str, ranges: Sequence[tuple[int, int]], outs: Sequence[Buffer]
     ) -> None:
-        """Fill ``outs[i]`` with bytes ``[start, end)`` of ``ranges[i]``; object stores batch these."""
+        """Fill ``outs[i]`` with bytes ``[start, end)`` of ``ranges[i]`` of ``name``.
+
+        The default calls :meth:`read_into` once per range; object stores batch them.
+
+        Args:
+            name: The file's name under the root.
+            ranges: ``(start, end)`` byte ranges.
+            outs: One writable buffer per range, ``end - start`` bytes long.
+
+        Raises:
+            CorruptCheckpointError: A range runs past the end of the file.
+            StorageError: The file is missing or cannot be read.
+        """
         for (start, _end), out in zip(ranges, outs, strict=True):
             self.read_into(name, start, out)
 
-    @abstractmethod
-    def size(self, name: str) -> int | None: ...
+    def open_ranges(self, name: str) -> RangeReader:
+        """A reader for many ranged reads of ``name`` (how a load reads data files).
+
+        The default reads through :meth:`read_into` and :meth:`read_ranges` and opens
+        nothing; a backend with a cheaper way (a local file descriptor) overrides it.
+
+        Args:
+            name: The file's name under the root.
+
+        Returns:
+            A :class:`RangeReader`, to close when done.
+
+        Raises:
+            StorageError: The file cannot be opened (where opening is a step at all).
+        """
+        return _StorageRanges(self, name)
 
     @abstractmethod
-    def open_writer(self, name: str) -> Writer: ...
+    def size(self, name: str) -> int | None:
+        """The size of a file.
+
+        Args:
+            name: The file's name under the root.
+
+        Returns:
+            Its size in bytes, or None when there is no such file.
+
+        Raises:
+            StorageError: The store could not be asked.
+        """
+
+    @abstractmethod
+    def open_writer(self, name: str) -> Writer:
+        """Start writing a data file.
+
+        Args:
+            name: The file's name under the root (a fresh one: it does not exist yet).
+
+        Returns:
+            A :class:`Writer`; the file is complete under ``name`` when it is closed.
+
+        Raises:
+            StorageError: The file cannot be created.
+        """
 
     @abstractmethod
     def commit(self, name: str, data: bytes, *, durable: bool) -> None:
-        """Publish ``data`` under ``name`` as one step: readers see the old or the new bytes."""
+        """Publish ``data`` under ``name`` as one step: readers see the old or the new bytes.
+
+        Args:
+            name: The file to create or replace (the manifest).
+            data: Its complete new contents.
+            durable: Whether the new contents must survive a power loss once this returns.
+
+        Raises:
+            CheckpointExistsError: Under :meth:`commit_lock`, another job committed first
+                (backends that can tell).
+            StorageError: The commit failed; the old contents are still there.
+        """
 
     @abstractmethod
     def delete(self, name: str) -> None:
-        """Remove one file; missing is fine."""
+        """Remove one file; a missing one is fine.
+
+        Args:
+            name: The file's name under the root.
+
+        Raises:
+            StorageError: The file exists and could not be removed.
+        """
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
-        """Remove every file under ``prefix`` (a directory-like name); missing is fine."""
+        """Remove every file under a prefix; a missing prefix is fine.
+
+        Args:
+            prefix: A directory-like name; ``""`` removes everything under the root.
+
+        Raises:
+            StorageError: Files could not be removed.
+        """
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
-        """Names of files under ``prefix``, relative to the root."""
+        """Names of the (complete) files under ``prefix``, relative to the root.
+
+        Args:
+            prefix: A directory-like name; ``""`` lists everything.
+
+        Returns:
+            The names, sorted.
+
+        Raises:
+            StorageError: The store could not be listed.
+        """
 
     @abstractmethod
     def exists(self) -> bool:
-        """Whether the root exists at all."""
+        """Whether the root exists at all.
+
+        Returns:
+            True if the root exists (on an object store: if anything is under it).
+
+        Raises:
+            StorageError: The store could not be asked.
+        """
 
     @contextlib.contextmanager
     def commit_lock(self) -> Iterator[None]:
-        """Held while checking for and publishing a commit, so two jobs cannot both win."""
+        """Held while checking for and publishing a commit, so two jobs cannot both win.
+
+        The default holds nothing; a backend that can lock, or make its commit
+        conditional on what was read inside the block, overrides it.
+        """
         yield
 
     def sync_dir(self, prefix: str) -> None:  # noqa: B027 (optional hook)
-        """Make newly created names under ``prefix`` durable (a no-op where that is implied)."""
+        """Make newly created names under a prefix durable (a no-op where that is implied).
 
+        Args:
+            prefix: A directory-like name; ``""`` is the root.
 
-class LocalStorage(Storage):
-    """A checkpoint directory on a local or network filesystem.
-
-    Nothing is created, written, renamed or deleted through a symbolic link below the
-    root, and no file that is not regular is opened (see :mod:`dckpt.storage._localfs`).
-    """
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.path.abspath(os.fspath(root))
-        self.location = self.root
-        self._real_root: str | None = None
-
-    # -- paths ---------------------------------------------------------------------
-    def _abs(self, name: str) -> str:
-        return os.path.join(self.root, *name.split("/"))
-
-    def _checked(self, name: str) -> str:
-        """The absolute path of ``name``, refusing symlinked components that leave the root."""
-        path = self._abs(name)
-        if self._real_root is None:
-            self._real_root = os.path.realpath(self.root)
-        parent = os.path.realpath(os.path.dirname(path))
-        if parent != self._real_root and not parent.startswith(self._real_root + os.sep):
-            raise UnsafeCheckpointError(
-                f"{path} resolves outside the checkpoint directory {self.root}; refusing it"
-            )
-        return path
-
-    # -- reading -------------------------------------------------------------------
-    def _open_read(self, name: str) -> int:
-        return open_regular(self._checked(name), os.O_RDONLY, "read", "opening")
-
-    def read_file(self, name: str, *, max_bytes: int = MAX_READ_BYTES) -> bytes | None:
-        try:
-            fd = self._open_read(name)
-        except StorageError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-        try:
-            return read_limited(fd, self._abs(name), max_bytes)
-        finally:
-            os.close(fd)
-
-    def read_into(self, name: str, offset: int, out: Buffer) -> None:
-        fd = self._open_read(name)
-        try:
-            read_fd_into(fd, offset, out, self._abs(name))
-        finally:
-            os.close(fd)
-
-    def open_reader(self, name: str) -> int:
-        """A raw descriptor for many ranged reads of one file (the load hot path)."""
-        return self._open_read(name)
-
-    def size(self, name: str) -> int | None:
-        path = self._checked(name)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise oserror("inspecting", path, exc) from None
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafeCheckpointError(
-                f"{path} is a symbolic link; checkpoint files must be regular files"
-            )
-        return st.st_size
-
-    def list(self, prefix: str = "") -> list[str]:
-        base = self.root
-        for part in prefix.split("/") if prefix else ():
-            # a linked prefix would name files outside, which a later delete might target
-            base = os.path.join(base, part)
-            try:
-                mode = os.lstat(base).st_mode
-            except FileNotFoundError:
-                return []
-            except OSError as exc:
-                raise oserror("listing", base, exc) from None
-            if stat.S_ISLNK(mode):
-                raise refusal(base, mode, "list files", "a directory")
-            if not stat.S_ISDIR(mode):
-                return []
-        out: list[str] = []
-        for dirpath, _dirs, files in os.walk(base):
-            rel = os.path.relpath(dirpath, self.root)
-            for f in files:
-                out.append(f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}")
-        return sorted(out)
-
-    def exists(self) -> bool:
-        return os.path.isdir(self.root)
-
-    # -- writing -------------------------------------------------------------------
-    def _create(self, dir_fd: int, path: str) -> int:
-        """Create ``path`` (in the directory open as ``dir_fd``) for writing, exclusively.
-
-        By its full path, as the OS reports errors against it, then checked to be the
-        entry of ``dir_fd``: a link swapped in above it meanwhile is refused unwritten.
+        Raises:
+            StorageError: The directory could not be synced.
         """
-        try:
-            fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-            )
-        except OSError as exc:
-            raise oserror("creating", path, exc) from None
-        try:
-            require_inside(fd, dir_fd, os.path.basename(path), path)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def open_writer(self, name: str) -> Writer:
-        fault_point("storage.create")
-        *parents, base = name.split("/")
-        dir_fd = open_dir(self.root, parents, "create files", create=True)
-        assert dir_fd is not None
-        try:
-            fd = self._create(dir_fd, self._abs(name))
-        except BaseException:
-            os.close(dir_fd)
-            raise
-        return _LocalWriter(fd, self._abs(name), dir_fd, base)
-
-    def commit(self, name: str, data: bytes, *, durable: bool) -> None:
-        parents = name.split("/")[:-1]
-        path = self._abs(name)
-        tmp = f"{path}.tmp-{secrets.token_hex(6)}"
-        dir_fd = open_dir(self.root, parents, "commit", create=True)
-        assert dir_fd is not None
-        try:
-            fd = self._create(dir_fd, tmp)
-            try:
-                write_fd(fd, [memoryview(data)], tmp)
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            fault_point("storage.commit.tmp")
-            os.replace(tmp, path)
-            fault_point("storage.commit.rename")
-            if durable:
-                fsync_dir(dir_fd, os.path.dirname(path))
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.basename(tmp), dir_fd=dir_fd)
-            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-                raise oserror("committing", path, exc) from None
-            raise
-        finally:
-            os.close(dir_fd)
-
-    def sync_dir(self, prefix: str) -> None:
-        path = self._abs(prefix) if prefix else self.root
-        fd = open_dir(self.root, prefix.split("/") if prefix else (), "sync", create=False)
-        if fd is None:
-            missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-            raise oserror("syncing directory", path, missing)
-        try:
-            fsync_dir(fd, path)
-        finally:
-            os.close(fd)
-
-    def delete(self, name: str) -> None:
-        fault_point("storage.delete")
-        *parents, base = name.split("/")
-        dir_fd = open_dir(self.root, parents, "delete files", create=False)
-        if dir_fd is None:
-            return
-        try:
-            os.unlink(base, dir_fd=dir_fd)  # a link itself goes, never what it points to
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise oserror("deleting", self._abs(name), exc) from None
-        finally:
-            os.close(dir_fd)
-
-    def delete_prefix(self, prefix: str) -> None:
-        import shutil
-
-        fault_point("storage.delete")
-        if not prefix:
-            shutil.rmtree(self.root, ignore_errors=True)  # never follows links inside
-            return
-        *parents, base = prefix.split("/")
-        dir_fd = open_dir(self.root, parents, "delete files", create=False)
-        if dir_fd is None:
-            return
-        try:
-            try:
-                mode = os.stat(base, dir_fd=dir_fd, follow_symlinks=False).st_mode
-            except FileNotFoundError:
-                return
-            if stat.S_ISLNK(mode):
-                raise refusal(self._abs(prefix), mode, "delete files", "a directory")
-            if stat.S_ISDIR(mode):
-                # relative to a descriptor reached without links; rmtree follows none below
-                shutil.rmtree(base, dir_fd=dir_fd, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(base, dir_fd=dir_fd)
-        except OSError as exc:
-            raise oserror("deleting", self._abs(prefix), exc) from None
-        finally:
-            os.close(dir_fd)
-
-    @contextlib.contextmanager
-    def commit_lock(self) -> Iterator[None]:
-        import fcntl
-
-        path = os.path.join(self.root, ".dckpt.lock")
-        try:
-            os.makedirs(self.root, exist_ok=True)
-        except OSError as exc:
-            raise oserror("locking", path, exc) from None
-        fd = open_regular(path, os.O_WRONLY | os.O_CREAT, "lock", "locking")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock, also if the process dies
-
-
-class _LocalWriter(Writer):
-    def __init__(self, fd: int, path: str, dir_fd: int, name: str) -> None:
-        self.fd = fd
-        self.path = path
-        self.size = 0
-        self._dir_fd = dir_fd  # where the file was created: abort unlinks it there
-        self._name = name
-
-    def write(self, buffers: Sequence[Buffer]) -> None:
-        fault_point("storage.write")
-        try:
-            self.size += write_fd(self.fd, buffers, self.path)
-        except OSError as exc:
-            raise oserror("writing", self.path, exc) from None
-
-    def close(self, *, durable: bool) -> int:
-        try:
-            if durable:
-                fault_point("storage.fsync")
-                os.fsync(self.fd)
-        except OSError as exc:
-            raise oserror("flushing (fsync)", self.path, exc) from None
-        finally:
-            self._close(file=True)
-        self._close(file=False)  # kept after a failure: abort still unlinks there
-        return self.size
-
-    def abort(self) -> None:
-        if self._dir_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.unlink(self._name, dir_fd=self._dir_fd)
-        self._close(file=True)
-        self._close(file=False)
-
-    def _close(self, *, file: bool) -> None:
-        fd = self.fd if file else self._dir_fd
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if file:
-            self.fd = -1
-        else:
-            self._dir_fd = -1
-
-
-def open_storage(path: object, storage_options: dict[str, object] | None = None) -> Storage:
-    """Local paths and ``file://`` URLs go to the local filesystem; other URLs to fsspec."""
-    if isinstance(path, Storage):
-        return path
-    if isinstance(path, os.PathLike):
-        path = os.fspath(path)
-    if not isinstance(path, str) or not path:
-        raise CheckpointError(
-            f"a checkpoint path must be a non-empty str or PathLike, got {path!r}"
-        )
-    if path.startswith("file://"):
-        return LocalStorage(path[len("file://") :])
-    if "://" in path:
-        try:
-            from dckpt.storage._fsspec import FsspecStorage
-        except ImportError as exc:  # pragma: no cover - until the object-store backend lands
-            raise CheckpointError(f"URL checkpoints are not available: {exc}") from None
-        return FsspecStorage(path, storage_options or {})
-    return LocalStorage(path)

@@ -36,13 +36,19 @@ import errno
 import logging
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from dckpt._bytes import as_memoryview
 from dckpt._errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError
 from dckpt._faults import fault_point
-from dckpt.storage._base import MAX_READ_BYTES, Buffer, FileLayout, Storage, Writer
+from dckpt.storage._base import (
+    MAX_READ_BYTES,
+    Buffer,
+    FileLayout,
+    Storage,
+    Writer,
+    as_bytes_view,
+)
 from dckpt.storage._fsspec_support import (
     FsspecOptions,
     Get,
@@ -55,6 +61,7 @@ from dckpt.storage._fsspec_support import (
 from dckpt.storage._fsspec_support import (
     plan_gets as _plan_gets,
 )
+from dckpt.storage._ops import ObjectOps
 from dckpt.storage._retry import (
     Attempts,
     Progress,
@@ -62,11 +69,9 @@ from dckpt.storage._retry import (
     classify,
     describe,
     redact_url,
-    retry_async,
-    retry_sync,
     secret_values,
 )
-from dckpt.storage._s3write import ViewsBody
+from dckpt.storage._s3write import S3Writer, StreamWriter
 
 T = TypeVar("T")
 log = logging.getLogger("dckpt")
@@ -82,114 +87,68 @@ class FsspecStorage(Storage):
     atomic_commit = False
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        import fsspec.core
-
         options = dict(storage_options or {})
         self.options = o = FsspecOptions.parse(options.pop("dckpt", None))
         self.policy = RetryPolicy(o.retry_timeout, o.retry_initial, o.retry_max)
         self.location = redact_url(url).split("?", 1)[0].split("#", 1)[0].rstrip("/")
         userinfo = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/@?#\s]*)@", url)
         user, _, password = (userinfo.group(1) if userinfo else "").partition(":")
-        self._secrets = (*secret_values(options), *(s for s in (user, password) if s))
+        secrets = (*secret_values(options), *(s for s in (user, password) if s))
+        self.fs, self.root = self._open_fs(url, options, user, password, secrets)
+        s3 = hasattr(self.fs, "_call_s3") and hasattr(self.fs, "split_path")
+        if s3:
+            _check_s3_limits(o)
+        self.ops = ObjectOps(
+            fs=self.fs,
+            root=self.root,
+            location=self.location,
+            policy=self.policy,
+            breaker=breaker_of(self.fs),  # shared by this process's storages on it
+            secrets=secrets,
+            part_size=o.part_size,
+            multipart_threshold=o.multipart_threshold,
+            # Uploads in flight (parts and single PUTs), each a view of state memory.
+            slots=threading.BoundedSemaphore(o.max_concurrency),
+            s3=s3,
+            is_async=bool(getattr(self.fs, "async_impl", False)),
+            size=self.size,
+            delete=self.delete,
+        )
+        self._gets: asyncio.Semaphore | None = None  # GETs in flight (made on the loop)
+        self._guard: dict[str, str | None] | None = None  # ETags read under commit_lock
+        self._conditional = True
+        # Many objects of about a part each: parallel PUTs, and no multipart bookkeeping.
+        self.file_layout = FileLayout(max_files=o.max_concurrency, target_bytes=o.part_size)
+
+    def _open_fs(
+        self, url: str, options: dict[str, Any], user: str, password: str, secrets: tuple[str, ...]
+    ) -> tuple[Any, str]:
+        """The filesystem for ``url`` and the root path on it."""
+        import fsspec.core  # lazy: fsspec is heavy, and only URLs need it
+
         protocol = (fsspec.core.split_protocol(url)[0] or "file").lower()
         cls = filesystem_class(protocol)
         try:
             if "::" in url:  # chained (simplecache::s3://...): fsspec builds the stack
-                self.fs, root = fsspec.core.url_to_fs(url, **options)
+                fs, root = fsspec.core.url_to_fs(url, **options)
             else:
                 kwargs = {**cls._get_kwargs_from_urls(url), **options}
                 if user and accepts(cls, "username") and "key" not in kwargs:
                     kwargs.setdefault("username", user)
                     kwargs.setdefault("password", password)
-                self.fs = filesystem(cls, kwargs, o)
+                fs = filesystem(cls, kwargs, self.options)
                 root = cls._strip_protocol(redact_url(url))
         except Exception as exc:
-            raise self._error("opening", "", exc) from None
-        self.root = str(root).rstrip("/")
-        self._s3 = hasattr(self.fs, "_call_s3") and hasattr(self.fs, "split_path")
-        self._async = bool(getattr(self.fs, "async_impl", False))
-        # Uploads in flight (parts and single PUTs), each a view of state memory.
-        self._slots = threading.BoundedSemaphore(o.max_concurrency)
-        self._gets: asyncio.Semaphore | None = None  # GETs in flight (made on the loop)
-        self._guard: dict[str, str | None] | None = None  # ETags read under commit_lock
-        self._breaker = breaker_of(self.fs)  # shared by this process's storages on it
-        self._conditional = True
-        if self._s3 and o.part_size < _S3_MIN_PART:
-            raise CheckpointError(
-                f'storage_options["dckpt"]["part_size"] must be at least {_S3_MIN_PART} on S3'
-            )
-        if self._s3 and max(o.part_size, o.multipart_threshold) > _S3_MAX_PUT:
-            raise CheckpointError(
-                'storage_options["dckpt"]["part_size"] and ["multipart_threshold"] must be at '
-                f"most {_S3_MAX_PUT} on S3"
-            )
-        # Many objects of about a part each: parallel PUTs, and no multipart bookkeeping.
-        self.file_layout = FileLayout(max_files=o.max_concurrency, target_bytes=o.part_size)
+            policy, location = self.policy, self.location
+            raise describe(
+                "opening", location, exc, None, secrets=secrets, retry_timeout=policy.timeout
+            ) from None
+        return fs, str(root).rstrip("/")
 
     # -- plumbing ------------------------------------------------------------------
-    def _path(self, name: str) -> str:
-        return f"{self.root}/{name}" if name else self.root
-
     def url(self, name: str) -> str:
         """A printable URL of ``name`` (no credentials)."""
-        return f"{self.location}/{name}" if name else self.location
-
-    def _error(
-        self, action: str, name: str, exc: BaseException, att: Attempts | None = None
-    ) -> CheckpointError:
-        return describe(
-            action,
-            self.url(name),
-            exc,
-            att,
-            secrets=self._secrets,
-            retry_timeout=self.options.retry_timeout,
-        )
-
-    def _sync(self, action: str, name: str, op: Callable[[], T]) -> T:
-        """``op`` with retries, from a plain thread (any backend)."""
-        attempts = Attempts()
-        try:
-            return retry_sync(op, self.policy, attempts, breaker=self._breaker)
-        except Exception as exc:
-            raise self._error(action, name, exc, attempts) from None
-
-    def _retried(
-        self, op: Callable[[], Awaitable[T]], attempts: Attempts, progress: Progress | None = None
-    ) -> Awaitable[T]:
-        """``op`` retried, each try bounded by the budget; to await on the event loop."""
-        return retry_async(op, self.policy, attempts, breaker=self._breaker, progress=progress)
-
-    def _run(
-        self,
-        action: str,
-        name: str,
-        op: Callable[[], Awaitable[T]],
-        progress: Progress | None = None,
-    ) -> T:
-        """A retried coroutine on the filesystem's event loop, from a plain thread."""
-        from fsspec.asyn import sync
-
-        attempts = Attempts()
-        try:
-            result: T = sync(self.fs.loop, self._retried, op, attempts, progress)
-        except Exception as exc:
-            raise self._error(action, name, exc, attempts) from None
-        return result
-
-    def _fs_call(self, action: str, name: str, method: str, *args: Any) -> Any:
-        """``fs.<method>(*args)`` retried; on an async filesystem its coroutine, so that
-        a try that gets no answer is cancelled when the budget is spent."""
-        if self._async:
-            return self._run(action, name, lambda: getattr(self.fs, f"_{method}")(*args))
-        return self._sync(action, name, lambda: getattr(self.fs, method)(*args))
-
-    def _call(self, action: str, name: str, method: str, **kwargs: Any) -> Any:
-        """One retried S3 API call on ``name``'s object."""
-        bucket, key, _ = self.fs.split_path(self._path(name))
-        return self._run(
-            action, name, lambda: self.fs._call_s3(method, Bucket=bucket, Key=key, **kwargs)
-        )
+        return self.ops.url(name)
 
     def _missing_ok(self, fn: Callable[[], T]) -> T | None:
         try:
@@ -201,16 +160,16 @@ class FsspecStorage(Storage):
 
     def _invalidate(self, name: str) -> None:
         with contextlib.suppress(Exception):
-            self.fs.invalidate_cache(self._path(name))
+            self.fs.invalidate_cache(self.ops.path(name))
 
     # -- reading -------------------------------------------------------------------
     def read_file(self, name: str, *, max_bytes: int = MAX_READ_BYTES) -> bytes | None:
         """The whole object; one over ``max_bytes`` is refused before its body is read."""
         etag: str | None = ""
-        if self._s3:
+        if self.ops.s3:
             progress = Progress()
             got = self._missing_ok(
-                lambda: self._run(
+                lambda: self.ops.run(
                     "reading", name, lambda: self._get(name, max_bytes, progress), progress
                 )
             )
@@ -229,8 +188,8 @@ class FsspecStorage(Storage):
         if size == 0:
             return b""  # a range of an empty object is out of range on some stores
         # One byte more than allowed: an object replaced since is refused, not cut short.
-        path, end = self._path(name), max_bytes + 1
-        data = self._missing_ok(lambda: self._fs_call("reading", name, "cat_file", path, 0, end))
+        path, end = self.ops.path(name), max_bytes + 1
+        data = self._missing_ok(lambda: self.ops.fs_call("reading", name, "cat_file", path, 0, end))
         if data is not None:
             self._check_size(name, len(data), max_bytes, grew=True)
         return None if data is None else bytes(data)
@@ -251,7 +210,7 @@ class FsspecStorage(Storage):
     async def _get(self, name: str, max_bytes: int, progress: Progress) -> tuple[bytes, str]:
         """The object and its ETag from one GET: its length is checked before its body is
         read, and no more than one byte past ``max_bytes`` is ever read."""
-        bucket, key, _ = self.fs.split_path(self._path(name))
+        bucket, key = self.ops.bucket_key(name)
         resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
         try:
             self._check_size(name, int(resp.get("ContentLength") or 0), max_bytes)
@@ -262,12 +221,12 @@ class FsspecStorage(Storage):
         return data, str(resp.get("ETag", ""))
 
     def size(self, name: str) -> int | None:
-        if self._s3:
-            head = self._missing_ok(lambda: self._call("inspecting", name, "head_object"))
+        if self.ops.s3:
+            head = self._missing_ok(lambda: self.ops.call("inspecting", name, "head_object"))
             return None if head is None else int(head["ContentLength"])
         self._invalidate(name)
-        path = self._path(name)
-        info = self._missing_ok(lambda: self._fs_call("inspecting", name, "info", path))
+        path = self.ops.path(name)
+        info = self._missing_ok(lambda: self.ops.fs_call("inspecting", name, "info", path))
         return None if info is None or info.get("type") == "directory" else int(info["size"])
 
     def read_into(self, name: str, offset: int, out: Buffer) -> None:
@@ -278,7 +237,7 @@ class FsspecStorage(Storage):
     ) -> None:
         """Fill ``outs[i]`` with bytes ``ranges[i]``: big ranges split into part-sized GETs,
         near ones merged into one, all run concurrently."""
-        views = [as_memoryview(o) for o in outs]
+        views = [as_bytes_view(o) for o in outs]
         for (start, end), v in zip(ranges, views, strict=True):
             if end - start != v.nbytes or start < 0:
                 raise ValueError(f"range {(start, end)} does not fit a {v.nbytes}-byte buffer")
@@ -286,27 +245,27 @@ class FsspecStorage(Storage):
         groups = _plan_gets(wanted, self.options.part_size, self.options.coalesce_gap)
         if not groups:
             return
-        if self._async:
-            from fsspec.asyn import sync
+        if self.ops.is_async:
+            from fsspec.asyn import sync  # lazy: fsspec is heavy, and only URLs need it
 
             sync(self.fs.loop, self._get_groups, name, groups)
             return
-        path = self._path(name)
+        path = self.ops.path(name)
         for g in groups:
 
             def get(g: Get = g) -> bytes:
                 return bytes(self.fs.cat_file(path, g.start, g.end))
 
-            self._scatter(name, g, self._sync("reading", name, get))
+            self._scatter(name, g, self.ops.sync("reading", name, get))
 
     async def _get_groups(self, name: str, groups: list[Get]) -> None:
         if self._gets is None:
             self._gets = asyncio.Semaphore(self.options.max_concurrency)
-        gets, path = self._gets, self._path(name)
-        bucket, key, _ = self.fs.split_path(path) if self._s3 else ("", "", None)
+        gets, path = self._gets, self.ops.path(name)
+        bucket, key = self.ops.bucket_key(name) if self.ops.s3 else ("", "")
 
         async def get(g: Get, progress: Progress) -> bytes:
-            if not self._s3:
+            if not self.ops.s3:
                 return bytes(await self.fs._cat_file(path, start=g.start, end=g.end))
             resp = await self.fs._call_s3(
                 "get_object", Bucket=bucket, Key=key, Range=f"bytes={g.start}-{g.end - 1}"
@@ -320,10 +279,10 @@ class FsspecStorage(Storage):
             attempts, progress = Attempts(), Progress()
             async with gets:
                 try:
-                    data = await self._retried(lambda: get(g, progress), attempts, progress)
+                    data = await self.ops.retried(lambda: get(g, progress), attempts, progress)
                 except Exception as exc:
                     if not classify(exc).out_of_range:
-                        raise self._error("reading", name, exc, attempts) from None
+                        raise self.ops.error("reading", name, exc, attempts) from None
                     data = b""  # starts past the end: truncated
             self._scatter(name, g, data)
 
@@ -345,9 +304,9 @@ class FsspecStorage(Storage):
             view[:] = src[offset - g.start : offset - g.start + view.nbytes]
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self._path(prefix.rstrip("/"))
+        base = self.ops.path(prefix.rstrip("/"))
         self._invalidate(prefix)
-        found = self._fs_call("listing", prefix, "find", base)
+        found = self.ops.fs_call("listing", prefix, "find", base)
         skip = len(self.root) + 1 if self.root else 0
         return sorted(
             str(p)[skip:]
@@ -357,21 +316,19 @@ class FsspecStorage(Storage):
 
     def exists(self) -> bool:
         self._invalidate("")
-        return bool(self._fs_call("inspecting", "", "exists", self.root))
+        return bool(self.ops.fs_call("inspecting", "", "exists", self.root))
 
     # -- writing -------------------------------------------------------------------
     def open_writer(self, name: str) -> Writer:
-        from dckpt.storage._s3write import S3Writer, StreamWriter
-
-        return S3Writer(self, name) if self._s3 else StreamWriter(self, name)
+        return S3Writer(self.ops, name) if self.ops.s3 else StreamWriter(self.ops, name)
 
     def commit(self, name: str, data: bytes, *, durable: bool) -> None:
         """One PUT. Under :meth:`commit_lock` on S3 it is conditional on what was read."""
         fault_point("storage.commit.tmp")  # the same steps as the local rename protocol
-        if self._s3:
+        if self.ops.s3:
             self._commit_s3(name, data)
         else:
-            self._fs_call("committing", name, "pipe_file", self._path(name), data)
+            self.ops.fs_call("committing", name, "pipe_file", self.ops.path(name), data)
         fault_point("storage.commit.rename")
 
     def _commit_s3(self, name: str, data: bytes) -> None:
@@ -380,7 +337,7 @@ class FsspecStorage(Storage):
             etag = self._guard[name]
             cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         try:
-            self._put(name, data, **cond)
+            self.ops.put(name, data, **cond)
         except CheckpointError as exc:
             failure = classify(exc.__context__ or exc)  # the backend's error it replaced
             if cond and failure.precondition_failed:
@@ -399,17 +356,7 @@ class FsspecStorage(Storage):
                 self.location,
             )
             self._conditional = False
-            self._put(name, data)
-
-    def _put(self, name: str, data: bytes | ViewsBody, **extra: str) -> None:
-        body = data if isinstance(data, ViewsBody) else ViewsBody([memoryview(data)])
-        bucket, key, _ = self.fs.split_path(self._path(name))
-
-        async def put() -> Any:
-            body.seek(0)  # every try sends the whole body
-            return await self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body, **extra)
-
-        self._run("writing", name, put, body.progress)
+            self.ops.put(name, data)
 
     @contextlib.contextmanager
     def commit_lock(self) -> Iterator[None]:
@@ -424,11 +371,11 @@ class FsspecStorage(Storage):
 
     def delete(self, name: str) -> None:
         fault_point("storage.delete")
-        if self._s3:
-            self._missing_ok(lambda: self._call("deleting", name, "delete_object"))
+        if self.ops.s3:
+            self._missing_ok(lambda: self.ops.call("deleting", name, "delete_object"))
         else:
-            path = self._path(name)
-            self._missing_ok(lambda: self._fs_call("deleting", name, "rm_file", path))
+            path = self.ops.path(name)
+            self._missing_ok(lambda: self.ops.fs_call("deleting", name, "rm_file", path))
         self._invalidate(name)
 
     def delete_prefix(self, prefix: str) -> None:
@@ -436,5 +383,17 @@ class FsspecStorage(Storage):
         files = [f"{self.root}/{n}" if self.root else n for n in self.list(prefix)]
         if files:
             fault_point("storage.delete")
-            self._missing_ok(lambda: self._fs_call("deleting", prefix, "rm", files))
+            self._missing_ok(lambda: self.ops.fs_call("deleting", prefix, "rm", files))
         self._invalidate(prefix)
+
+
+def _check_s3_limits(o: FsspecOptions) -> None:
+    if o.part_size < _S3_MIN_PART:
+        raise CheckpointError(
+            f'storage_options["dckpt"]["part_size"] must be at least {_S3_MIN_PART} on S3'
+        )
+    if max(o.part_size, o.multipart_threshold) > _S3_MAX_PUT:
+        raise CheckpointError(
+            'storage_options["dckpt"]["part_size"] and ["multipart_threshold"] must be at '
+            f"most {_S3_MAX_PUT} on S3"
+        )

@@ -63,7 +63,7 @@ class FsspecOptions:
 
 
 def filesystem_class(protocol: str) -> Any:
-    import fsspec
+    import fsspec  # lazy: fsspec is heavy, and only URLs need it
 
     try:
         return fsspec.get_filesystem_class(protocol)
@@ -116,7 +116,7 @@ def filesystem(cls: type, kwargs: dict[str, Any], opts: FsspecOptions) -> Any:
     """
     if not (hasattr(cls, "_call_s3") and hasattr(cls, "split_path")):
         return cls(**kwargs)
-    from fsspec.utils import tokenize
+    from fsspec.utils import tokenize  # lazy: fsspec is heavy, and only URLs need it
 
     config = dict(kwargs.get("config_kwargs") or {})
     config["retries"] = dict(config.get("retries") or {"mode": "standard", "total_max_attempts": 1})

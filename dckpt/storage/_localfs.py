@@ -1,4 +1,4 @@
-"""File steps for :class:`~dckpt.storage._base.LocalStorage` that a hostile directory cannot subvert.
+"""File steps for :class:`~dckpt.storage.LocalStorage` that a hostile directory cannot subvert.
 
 A checkpoint directory may hold what its writer never put there: a symbolic link in place
 of ``data`` or ``data/<save_id>`` (a save would then write, and its cleanup delete,

@@ -1,0 +1,258 @@
+"""The plan cache: a save whose structure rank 0 has planned before reuses that plan.
+
+Planning sends rank 0 what each rank holds. When a rank's structure is the same as at
+one of its last saves, it sends only a :class:`Brief` (a digest plus what changes between
+saves: checksums of plain tensors, non-tensor values) and rank 0 reuses the plan it
+cached; a rank that already holds that plan is sent a :class:`Reuse` note (the new save
+id) instead of its plan. That makes the per-save coordination one small exchange instead
+of a gather of every chunk.
+
+The protocol, per save::
+
+    every rank   message()             -> rank 0   plan() -> answers()  -> every rank
+    every rank   received(answer), rank_plan(answer)
+    every rank   committed(...) after the commit, or failed() when the write or commit failed
+
+A brief that names an offer rank 0 no longer has makes :meth:`PlanCache.plan` return
+None; rank 0 then answers :data:`RESEND` and every rank sends its full offer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch.distributed as dist
+
+from dckpt._errors import CheckpointError
+from dckpt._plan import (
+    ChunkOffer,
+    ManifestTemplate,
+    RankOffer,
+    RankPlan,
+    SavePlan,
+    TensorOffer,
+    ValueOffer,
+    manifest_template,
+    plan_save,
+    renamed,
+    structure_key,
+    with_save_id,
+)
+from dckpt.storage import FileLayout
+
+MAX_PLANS = 4  # structures remembered per group: a job may save a few kinds of state in turn
+RESEND = "resend"  # rank 0's answer to every rank when a brief names an offer it lost
+
+Crcs = tuple[tuple[int, ...] | None, ...]  # per tensor offer, in order; None: not plain
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Brief:
+    """A rank's plan message when its structure is unchanged since its last save."""
+
+    rank: int
+    key: bytes
+    crcs: Crcs
+    values: tuple[ValueOffer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reuse:
+    """Rank 0's answer when a rank already holds this plan: only the new save id travels."""
+
+    serial: int
+    save_id: str
+
+
+Message = RankOffer | Brief  # what a rank sends rank 0
+Answer = tuple[int, RankPlan] | Reuse  # what rank 0 sends a rank: (serial, its plan) or a note
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPlan:
+    """A save plan with its cache serial and manifest template (neither depends on the
+    save id, so a reused plan renamed for a new save keeps both)."""
+
+    serial: int
+    plan: SavePlan
+    template: ManifestTemplate
+
+
+_PlanKey = tuple[tuple[bytes, ...], frozenset[str], FileLayout]
+
+
+class PlanCache:
+    """The last few structures saved on one group. Rank 0 keeps their offers, plans and
+    manifest templates and which plans each rank holds; every rank keeps the structures
+    it has committed and the plans it was sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # rank 0's side: plan() and answers() vs. bookkeeping
+        self._offers: OrderedDict[tuple[int, bytes], RankOffer] = OrderedDict()
+        self._plans: OrderedDict[_PlanKey, CachedPlan] = OrderedDict()
+        self._serial = 0
+        self._sent: dict[int, set[int]] = {}  # rank -> serials of the plans it holds
+        self._my_keys: OrderedDict[bytes, None] = OrderedDict()
+        self._my_plans: OrderedDict[int, RankPlan] = OrderedDict()
+
+    # -- every rank -------------------------------------------------------------------
+    def message(self, offer: RankOffer, key: bytes, *, brief: bool) -> Message:
+        """What this rank sends to plan a save: a brief when allowed and this structure
+        (``key``) was committed before, else the full offer."""
+        if brief and key in self._my_keys:
+            return Brief(offer.rank, key, crcs_of(offer), offer.values)
+        return offer
+
+    def received(self, answer: Answer) -> None:
+        """Keep a plan rank 0 sent, for later saves of the same structure."""
+        if isinstance(answer, tuple):
+            _remember(self._my_plans, answer[0], answer[1], MAX_PLANS)
+
+    def rank_plan(self, answer: Answer) -> RankPlan:
+        """This rank's plan; a rank whose cached plan is not the one rank 0 meant fails."""
+        if isinstance(answer, Reuse):
+            mine = self._my_plans.get(answer.serial)
+            if mine is None:
+                raise CheckpointError(
+                    "internal error: this rank's cached save plan is out of step with rank 0's; "
+                    "the save was abandoned and the next one will plan afresh"
+                )
+            self._my_plans.move_to_end(answer.serial)  # same recency order as rank 0's
+            return renamed(mine, answer.save_id)
+        return answer[1]
+
+    def committed(self, key: bytes, leading: CachedPlan | None, world_size: int) -> None:
+        """After a commit: this rank's structure ``key`` is known to rank 0, and rank 0
+        (``leading`` given) notes that every rank now holds that plan."""
+        if leading is not None:
+            with self._lock:
+                live = {p.serial for p in self._plans.values()}
+                for r in range(world_size):
+                    held = self._sent.setdefault(r, set())
+                    held.add(leading.serial)
+                    held &= live  # ranks keep as many plans as rank 0 does
+        _remember(self._my_keys, key, None, MAX_PLANS)
+
+    def failed(self) -> None:
+        """After a failed write or commit: some rank may not hold what rank 0 thinks, so
+        every rank is sent its full plan next time."""
+        with self._lock:
+            self._sent.clear()
+
+    # -- rank 0 -------------------------------------------------------------------------
+    def plan(
+        self, messages: Sequence[Message], layout: FileLayout, save_id: str
+    ) -> CachedPlan | None:
+        """The save plan, reusing a cached one when every rank's structure and the replica
+        pattern are unchanged; None when a brief refers to an offer no longer kept."""
+        with self._lock:
+            expanded = self._expand(messages)
+            if expanded is None:
+                return None
+            bases, crcs, keys, values = expanded
+            cache_key = (tuple(keys), _divergent(bases, crcs), layout)
+            cached = self._plans.get(cache_key)
+            if cached is not None:
+                self._plans.move_to_end(cache_key)
+                plan = with_save_id(cached.plan, save_id, values)
+                return CachedPlan(cached.serial, plan, cached.template)
+            offers = [
+                _with_crcs(b, c) if isinstance(m, Brief) else b
+                for b, c, m in zip(bases, crcs, messages, strict=True)
+            ]
+            offers = [
+                RankOffer(o.rank, o.tensors, v.values) for o, v in zip(offers, values, strict=True)
+            ]
+            plan = plan_save(offers, save_id, layout=layout)
+            self._serial += 1
+            fresh = CachedPlan(self._serial, plan, manifest_template(plan))
+            self._plans[cache_key] = fresh
+            while len(self._plans) > MAX_PLANS:
+                self._plans.popitem(last=False)
+            return fresh
+
+    def answers(self, cached: CachedPlan) -> list[Answer]:
+        """Per rank: a reuse note for a rank holding this plan, else its plan."""
+        with self._lock:
+            return [
+                Reuse(cached.serial, cached.plan.save_id)
+                if cached.serial in self._sent.get(r.rank, ())
+                else (cached.serial, r)
+                for r in cached.plan.ranks
+            ]
+
+    def _expand(
+        self, messages: Sequence[Message]
+    ) -> tuple[list[RankOffer], list[Crcs], list[bytes], list[RankOffer]] | None:
+        """Per rank: its full offer (from the cache for a brief), this save's checksums,
+        its structure key and this save's values; None when a brief's offer is gone."""
+        bases: list[RankOffer] = []
+        crcs: list[Crcs] = []
+        keys: list[bytes] = []
+        values: list[RankOffer] = []
+        for m in messages:
+            if isinstance(m, Brief):
+                base = self._offers.get((m.rank, m.key))
+                if base is None:
+                    return None
+                bases.append(base)
+                crcs.append(m.crcs)
+                keys.append(m.key)
+                values.append(RankOffer(m.rank, (), m.values))
+            else:
+                keys.append(structure_key(m))
+                _remember(self._offers, (m.rank, keys[-1]), m, MAX_PLANS * len(messages))
+                bases.append(m)
+                crcs.append(crcs_of(m))
+                values.append(m)
+        return bases, crcs, keys, values
+
+
+def crcs_of(offer: RankOffer) -> Crcs:
+    """The checksums of an offer's plain tensors, as a brief carries them."""
+    return tuple(None if t.sharded or not t.chunks else t.chunks[0].crc for t in offer.tensors)
+
+
+def _divergent(bases: list[RankOffer], crcs: list[Crcs]) -> frozenset[str]:
+    """Plain-tensor keys whose holders disagree this time (a plain tensor is one chunk)."""
+    seen: dict[str, tuple[int, ...]] = {}
+    out: set[str] = set()
+    for base, cs in zip(bases, crcs, strict=True):
+        for t, c in zip(base.tensors, cs, strict=True):
+            if c is not None and seen.setdefault(t.key, c) != c:
+                out.add(t.key)
+    return frozenset(out)
+
+
+def _with_crcs(base: RankOffer, crcs: Crcs) -> RankOffer:
+    tensors = tuple(
+        t
+        if c is None
+        else TensorOffer(t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(t.chunks[0].box, c),))
+        for t, c in zip(base.tensors, crcs, strict=True)
+    )
+    return RankOffer(base.rank, tensors, base.values)
+
+
+def _remember(d: OrderedDict[K, V], key: K, value: V, limit: int) -> None:
+    d[key] = value
+    d.move_to_end(key)
+    while len(d) > limit:
+        d.popitem(last=False)
+
+
+_caches: dict[str, PlanCache] = {}
+_caches_lock = threading.Lock()
+
+
+def cache_for(namespace: str, group: dist.ProcessGroup | None) -> PlanCache:
+    """The plan cache of saves in ``namespace`` ("sync", "async") on ``group``."""
+    name = f"{namespace}/{getattr(group, 'group_name', 'default')}"
+    with _caches_lock:
+        return _caches.setdefault(name, PlanCache())
