@@ -75,12 +75,14 @@ ALLOWED = {
 }
 
 
-def _imports(path: Path, name: str) -> list[tuple[int, str]]:
-    """(line, module) of every dckpt import in the module, function-local ones included."""
-    tree = ast.parse(path.read_text(), str(path))
+def _imports(path: Path, name: str, nodes: list[ast.AST] | None = None) -> list[tuple[int, str]]:
+    """(line, module) of every dckpt import among ``nodes`` (default: the whole module,
+    function-local imports included)."""
+    if nodes is None:
+        nodes = list(ast.walk(ast.parse(path.read_text(), str(path))))
     out = []
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "dckpt"]
         elif isinstance(node, ast.ImportFrom):
@@ -160,3 +162,45 @@ def test_function_local_imports_say_why() -> None:
                     if "#" not in near or not any(w in near for w in LOCAL_IMPORT_REASONS):
                         silent.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
     assert not silent, "function-local imports without a reason:\n" + "\n".join(sorted(set(silent)))
+
+
+def _dckpt_imports(path: Path, name: str) -> set[str]:
+    """dckpt modules this one imports anywhere: a function-local import that only hides a
+    cycle is still a cycle. Imports under ``if TYPE_CHECKING:`` do not run and count not."""
+    tree = ast.parse(path.read_text())
+    hidden = {
+        id(sub)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for sub in ast.walk(node)
+    }
+    nodes = [n for n in ast.walk(tree) if id(n) not in hidden]
+    return {m for _, m in _imports(path, name, nodes) if m in MODULES} - {name}
+
+
+def test_no_import_cycles() -> None:
+    """The cycles this layout removed (``_dcp <-> _load <-> _reader``, ``_async <-> _save``,
+    ``_fsspec <-> _s3write <-> storage``) and any new one."""
+    graph = {name: _dckpt_imports(path, name) for name, path in MODULES.items()}
+    # A package imports its own modules to re-export them; that is not a cycle of concerns.
+    for name in graph:
+        graph[name] = {m for m in graph[name] if not name.startswith(m + ".") and m != name}
+    cycles = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
