@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integrations._ranks import needs
+from tests.integrations._ranks import needs, run_script
 
 pytestmark = needs("transformers", "accelerate")
 
@@ -31,22 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("hf")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        log, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"the Hugging Face run did not finish in 240 s:\n{log[-6000:]}")
-    assert proc.returncode == 0, log[-6000:]
+    run_script(SCRIPT, out, env, "Hugging Face")
     with open(out / "result.json") as f:
         return json.load(f)  # type: ignore[no-any-return]
 

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integrations._ranks import needs
+from tests.integrations._ranks import needs, run_script
 
 pytestmark = needs("lightning")
 
@@ -34,23 +31,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "OMP_NUM_THREADS": "1",
         "GLOO_SOCKET_IFNAME": "lo",
     }
-    # Its own session, so that a timeout kills Lightning's child process too.
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        log, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"the Lightning run did not finish in 240 s:\n{log[-6000:]}")
-    assert proc.returncode == 0, log[-6000:]
+    run_script(SCRIPT, out, env, "Lightning")
     results: dict[str, Any] = {"dir": out}
     for name in ("single", "ddp", "model_parallel"):
         with open(out / f"{name}.json") as f:
