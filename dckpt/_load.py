@@ -166,6 +166,7 @@ class Saved:
         self.world_size = world_size
         self.allow_pickle = allow_pickle
         self._keys: list[str] | None = None
+        self._checked: set[str] = set()  # data files already found whole
 
     def value_at(self, path: tuple[PathPart, ...]) -> bool:
         entry = self.manifest.values.get(flat_key(path))
@@ -236,7 +237,9 @@ class Saved:
             ):
                 return _SKIP
             # The files must hold the bytes before the claimed shape is allocated.
-            check_files(self.storage, m, {c.file for c in tensor.chunks if c.nbytes})
+            files = {c.file for c in tensor.chunks if c.nbytes} - self._checked
+            check_files(self.storage, m, files)
+            self._checked |= files
             return torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
         value = m.values[key]
         if value.per_rank is None:

@@ -159,6 +159,23 @@ def assert_state(got: dict[str, Any], value: float) -> None:
             assert got[k] == v, k
 
 
+def fails_within_budget(
+    server: StallServer, url: str, call: Callable[[], object]
+) -> BaseException:
+    """``call`` against the frozen server fails within the budget with an error naming the
+    checkpoint and the budget, and leaves no request or thread running; thaws the server."""
+    try:
+        before = threads()
+        exc, took = timed(call)
+        assert server.stopped(), "the call never reached the frozen request"
+        assert took < BUDGET + SLACK, f"failed after {took:.1f} s: {exc}"
+        assert url in str(exc) and f"{BUDGET:g} s" in str(exc), exc
+        nothing_left_running(url, server, before)
+        return exc
+    finally:
+        server.thaw()
+
+
 def nothing_left_running(storage_url: str, server: S3Server, before: set[threading.Thread]) -> None:
     """No dckpt worker thread started since ``before`` and no request task of ours alive
     (idle pools of earlier tests, such as async_save's, may stay)."""
@@ -195,14 +212,10 @@ def test_a_save_to_a_store_frozen_before_it_starts_fails_within_the_budget(
     url, opts = stall_server.url(uuid.uuid4().hex), options(stall_server)
     dckpt.save(state(1), url, storage_options=opts)
     stall_server.freeze()
-    try:
-        before = threads()
-        exc, took = timed(lambda: dckpt.save(state(2), url, overwrite=True, storage_options=opts))
-        assert took < BUDGET + SLACK, f"failed after {took:.1f} s: {exc}"
-        assert url in str(exc) and "retry_timeout" in str(exc) and f"{BUDGET:g} s" in str(exc)
-        nothing_left_running(url, stall_server, before)
-    finally:
-        stall_server.thaw()
+    exc = fails_within_budget(
+        stall_server, url, lambda: dckpt.save(state(2), url, overwrite=True, storage_options=opts)
+    )
+    assert "retry_timeout" in str(exc)
     got = zeros()
     dckpt.load(got, url, storage_options=opts)
     assert_state(got, 1)
@@ -219,15 +232,9 @@ def test_a_save_frozen_mid_way_fails_within_the_budget_and_keeps_a_whole_checkpo
     url, opts = stall_server.url(uuid.uuid4().hex), options(stall_server)
     dckpt.save(state(1), url, storage_options=opts)
     stall_server.freeze_on(method, path, after=after)
-    try:
-        before = threads()
-        exc, took = timed(lambda: dckpt.save(state(2), url, overwrite=True, storage_options=opts))
-        assert stall_server.stopped(), "the save never reached the frozen request"
-        assert took < BUDGET + SLACK, f"failed after {took:.1f} s: {exc}"
-        assert url in str(exc) and f"{BUDGET:g} s" in str(exc), exc
-        nothing_left_running(url, stall_server, before)
-    finally:
-        stall_server.thaw()
+    fails_within_budget(
+        stall_server, url, lambda: dckpt.save(state(2), url, overwrite=True, storage_options=opts)
+    )
     got = zeros()
     dckpt.load(got, url, storage_options=opts)
     if path == "/data/":
@@ -250,15 +257,7 @@ def test_a_load_from_a_frozen_store_fails_within_the_budget(
         stall_server.freeze()
     else:
         stall_server.freeze_on("GET", "/data/", after=1)
-    try:
-        before = threads()
-        exc, took = timed(lambda: dckpt.load(zeros(), url, storage_options=opts))
-        assert stall_server.stopped()
-        assert took < BUDGET + SLACK, f"failed after {took:.1f} s: {exc}"
-        assert url in str(exc) and f"{BUDGET:g} s" in str(exc), exc
-        nothing_left_running(url, stall_server, before)
-    finally:
-        stall_server.thaw()
+    fails_within_budget(stall_server, url, lambda: dckpt.load(zeros(), url, storage_options=opts))
     got = zeros()
     dckpt.load(got, url, storage_options=opts)
     assert_state(got, 1)

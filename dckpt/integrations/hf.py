@@ -112,15 +112,19 @@ class DckptTrainerMixin:
         state: dict[str, Any] = {"model": self.model}
         if not training:
             return state
+        return {**state, **self._dckpt_training_parts(), "rng": rng_state()}
+
+    def _dckpt_training_parts(self) -> dict[str, Any]:
+        """The optimizer, scheduler and scaler the Trainer holds, keyed as saved."""
+        parts: dict[str, Any] = {}
         if self.optimizer is not None:
-            state["optimizer"] = dckpt.OptimizerState(self.model, _unwrap_optimizer(self.optimizer))
+            parts["optimizer"] = dckpt.OptimizerState(self.model, _unwrap_optimizer(self.optimizer))
         if self.lr_scheduler is not None:
-            state["scheduler"] = self.lr_scheduler
+            parts["scheduler"] = self.lr_scheduler
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None:
-            state["scaler"] = scaler
-        state["rng"] = rng_state()
-        return state
+            parts["scaler"] = scaler
+        return parts
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """As ``Trainer.save_model``; inside a checkpoint, only the model's config and
@@ -164,14 +168,7 @@ class DckptTrainerMixin:
         if checkpoint is None or not is_dckpt_checkpoint(checkpoint):
             super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
             return
-        state: dict[str, Any] = {}
-        if self.optimizer is not None:
-            state["optimizer"] = dckpt.OptimizerState(self.model, _unwrap_optimizer(self.optimizer))
-        if self.lr_scheduler is not None:
-            state["scheduler"] = self.lr_scheduler
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None:
-            state["scaler"] = scaler
+        state = self._dckpt_training_parts()
         # Not strict: a checkpoint saved with save_only_model has none of these, and the
         # Trainer then starts them fresh, as it does without optimizer.pt.
         result = dckpt.load(state, checkpoint, strict=False, timeout=self.dckpt_timeout)
