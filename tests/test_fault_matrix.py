@@ -15,16 +15,19 @@ The invariants after each case:
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
 import dckpt
+from dckpt.storage import LocalStorage
 from tests import _matrix
 from tests._dist import Outcome, run_fresh
 
@@ -156,3 +159,39 @@ def test_rank0_leaving_right_after_the_commit_loses_nothing(tmp_path: Path) -> N
         assert outcomes[0].exitcode == 0
         assert outcomes[1].ok and outcomes[1].value == "saved", outcomes[1].error_text
         assert _matrix.committed_values(str(tmp_path / f"r{i}"), "save") == _matrix.NEW
+
+
+class _LateManifest(LocalStorage):
+    """A store whose manifest write times out on the client but lands later, as an object
+    store PUT can: the manifest is held back and published by the test afterwards."""
+
+    held: ClassVar[dict[str, bytes]] = {}
+
+    def __init__(self, url: str, options: dict[str, object]) -> None:
+        super().__init__(url.removeprefix("late://"))
+
+    def commit(self, name: str, data: bytes, *, durable: bool) -> None:
+        if name == "manifest.json" and self.read_file(name) is not None:
+            _LateManifest.held[self.root] = data
+            raise dckpt.StorageError("PUT manifest.json: read timeout", errno=errno.ETIMEDOUT)
+        super().commit(name, data, durable=durable)
+
+
+def test_a_manifest_that_lands_after_its_save_failed_still_loads(tmp_path: Path) -> None:
+    """The worst moment for cleanup: the commit's answer is lost, the save reports
+    failure, and the manifest is published only afterwards. No file it names may have
+    been deleted in between."""
+    dckpt.storage.register_backend("late", _LateManifest)
+    try:
+        url = f"late://{tmp_path / 'ck'}"
+        dckpt.save(_matrix.state(_matrix.OLD, 0), url)
+        with pytest.raises(dckpt.StorageError, match="may still be published"):
+            dckpt.save(_matrix.state(_matrix.NEW, 0), url, overwrite=True)
+        late = _LateManifest(url, {})
+        LocalStorage.commit(late, "manifest.json", _LateManifest.held[late.root], durable=True)
+        got = _matrix.state(0.0, 0)
+        dckpt.load(got, tmp_path / "ck")
+        assert torch.equal(got["w"], _matrix.state(_matrix.NEW, 0)["w"])
+        assert torch.equal(got["r0"], _matrix.state(_matrix.NEW, 0)["r0"])
+    finally:
+        dckpt.storage.unregister_backend("late")
