@@ -534,7 +534,7 @@ def probe_targets() -> list[Target]:
             Target(_plancache, _plancache.plan_save, "save:   plan_save (rank 0, cache miss)"),
             Target(_plancache, _plancache.manifest_template, "save:   manifest_template (miss)"),
             Target(_plancache, _plancache.with_save_id, "save:   with_save_id (cache hit)"),
-            Target(_coord, _coord._encode, "save/load: coord _encode (pickle payload)"),
+            Target(_coord, _coord.encode, "save/load: coord encode (frames)"),
             Target(_save, _save.write_rank, "save: write_rank (wall)"),
             Target(_write, _write.host_bytes, "save:   host_bytes [threads]"),
             Target(_write, _write.block_crcs, "save:   crc32c of written data [threads]"),

@@ -29,6 +29,7 @@ from dckpt._save import save
 from dckpt._state import OptimizerState, Stateful
 from dckpt._version import __version__
 from dckpt.interop._convert import ConvertReport, convert
+from dckpt.tiers._errors import LocalTierError, PersistError, TransferError
 
 __all__ = [
     "ArgumentError",
@@ -42,12 +43,15 @@ __all__ = [
     "ConvertReport",
     "CorruptCheckpointError",
     "LoadResult",
+    "LocalTierError",
     "OptimizerState",
+    "PersistError",
     "RankFailureError",
     "RemoteError",
     "StateMismatchError",
     "Stateful",
     "StorageError",
+    "TransferError",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
     "__version__",

@@ -145,3 +145,35 @@ def check_save(
     )
     check_bool("overwrite", overwrite)
     check_bool("durable", durable)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...], *, optional: bool) -> None:
+    """One of ``choices`` (strings); None too when ``optional``."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or value not in choices:
+        allowed = ", ".join(repr(c) for c in choices) + (" or None" if optional else "")
+        raise ArgumentError(f"{name} must be {allowed}, got {_typename(value)} {value!r}")
+
+
+def check_tiers(
+    local_dir: object, replicas: object, persist_every: object, keep_local: object, node_of: object
+) -> None:
+    """The tiered manager's arguments (``local_dir`` None: the others are still checked)."""
+    if local_dir is not None:
+        if isinstance(local_dir, Storage):
+            raise ArgumentTypeError("local_dir must be a str or os.PathLike, got a Storage")
+        path = check_path(local_dir, "local_dir")
+        if "://" in os.fspath(path):
+            raise ArgumentError(
+                f"local_dir must be a local directory (a RAM disk or a local drive), got the "
+                f"URL {os.fspath(path)!r}; URLs go in the root (the durable tier)"
+            )
+    check_int("replicas", replicas, minimum=0)
+    check_int("persist_every", persist_every, minimum=1)
+    check_int("keep_local", keep_local, minimum=1)
+    if node_of is not None and not callable(node_of):
+        raise ArgumentTypeError(
+            f"node_of must be None or a function of the rank returning its node's label, "
+            f"got {_typename(node_of)} {node_of!r}"
+        )

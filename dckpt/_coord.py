@@ -15,8 +15,14 @@ Failures and missing ranks are published in place of the result, so every rank r
 same error.  Result keys are deleted by the last follower to read them (an ``add`` count),
 so thousands of saves do not grow the store.
 
-Payloads are pickled.  This is the control plane inside one training job, between
-processes that already trust each other; it is never used for checkpoint files.
+Payloads that are ``bytes`` travel as they are (the save's plan and write messages are
+encoded by ``dckpt._wire``). A :class:`Shared` payload is sent once per distinct content:
+each rank counts its content's digest in the store (``add``), the first sends the bytes
+and the others a 16-byte reference, and rank 0 hands ``reduce`` one ``bytes`` object per
+distinct content, so ranks holding the same state cost O(1) bytes each. Anything else
+(failures, the load's and the manager's small values) is pickled: this is the control
+plane inside one training job, between processes that already trust each other; it is
+never used for checkpoint files.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import contextlib
 import functools
 import itertools
 import os
-import pickle
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, overload
@@ -33,10 +38,28 @@ from typing import Any, Literal, TypeVar, overload
 import torch.distributed as dist
 
 from dckpt._args import check_process_group, check_timeout
+from dckpt._coordframes import (
+    FAIL,
+    OK,
+    Shared,
+    claim_key,
+    content_digest,
+    decode,
+    encode,
+    outcome,
+    shared_frame,
+    sort_outcomes,
+)
 from dckpt._errors import ArgumentError, CheckpointTimeoutError, RankFailureError
 from dckpt._failures import Failure, Record, failure_error
 from dckpt._faults import fault_point
 from dckpt._kvstore import KV, StoreLost, forget_clients, open_store
+
+
+#: Seconds a collective save or load waits for the slowest rank before naming it.
+DEFAULT_TIMEOUT = 600.0
+
+__all__ = ["Coordinator", "LocalCoordinator", "Shared", "coordinator_for"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,12 +68,6 @@ S = TypeVar("S")
 # Followers wait for the leader's answer: the leader's wait for the slowest rank (timeout),
 # plus its reduce (bounded by another timeout), plus slack for the store round trips.
 _FOLLOWER_SLACK_S = 5.0
-_OK = "ok"
-_FAIL = "fail"
-
-#: Seconds a collective save or load waits for the slowest rank before naming it.
-DEFAULT_TIMEOUT = 600.0
-
 _state_lock = threading.Lock()
 _epoch = "0"
 _calls: dict[tuple[str, str], int] = {}
@@ -287,21 +304,28 @@ class Coordinator(_ExchangeAPI):
             if not isinstance(local_exc, Exception):  # interrupt: tell the others, then go
                 with contextlib.suppress(StoreLost):
                     record = Record(phase, failures, (), self.timeout)
-                    self._publish(kv, base, _encode(_FAIL, record), scatter)
+                    self._publish(kv, base, encode(FAIL, record), scatter)
                 raise local_exc
         values: list[Any] = [value] + [None] * (self.world_size - 1)
+        commons: dict[bytes, bytes] = {}
+        if isinstance(value, Shared):
+            digest = content_digest(value.common)
+            commons[digest] = value.common
+            kv.add(claim_key(base, digest), 1)  # rank 0 may be the first: then all refer
         outcomes, missing = self._gather(kv, base)
         fault_point(f"coord.{phase}.gathered")
-        _sort_outcomes(outcomes, values, failures)
+        claimed = sort_outcomes(outcomes, values, failures, commons)
+        for digest in claimed:
+            kv.delete(claim_key(base, digest))
         if not failures and not missing:
             try:
                 result = values if reduce is None else reduce(values)
                 if scatter:
                     items = _scattered(result, self.world_size)
-                    self._publish(kv, base, [_encode(_OK, item) for item in items[1:]], True)
+                    self._publish(kv, base, [encode(OK, item) for item in items[1:]], True)
                     fault_point(f"coord.{phase}.published")
                     return items[0]
-                self._publish(kv, base, _encode(_OK, result), False)
+                self._publish(kv, base, encode(OK, result), False)
                 fault_point(f"coord.{phase}.published")
                 return result
             except StoreLost:
@@ -310,7 +334,7 @@ class Coordinator(_ExchangeAPI):
                 failures[0] = Failure.of(exc)
                 local_exc = exc
         record = Record(phase, failures, missing, self.timeout)
-        self._publish(kv, base, _encode(_FAIL, record), scatter)
+        self._publish(kv, base, encode(FAIL, record), scatter)
         if local_exc is not None and not isinstance(local_exc, Exception):
             raise local_exc
         raise failure_error(record, local_exc, self.rank) from local_exc
@@ -347,8 +371,8 @@ class Coordinator(_ExchangeAPI):
         local_exc: BaseException | None,
         scatter: bool,
     ) -> Any:
-        blob, local_exc = _outcome(value, local_exc)
         kv = self._store()
+        blob, local_exc, claim = _frame(kv, base, value, local_exc)
         kv.set(f"{base}/in/{self.rank}", blob)
         fault_point(f"coord.{phase}.sent")
         if local_exc is not None and not isinstance(local_exc, Exception):
@@ -367,14 +391,14 @@ class Coordinator(_ExchangeAPI):
         self._release(kv, base, key, scatter)
         fault_point(f"coord.{phase}.received")
         try:
-            kind, payload = pickle.loads(raw)
+            kind, payload = decode(raw)
         except Exception as exc:
             raise RankFailureError(
-                f"the outcome of {phase!r} from rank 0 did not unpickle on rank {self.rank}: "
+                f"the outcome of {phase!r} from rank 0 did not decode on rank {self.rank}: "
                 f"{type(exc).__name__}: {exc}",
                 {self.rank: exc},
             ) from exc
-        if kind == _OK:
+        if kind == OK:
             if local_exc is None:
                 return payload
             # Cannot happen (the leader saw our failure), but never drop a failure silently.
@@ -382,6 +406,8 @@ class Coordinator(_ExchangeAPI):
         assert isinstance(payload, Record)
         if self.rank in payload.missing:  # we came late: nobody else will read our outcome
             kv.delete(f"{base}/in/{self.rank}")
+            if claim is not None:  # nor clean up the count we made
+                kv.delete(claim)
         raise failure_error(payload, local_exc, self.rank) from local_exc
 
     def _release(self, kv: KV, base: str, key: str, scatter: bool) -> None:
@@ -394,31 +420,14 @@ class Coordinator(_ExchangeAPI):
             kv.delete(f"{base}/ack")
 
 
-def _outcome(value: Any, local_exc: BaseException | None) -> tuple[bytes, BaseException | None]:
-    """What a follower sends: its value, or its failure (an unpicklable value is one)."""
-    if local_exc is None:
-        try:
-            return _encode(_OK, value), None
-        except Exception as exc:
-            local_exc = exc
-    return _encode(_FAIL, Failure.of(local_exc)), local_exc
-
-
-def _sort_outcomes(
-    outcomes: dict[int, bytes], values: list[Any], failures: dict[int, Failure]
-) -> None:
-    """Unpickle the followers' outcomes into ``values`` (by rank) or ``failures``."""
-    for rank, blob in outcomes.items():
-        try:
-            kind, payload = pickle.loads(blob)
-        except Exception as exc:
-            failures[rank] = Failure.of(exc, f"rank {rank}'s outcome did not unpickle")
-            continue
-        if kind == _OK:
-            values[rank] = payload
-        else:
-            failures[rank] = payload
-
-
-def _encode(kind: str, payload: Any) -> bytes:
-    return pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+def _frame(
+    kv: KV, base: str, value: Any, local_exc: BaseException | None
+) -> tuple[bytes, BaseException | None, str | None]:
+    """A follower's blob: its failure, its value, or (a :class:`Shared` value) the content
+    when it is the first to count it in the store, else a reference; and that count's key."""
+    if local_exc is None and isinstance(value, Shared):
+        digest = content_digest(value.common)
+        claim = claim_key(base, digest)
+        return shared_frame(digest, value, first=kv.add(claim, 1) == 1), None, claim
+    blob, local_exc = outcome(value, local_exc)
+    return blob, local_exc, None

@@ -7,6 +7,8 @@ saves); the only pass over tensor bytes is :func:`checksum_plain`, on multi-rank
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,9 +18,10 @@ import numpy as np
 import torch
 
 from dckpt._bytes import block_crcs, dtype_name, host_bytes
-from dckpt._dtensor import dtensor_chunks, is_dtensor
+from dckpt._dtensor import dtensor_chunks, dtensor_layout, is_dtensor
 from dckpt._errors import UnsupportedStateError
-from dckpt._format import DEFAULT_BLOCK_BYTES, DTYPE_ITEMSIZE
+from dckpt._format import DEFAULT_BLOCK_BYTES, DTYPE_ITEMSIZE, PathPart
+from dckpt._layout import LayoutOffer, MeshOffer, ravel
 from dckpt._plan import ChunkOffer, RankOffer, TensorOffer, ValueOffer
 from dckpt._reshard import Box
 from dckpt._state import Resolved, resolve
@@ -34,15 +37,47 @@ class Description:
     sources: SourceMap
 
 
-def describe(state: Mapping[str, Any], rank: int, *, allow_pickle: bool) -> Description:
-    """Resolve Stateful objects now and describe every chunk (no checksums yet)."""
+def describe(
+    state: Mapping[str, Any], rank: int, *, allow_pickle: bool, layouts: bool = False
+) -> Description:
+    """Resolve Stateful objects now and describe every chunk (no checksums yet); with
+    ``layouts``, DTensors a layout entry can describe are offered as such (format 2) and
+    their shards left to this rank to plan, instead of as chunks for rank 0 to plan."""
     resolved = resolve(state)
-    tensors, sources = _tensor_offers(resolved)
+    found = _Layouts()
+    tensors, sources = _tensor_offers(resolved, found if layouts else None)
     values = []
     for v in resolved.values:
         data = encode_value(v.value, v.key, allow_pickle=allow_pickle)
         values.append(ValueOffer(v.key, v.path, data, value_text(data)))
-    return Description(RankOffer(rank, tuple(tensors), tuple(values)), sources)
+    offer = RankOffer(rank, tuple(tensors), tuple(values), tuple(found.offers), tuple(found.meshes))
+    return Description(offer, sources)
+
+
+class _Layouts:
+    """The layout offers of one rank, and the meshes they name (each listed once)."""
+
+    def __init__(self) -> None:
+        self.offers: list[LayoutOffer] = []
+        self.meshes: list[MeshOffer] = []
+        self._index: dict[bytes, int] = {}
+
+    def add(self, key: str, path: tuple[PathPart, ...], dtype: str, t: Any) -> bool:
+        """Offer DTensor ``t`` as a layout entry; False when its placements have no layout
+        form (the caller offers its chunks instead)."""
+        spec = dtensor_layout(t)
+        if spec is None:
+            return False
+        mesh_shape, ranks, coordinate, placements = spec
+        if coordinate is None:
+            return True  # a mesh this rank is not in: it holds and offers nothing
+        ident = hashlib.blake2b(repr((mesh_shape, ranks)).encode(), digest_size=16).digest()
+        index = self._index.get(ident)
+        if index is None:
+            index = self._index[ident] = len(self.meshes)
+            self.meshes.append(MeshOffer(ident, mesh_shape, ravel(coordinate, mesh_shape)))
+        self.offers.append(LayoutOffer(key, path, dtype, tuple(t.shape), index, placements))
+        return True
 
 
 def value_text(data: Any) -> str:
@@ -57,7 +92,7 @@ def staging_sources(state: Mapping[str, Any]) -> dict[tuple[str, Box], torch.Ten
 
 
 def _tensor_offers(
-    resolved: Resolved,
+    resolved: Resolved, layouts: _Layouts | None = None
 ) -> tuple[list[TensorOffer], dict[tuple[str, Box], torch.Tensor]]:
     tensors: list[TensorOffer] = []
     sources: dict[tuple[str, Box], torch.Tensor] = {}
@@ -74,6 +109,8 @@ def _tensor_offers(
             pieces = dtensor_chunks(t)
             for box, view in pieces:
                 sources[(leaf.key, box)] = view
+            if layouts is not None and layouts.add(leaf.key, leaf.path, name, t):
+                continue
             chunks = tuple(ChunkOffer(box) for box, _ in pieces)
             tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, True, chunks))
             continue
@@ -113,4 +150,5 @@ def checksum_plain(description: Description) -> tuple[RankOffer, KnownCrcs]:
         crc = block_crcs(data, DEFAULT_BLOCK_BYTES)
         known[(t.key, box)] = (crc, data)
         tensors.append(TensorOffer(t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(box, crc),)))
-    return RankOffer(description.offer.rank, tuple(tensors), description.offer.values), known
+    offer = dataclasses.replace(description.offer, tensors=tuple(tensors))
+    return offer, known

@@ -22,7 +22,14 @@ from dckpt._reshard import Box
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PlacementSpec", "dtensor_chunks", "local_boxes", "local_shape", "placement_specs"]
+__all__ = [
+    "PlacementSpec",
+    "dtensor_chunks",
+    "dtensor_layout",
+    "local_boxes",
+    "local_shape",
+    "placement_specs",
+]
 
 PlacementKind = Literal["shard", "strided_shard", "replicate", "partial"]
 
@@ -230,6 +237,39 @@ def dtensor_chunks(dt: Any) -> list[tuple[Box, torch.Tensor]]:
             "DTensor.from_local using torch.chunk-sized local tensors"
         )
     return [(box, local[slices]) for box, slices in pieces]
+
+
+def dtensor_layout(
+    dt: Any,
+) -> (
+    tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None, tuple[PlacementSpec, ...]]
+    | None
+):
+    """(mesh shape, its global ranks row-major, this rank's coordinate or None, placements)
+    of DTensor ``dt`` when a layout entry can describe it (placements Shard, _StridedShard
+    and Replicate, on a mesh of every rank of the world), else None. Call it after
+    :func:`dtensor_chunks`, which checks that the local tensor follows the placements."""
+    try:
+        specs = placement_specs(tuple(dt.placements))
+    except UnsupportedStateError:
+        return None
+    if any(s.kind not in ("shard", "strided_shard", "replicate") for s in specs):
+        return None
+    ndim = len(dt.shape)
+    specs = tuple(PlacementSpec(s.kind, s.dim % ndim, s.split_factor) if s.dim < 0 and
+                  s.kind != "replicate" else s for s in specs)  # fmt: skip
+    # lazy: only DTensor states get here, and they imported torch.distributed already
+    import torch.distributed as dist
+
+    mesh = dt.device_mesh
+    ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
+    # A mesh smaller than the world (a TP submesh replicated over DP, a pipeline stage) may
+    # hold the same key as other meshes: one layout cannot say that; chunks can.
+    if not dist.is_initialized() or len(ranks) != dist.get_world_size():
+        return None
+    coordinate = mesh.get_coordinate()
+    coord = None if coordinate is None else tuple(int(c) for c in coordinate)
+    return tuple(int(n) for n in mesh.shape), ranks, coord, specs
 
 
 @functools.lru_cache(maxsize=65536)

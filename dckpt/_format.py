@@ -3,7 +3,8 @@
 ``docs/format.md`` is the specification; this module is its reference implementation.
 Validation is strict because a manifest is untrusted input: every field is type- and
 range-checked and every file name must stay inside the checkpoint before anything
-else touches the storage.
+else touches the storage. Version 2's layout entries are checked here arithmetically
+(O(manifest)); the tables that hold their pieces are checked when read (``_table``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any
 
 from dckpt import _manifest_checks as rules
 from dckpt._errors import CorruptCheckpointError, UnsafeCheckpointError
+from dckpt._layout import Layout, MeshRecord, check_layout, parse_placement
 from dckpt._values import JSON
 
 FORMAT_NAME = "dckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reader understands; writers emit 1 without layouts
+LAYOUT_VERSION = 2  # the first version with layout entries, meshes and tables
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 CHECKSUM_ALGORITHM = "crc32c"
@@ -42,6 +45,8 @@ PathPart = str | int
 # Used with fullmatch: "$" would also match before a trailing newline.
 _SAVE_ID = re.compile(r"[0-9a-z]{1,64}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+# _FILE_NAME without "." and ".." components: names it takes pass every rule below.
+_SAFE_NAME = re.compile(r"(?!\.\.?(?:/|\Z))[A-Za-z0-9._-]+(?:/(?!\.\.?(?:/|\Z))[A-Za-z0-9._-]+)*")
 _RANK_KEY = re.compile(r"0|[1-9][0-9]*")  # int() would also take " 1", "01" and "\u0661"
 
 
@@ -65,6 +70,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     chunks: tuple[ChunkRecord, ...]
     per_rank: bool = False
+    layout: Layout | None = None  # a layout entry (version 2): its chunks are in tables
 
     @property
     def itemsize(self) -> int:
@@ -89,6 +95,17 @@ class FileRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class TableRecord:
+    """A writer's binary table (version 2): where its layout shards are, and their checksums."""
+
+    rank: int
+    name: str
+    size: int
+    crc32c: int
+    files: tuple[str, ...]  # the data files its rows index
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     save_id: str
     world_size: int
@@ -98,7 +115,9 @@ class Manifest:
     values: Mapping[str, ValueEntry]
     block_bytes: int = DEFAULT_BLOCK_BYTES
     library: str = ""
-    version: int = FORMAT_VERSION
+    version: int = 1
+    meshes: tuple[MeshRecord, ...] = ()
+    tables: tuple[TableRecord, ...] = ()
     file_sizes: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +211,8 @@ def _path(x: object, key: str) -> tuple[PathPart, ...]:
 
 def check_file_name(name: object) -> str:
     """A data file name MUST be relative, normalised and inside the checkpoint."""
+    if isinstance(name, str) and _SAFE_NAME.fullmatch(name) and name != MANIFEST_NAME:
+        return name  # the common case in one match: a manifest lists a file or two per rank
     if (
         not isinstance(name, str)
         or not _FILE_NAME.fullmatch(name)
@@ -242,10 +263,20 @@ def _manifest_from_json(raw: object) -> Manifest:
             raise _Bad(f"file {name!r} listed twice")
         sizes[name] = _int(fo["size"], f"size of {name!r}")
         files.append(FileRecord(name, sizes[name]))
+    meshes: tuple[MeshRecord, ...] = ()
+    tables: tuple[TableRecord, ...] = ()
+    if version >= LAYOUT_VERSION:
+        meshes = tuple(_mesh_from_json(m, world_size) for m in _list(d["meshes"], "meshes"))
+        tables = _tables_from_json(d["tables"], sizes, world_size)
     tensors = {
-        k: _tensor_from_json(k, v, sizes, block_bytes, world_size)
+        k: _layout_from_json(k, v, meshes)
+        if version >= LAYOUT_VERSION and "layout" in _obj(v, f"tensor {k!r}")
+        else _tensor_from_json(k, v, sizes, block_bytes, world_size)
         for k, v in _obj(d["tensors"], "tensors").items()
     }
+    layout_problem = rules.layout_files_problem(tensors, tables)
+    if layout_problem is not None:
+        raise _Bad(layout_problem)
     shared = rules.shared_bytes_problem({k: t.chunks for k, t in tensors.items()})
     if shared is not None:
         raise _Bad(f"{shared}; chunks must not share bytes")
@@ -275,7 +306,72 @@ def _manifest_from_json(raw: object) -> Manifest:
         block_bytes=block_bytes,
         library=library,
         version=version,
+        meshes=meshes,
+        tables=tables,
     )
+
+
+def _list(x: object, what: str) -> list[Any]:
+    if not isinstance(x, list):
+        raise _Bad(f"{what} must be a list")
+    return x
+
+
+def _mesh_from_json(raw: object, world_size: int) -> MeshRecord:
+    m = _obj(raw, "mesh")
+    shape = _ints(m["shape"], "mesh shape", 1, max_len=16)
+    ranks = _ints(m["ranks"], "mesh ranks", max_len=world_size)
+    if not shape or len(ranks) != math.prod(shape):
+        raise _Bad(f"a mesh of shape {list(shape)} lists {len(ranks)} ranks")
+    if len(set(ranks)) != len(ranks) or max(ranks) >= world_size:
+        raise _Bad(f"mesh ranks must be distinct ranks below world_size {world_size}")
+    return MeshRecord(shape, ranks)
+
+
+def _tables_from_json(
+    raw: object, sizes: Mapping[str, int], world_size: int
+) -> tuple[TableRecord, ...]:
+    tables: list[TableRecord] = []
+    owned: set[str] = set()
+    for t in _list(raw, "tables"):
+        to = _obj(t, "table record")
+        rank = _int(to["rank"], "table rank", 0, world_size - 1)
+        if tables and rank <= tables[-1].rank:
+            raise _Bad(f"table of rank {rank}: tables must be listed once each, by rank")
+        name = check_file_name(to["name"])
+        if name in sizes:
+            raise _Bad(f"table {name!r} is also listed as a data file")
+        files = tuple(_list(to["files"], f"files of {name!r}"))
+        for f in files:  # listed names were checked: check only the others
+            if not isinstance(f, str) or f not in sizes:
+                check_file_name(f)
+                raise _Bad(f"table {name!r} indexes {f!r}, which files does not list")
+            if f in owned:
+                raise _Bad(f"table {name!r} indexes {f!r}, which a table lists already")
+            owned.add(f)
+        size = _int(to["size"], f"size of {name!r}")
+        crc = _int(to["crc32c"], f"crc32c of {name!r}", 0, 0xFFFFFFFF)
+        tables.append(TableRecord(rank, name, size, crc, files))
+    return tuple(tables)
+
+
+def _layout_from_json(key: str, raw: dict[str, Any], meshes: tuple[MeshRecord, ...]) -> TensorEntry:
+    """A layout entry: checked arithmetically here, its rows when a table is read."""
+    path = _path(raw["path"], key)
+    dtype = raw["dtype"]
+    if dtype not in DTYPE_ITEMSIZE:
+        raise _Bad(f"key {key!r}: unknown dtype {dtype!r}")
+    shape = _ints(raw["shape"], f"key {key!r}: shape")
+    if "chunks" in raw or "per_rank" in raw:
+        raise _Bad(f"key {key!r}: a layout entry has no chunks and is not per rank")
+    lo = _obj(raw["layout"], f"key {key!r}: layout")
+    mesh = _int(lo["mesh"], f"key {key!r}: layout mesh", 0, len(meshes) - 1)
+    placements = tuple(parse_placement(p) for p in _list(lo["placements"], "placements"))
+    try:
+        check_layout(shape, meshes[mesh], placements)
+    except ValueError as exc:
+        raise _Bad(f"key {key!r}: {exc}") from None
+    return TensorEntry(path, dtype, shape, (), layout=Layout(mesh, placements))
 
 
 def _rank(text: str, key: str, world_size: int) -> int:

@@ -29,6 +29,7 @@ from dckpt._loadcore import Matching
 from dckpt._read import ReadTask
 from dckpt._reshard import Box, ChunkIndex
 from dckpt._state import Resolved, TensorLeaf, ValueLeaf, flat_key
+from dckpt._table import Tables
 from dckpt._values import MAX_DEPTH, decode_value
 from dckpt.storage import Storage
 
@@ -61,12 +62,19 @@ def read_manifest(storage: Storage) -> tuple[Manifest, bytes]:
 
 
 def plan_load(
-    manifest: Manifest, resolved: Resolved, rank: int, world_size: int, *, allow_pickle: bool
+    manifest: Manifest,
+    resolved: Resolved,
+    rank: int,
+    world_size: int,
+    *,
+    allow_pickle: bool,
+    tables: Tables | None = None,
 ) -> LoadPlan:
-    """Match requested leaves to saved chunks; collects problems rather than stopping."""
+    """Match requested leaves to saved chunks; collects problems rather than stopping.
+    ``tables`` reads the tables of layout tensors (version 2), when there are any."""
     lp = LoadPlan()
     for leaf in resolved.tensors:
-        _plan_tensor_leaf(lp, manifest, leaf, rank, world_size)
+        _plan_tensor_leaf(lp, manifest, leaf, rank, world_size, tables)
     for v in resolved.values:
         _plan_value_leaf(lp, manifest, v, rank, world_size, allow_pickle=allow_pickle)
     for key in resolved.skipped:
@@ -77,7 +85,12 @@ def plan_load(
 
 
 def _plan_tensor_leaf(
-    lp: LoadPlan, manifest: Manifest, leaf: TensorLeaf, rank: int, world_size: int
+    lp: LoadPlan,
+    manifest: Manifest,
+    leaf: TensorLeaf,
+    rank: int,
+    world_size: int,
+    tables: Tables | None,
 ) -> None:
     entry = manifest.tensors.get(leaf.key)
     if entry is None:
@@ -104,7 +117,16 @@ def _plan_tensor_leaf(
             return
         chunks = tuple(c for c in chunks if c.rank == rank)
     dests = dtensor_chunks(t) if is_dtensor(t) else [(Box((0,) * len(want_shape), want_shape), t)]
-    _plan_tensor(lp, leaf.key, entry, chunks, dests)
+    if entry.layout is None:
+        _plan_tensor(lp, leaf.key, entry, chunks, dests)
+        return
+    if tables is None:
+        raise CorruptCheckpointError(f"key {leaf.key!r} is a layout entry; no tables to read")
+    for want, dest in dests:
+        if want.numel:  # only the pieces this rank's boxes overlap, from their writers' tables
+            _plan_tensor(
+                lp, leaf.key, entry, tables.chunks_for(leaf.key, entry, want), [(want, dest)]
+            )
 
 
 def _plan_value_leaf(
@@ -159,8 +181,10 @@ class Saved:
         *,
         allow_pickle: bool,
         storage: Storage,
+        tables: Tables | None = None,
     ) -> None:
         self.storage = storage
+        self.tables = tables if tables is not None else Tables(storage, manifest)
         self.manifest = manifest
         self.rank = rank
         self.world_size = world_size
@@ -237,7 +261,11 @@ class Saved:
             ):
                 return _SKIP
             # The files must hold the bytes before the claimed shape is allocated.
-            files = {c.file for c in tensor.chunks if c.nbytes} - self._checked
+            chunks = tensor.chunks
+            if tensor.layout is not None:
+                whole = Box((0,) * len(tensor.shape), tensor.shape)
+                chunks = tuple(self.tables.chunks_for(key, tensor, whole)) if whole.numel else ()
+            files = {c.file for c in chunks if c.nbytes} - self._checked
             check_files(self.storage, m, files)
             self._checked |= files
             return torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))

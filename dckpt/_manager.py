@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -25,6 +25,7 @@ from dckpt._args import (
     check_path,
     check_process_group,
     check_state,
+    check_tiers,
     check_timeout,
 )
 from dckpt._async import AsyncSaveHandle
@@ -32,7 +33,6 @@ from dckpt._coord import DEFAULT_TIMEOUT, coordinator_for
 from dckpt._errors import ArgumentTypeError, CheckpointError
 from dckpt._steps import (
     StepEntry,
-    StepListing,
     join_path,
     remove_dead,
     retained_steps,
@@ -42,6 +42,8 @@ from dckpt._steps import (
 )
 from dckpt._tidy import StepCleaner, WriterMarker
 from dckpt.storage import open_storage
+from dckpt.tiers import TieredCheckpoints
+from dckpt.tiers._listing import TierListing
 
 # The CLI and the tests take the step helpers from here as well as from dckpt._steps.
 __all__ = ["CheckpointManager", "StepEntry", "retained_steps", "scan_root", "step_name"]
@@ -78,7 +80,7 @@ class _InFlight:
     marker: WriterMarker | None
 
 
-class CheckpointManager(StepListing):
+class CheckpointManager(TierListing):
     """Numbered checkpoints under one root, with retention, rollback and crash cleanup.
 
     Each step is an ordinary dckpt checkpoint in ``<root>/step-<n>/`` (``step-00000042``:
@@ -127,6 +129,15 @@ class CheckpointManager(StepListing):
             or damage the latest steps (a load detects damage by checksum).
         allow_pickle: Let saves pickle values that are not tensors or plain data, and let
             loads unpickle them. Only for checkpoints you trust: unpickling runs code.
+        local_dir: Tiered mode: a node-local directory (RAM disk or local drive, one per
+            node) where every save lands, replicated to other nodes; the root becomes the
+            durable tier. Construction is then collective. See dckpt.tiers.
+        replicas: How many other nodes hold a copy of each rank's files (tiered mode).
+        persist_every: Steps that are multiples of this also reach the root, in the
+            background, copied from the local tier (tiered mode).
+        keep_local: How many committed steps each node keeps in ``local_dir``.
+        node_of: ``rank -> node label`` (ranks with equal labels share a node); None:
+            torchrun's node rank, else the host name.
 
     Raises:
         ArgumentError: An argument has a bad value (``keep_last=-1``); the message
@@ -161,8 +172,14 @@ class CheckpointManager(StepListing):
         timeout: float = DEFAULT_TIMEOUT,
         durable: bool = True,
         allow_pickle: bool = False,
+        local_dir: str | os.PathLike[str] | None = None,
+        replicas: int = 1,
+        persist_every: int = 1,
+        keep_local: int = 2,
+        node_of: Callable[[int], Hashable] | None = None,
     ) -> None:
         check_path(root, "root")
+        check_tiers(local_dir, replicas, persist_every, keep_local, node_of)
         check_int("keep_last", keep_last, minimum=0, optional=True)
         check_int("keep_every", keep_every, minimum=1, optional=True)
         check_bool("async_save", async_save)
@@ -184,6 +201,12 @@ class CheckpointManager(StepListing):
         self._cleaner = StepCleaner(self._storage, timeout=timeout)
         self._inflight: _InFlight | None = None
         self._abandoned: set[int] = set()  # steps whose save by this manager failed
+        self._tiers = None
+        if local_dir is not None:
+            self._tiers = TieredCheckpoints.for_manager(
+                self, local_dir=os.fspath(local_dir), replicas=replicas,
+                persist_every=persist_every, keep_local=keep_local, node_of=node_of,
+            )  # fmt: skip
 
     # -- saving -----------------------------------------------------------------------
 
@@ -220,6 +243,8 @@ class CheckpointManager(StepListing):
         """
         check_int("step", step, minimum=0)
         check_state(state)
+        if self._tiers is not None:
+            return self._tiers.save(step, state)
         self._finish_pending()
         rank = self._rank()
         name = self._name_of(step)
@@ -267,6 +292,8 @@ class CheckpointManager(StepListing):
             manager.wait()  # the final step is committed
             ```
         """
+        if self._tiers is not None:
+            return self._tiers.wait()
         self._finish_pending()
 
     def _finish_pending(self) -> None:
@@ -350,6 +377,8 @@ class CheckpointManager(StepListing):
         check_state(state)
         check_int("step", step, minimum=0, optional=True)
         check_bool("strict", strict)
+        if self._tiers is not None:
+            return self._tiers.load(state, step=step, strict=strict)
         self._finish_pending()
         coord = coordinator_for(self.process_group, timeout=self.timeout, namespace="manager")
 
@@ -384,7 +413,6 @@ class CheckpointManager(StepListing):
     def _rank(self) -> int:
         if not (dist.is_available() and dist.is_initialized()):
             return 0
-        return int(dist.get_rank(self.process_group))
         return int(dist.get_rank(self.process_group))
 
     def _busy(self) -> set[int]:

@@ -18,10 +18,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dckpt._errors import CorruptCheckpointError, UnsafeCheckpointError
+from dckpt._layout import key_id
 from dckpt._values import TAG, decode_value
 
 if TYPE_CHECKING:
-    from dckpt._format import ChunkRecord
+    from dckpt._format import ChunkRecord, TableRecord, TensorEntry
 
 Span = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes) of one chunk
 
@@ -213,6 +214,29 @@ def _sorted_shared_bytes_problem(chunks_by_key: Mapping[str, Sequence[ChunkRecor
                 whose = "key" if len(keys) == 1 else "keys"
                 names = ", ".join(map(repr, keys))
                 return f"several chunks of {whose} {names} claim byte {start} of {name!r}"
+    return None
+
+
+# --------------------------------------------------------------------------- version 2
+
+
+def layout_files_problem(
+    tensors: Mapping[str, TensorEntry], tables: Sequence[TableRecord]
+) -> str | None:
+    """Why the layout entries and tables conflict, or None: tables own their data files
+    (no chunk entry may point into one), and rows name tensors by key id, which must
+    therefore be unambiguous. O(entries + chunks)."""
+    in_tables = {f for t in tables for f in t.files}
+    ids: dict[int, str] = {}
+    for key, t in tensors.items():
+        if t.layout is not None:
+            other = ids.setdefault(key_id(key), key)
+            if other != key:
+                return f"keys {other!r} and {key!r} have the same key id; rename one"
+        elif in_tables:
+            for c in t.chunks:
+                if c.file in in_tables:
+                    return f"key {key!r}: chunk points into {c.file!r}, a table's file"
     return None
 
 

@@ -14,22 +14,23 @@ from typing import Any
 from dckpt._format import (
     CHECKSUM_ALGORITHM,
     FORMAT_NAME,
+    LAYOUT_VERSION,
     ChunkRecord,
     Manifest,
     PathPart,
     TensorEntry,
 )
+from dckpt._layout import Layout, placement_text
 
 
 def manifest_to_json(m: Manifest) -> dict[str, Any]:
     tensors: dict[str, Any] = {}
     for key, t in m.tensors.items():
-        entry: dict[str, Any] = {
-            "path": list(t.path),
-            "dtype": t.dtype,
-            "shape": list(t.shape),
-            "chunks": [_chunk_to_json(c) for c in t.chunks],
-        }
+        entry: dict[str, Any] = {"path": list(t.path), "dtype": t.dtype, "shape": list(t.shape)}
+        if t.layout is not None:
+            entry["layout"] = layout_json(t.layout)
+        else:
+            entry["chunks"] = [_chunk_to_json(c) for c in t.chunks]
         if t.per_rank:
             entry["per_rank"] = True
         tensors[key] = entry
@@ -42,7 +43,7 @@ def manifest_to_json(m: Manifest) -> dict[str, Any]:
             }
         else:
             values[key] = {"path": list(v.path), "value": v.value}
-    return {
+    out: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": m.version,
         "library": m.library,
@@ -54,6 +55,18 @@ def manifest_to_json(m: Manifest) -> dict[str, Any]:
         "tensors": tensors,
         "values": values,
     }
+    if m.version >= LAYOUT_VERSION:
+        out["meshes"] = [{"shape": list(x.shape), "ranks": list(x.ranks)} for x in m.meshes]
+        out["tables"] = [
+            {"rank": t.rank, "name": t.name, "size": t.size, "crc32c": t.crc32c,
+             "files": list(t.files)}
+            for t in m.tables
+        ]  # fmt: skip
+    return out
+
+
+def layout_json(layout: Layout) -> dict[str, Any]:
+    return {"mesh": layout.mesh, "placements": [placement_text(p) for p in layout.placements]}
 
 
 def _chunk_to_json(c: ChunkRecord) -> dict[str, Any]:
@@ -130,7 +143,19 @@ def tensor_tail_text(
     )
 
 
+def layout_entry_text(
+    dtype: str, layout: Layout, path: tuple[PathPart, ...], shape: tuple[int, ...]
+) -> str:
+    """A layout entry's encoded object (keys in order)."""
+    return (
+        f'{{"dtype":{json_str(dtype)},"layout":{_dumps(layout_json(layout))},'
+        f'"path":{path_text(path)},"shape":{ints_text(shape)}}}'
+    )
+
+
 def _tensor_text(t: TensorEntry, names: dict[str, str]) -> str:
+    if t.layout is not None:
+        return layout_entry_text(t.dtype, t.layout, t.path, t.shape)
     chunks = []
     for c in t.chunks:
         name = names.get(c.file)

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dckpt._errors import UnsupportedStateError
 from dckpt._format import (
-    DTYPE_ITEMSIZE,
+    LAYOUT_VERSION,
     ChunkRecord,
     FileRecord,
     Manifest,
     PathPart,
+    TableRecord,
     TensorEntry,
     ValueEntry,
     align,
     data_dir,
 )
+from dckpt._layout import LayoutOffer, LayoutReport, MeshOffer, MeshRecord
 from dckpt._manifest_text import (
     assemble,
     chunk_tail_text,
@@ -33,6 +34,7 @@ from dckpt._manifest_text import (
     json_str,
     tensor_tail_text,
 )
+from dckpt._plangroups import assign, plan_values
 from dckpt._reshard import Box
 from dckpt._values import JSON
 from dckpt.storage._base import LOCAL_LAYOUT, FileLayout
@@ -67,6 +69,10 @@ class RankOffer:
     rank: int
     tensors: tuple[TensorOffer, ...]
     values: tuple[ValueOffer, ...]
+    # Layout tensors never reach rank 0's planner: each rank plans and writes its own
+    # shards and reports them after writing (``LayoutReport``).
+    layouts: tuple[LayoutOffer, ...] = ()
+    meshes: tuple[MeshOffer, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,87 +126,34 @@ class FileResult:
     crcs: tuple[tuple[int, ...], ...]  # per item, in the file plan's order
 
 
-_Holders = dict[str, dict[Box, list[tuple[int, tuple[int, ...] | None]]]]
-_Job = tuple[int, str, Box, tuple[int, ...], bool]  # nbytes, key, box, candidates, per rank
+@dataclass(frozen=True, slots=True)
+class RankWritten:
+    """One rank's message to rank 0 after writing: its planned files, and its layouts."""
+
+    files: tuple[FileResult, ...]
+    layouts: LayoutReport | None = None
 
 
 def plan_save(
     offers: Sequence[RankOffer], save_id: str, *, layout: FileLayout = LOCAL_LAYOUT
 ) -> SavePlan:
-    """Decide, for every chunk any rank holds, which rank writes it to which file and offset."""
-    world = len(offers)
-    tensors, holders, sharded = _collect(offers)
-    jobs = _jobs(tensors, holders, sharded)
-    # Greedy balance by bytes: largest first, to the least-loaded holder.
-    jobs.sort(key=lambda j: (-j[0], j[1], j[2].offsets))
-    load = [0] * world
-    assigned: list[list[tuple[str, Box, int, bool]]] = [[] for _ in range(world)]
-    for nbytes, key, box, cands, per_rank in jobs:
-        writer = min(cands, key=lambda r: (load[r], r))
-        load[writer] += nbytes
-        assigned[writer].append((key, box, nbytes, per_rank))
+    """Decide, for every chunk any rank holds, which rank writes it to which file and offset.
 
+    Ranks whose offers share one ``tensors`` tuple (as decoded offers of equal messages
+    do) are planned as one group: see :mod:`dckpt._plangroups`."""
+    world = len(offers)
+    metas, per_rank, assigned = assign(offers, world)
+    tensors = {
+        key: TensorMeta(path, dtype, shape, key in per_rank)
+        for key, (path, dtype, shape) in metas.items()
+    }
     ranks = tuple(_layout_rank(save_id, r, assigned[r], layout) for r in range(world))
-    values = _plan_values(offers)
+    values = plan_values(offers)
     clash = set(values) & set(tensors)
     if clash:
         key = sorted(clash)[0]
         raise UnsupportedStateError(f"key {key!r} is a tensor on some ranks and a value on others")
     return SavePlan(save_id, world, ranks, tensors, values)
-
-
-def _collect(
-    offers: Sequence[RankOffer],
-) -> tuple[dict[str, TensorMeta], _Holders, dict[str, bool]]:
-    """Every tensor's metadata (checked equal across ranks) and, per chunk box, its holders
-    with their checksums, in rank order."""
-    tensors: dict[str, TensorMeta] = {}
-    holders: _Holders = {}
-    sharded: dict[str, bool] = {}
-    first_rank: dict[str, int] = {}
-    for offer in offers:
-        for t in offer.tensors:
-            meta = TensorMeta(t.path, t.dtype, t.shape, False)
-            prior = tensors.setdefault(t.key, meta)
-            if prior != meta:
-                raise UnsupportedStateError(
-                    f"key {t.key!r} is {prior.dtype}{list(prior.shape)} on rank "
-                    f"{first_rank[t.key]} but {t.dtype}{list(t.shape)} on rank {offer.rank}; "
-                    "every rank must describe the same global tensor"
-                )
-            if sharded.setdefault(t.key, t.sharded) != t.sharded:
-                raise UnsupportedStateError(
-                    f"key {t.key!r} is a DTensor on some ranks and a plain tensor on others"
-                )
-            first_rank.setdefault(t.key, offer.rank)
-            boxes = holders.setdefault(t.key, {})
-            for c in t.chunks:
-                boxes.setdefault(c.box, []).append((offer.rank, c.crc))
-    return tensors, holders, sharded
-
-
-def _jobs(
-    tensors: dict[str, TensorMeta], holders: _Holders, sharded: dict[str, bool]
-) -> list[_Job]:
-    """Unique chunks with their candidate writers; a plain tensor whose holders disagree
-    becomes per-rank (each holder writes its own copy), which ``tensors`` records."""
-    jobs: list[_Job] = []
-    for key, boxes in holders.items():
-        meta = tensors[key]
-        itemsize = DTYPE_ITEMSIZE[meta.dtype]
-        divergent = not sharded[key] and any(
-            len({crc for _, crc in hs}) > 1 for hs in boxes.values()
-        )
-        if divergent:
-            tensors[key] = TensorMeta(meta.path, meta.dtype, meta.shape, True)
-        for box, hs in boxes.items():
-            nbytes = box.numel * itemsize
-            if divergent:
-                for rank, _crc in hs:
-                    jobs.append((nbytes, key, box, (rank,), True))
-            else:
-                jobs.append((nbytes, key, box, tuple(r for r, _ in hs), False))
-    return jobs
 
 
 def _layout_rank(
@@ -234,12 +187,25 @@ def _layout_rank(
 
 
 def structure_key(offer: RankOffer) -> bytes:
-    """A digest of what a rank holds, ignoring contents: equal digests, reusable plan."""
+    """A digest of what a rank holds, ignoring contents: equal digests, reusable plan.
 
-    shape = tuple(
-        (t.key, t.dtype, t.shape, t.sharded, tuple(c.box for c in t.chunks)) for t in offer.tensors
+    Mesh positions are left out: within one group a rank's position in a mesh follows
+    from the mesh's identity, which is in."""
+    shape = (
+        tuple(
+            (
+                t.key,
+                t.dtype,
+                t.shape,
+                t.sharded,
+                tuple((c.box.offsets, c.box.sizes) for c in t.chunks),
+            )
+            for t in offer.tensors
+        ),
+        offer.layouts,
+        tuple((m.ident, m.shape) for m in offer.meshes),
     )
-    return hashlib.blake2b(pickle.dumps(shape, protocol=5), digest_size=16).digest()
+    return hashlib.blake2b(repr(shape).encode(), digest_size=16).digest()
 
 
 def renamed(plan: RankPlan, save_id: str) -> RankPlan:
@@ -253,22 +219,7 @@ def renamed(plan: RankPlan, save_id: str) -> RankPlan:
 def with_save_id(plan: SavePlan, save_id: str, offers: Sequence[RankOffer]) -> SavePlan:
     """A cached plan under a new save id, with this save's (fresh) values."""
     ranks = tuple(renamed(r, save_id) for r in plan.ranks)
-    return SavePlan(save_id, plan.world_size, ranks, plan.tensors, _plan_values(offers))
-
-
-def _plan_values(offers: Sequence[RankOffer]) -> dict[str, ValueEntry]:
-    seen: dict[str, list[tuple[int, ValueOffer]]] = {}
-    for offer in offers:
-        for v in offer.values:
-            seen.setdefault(v.key, []).append((offer.rank, v))
-    values: dict[str, ValueEntry] = {}
-    for key, held in seen.items():
-        path = held[0][1].path
-        if len({v.text for _, v in held}) == 1:
-            values[key] = ValueEntry(path, value=held[0][1].data)
-        else:
-            values[key] = ValueEntry(path, per_rank={r: v.data for r, v in held})
-    return values
+    return SavePlan(save_id, plan.world_size, ranks, plan.tensors, plan_values(offers))
 
 
 def _ordered(chunks: list[ChunkRecord]) -> tuple[ChunkRecord, ...]:
@@ -344,6 +295,7 @@ class ManifestTemplate:
     """
 
     tensors: tuple[tuple[str, tuple[_Slot, ...], str], ...]  # (before, chunks, after)
+    keys: tuple[str, ...] = ()  # the key of each entry of ``tensors``
 
 
 def manifest_template(plan: SavePlan) -> ManifestTemplate:
@@ -367,7 +319,17 @@ def manifest_template(plan: SavePlan) -> ManifestTemplate:
         before = f'{json_str(key)}:{{"chunks":['
         after = tensor_tail_text(meta.dtype, meta.path, meta.per_rank, meta.shape)
         tensors.append((before, tuple(chunks), after))
-    return ManifestTemplate(tuple(tensors))
+    return ManifestTemplate(tuple(tensors), tuple(sorted(plan.tensors)))
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutPart:
+    """The layout tensors of a version 2 manifest, rendered by ``_manifest_build``."""
+
+    entries: tuple[tuple[str, str], ...]  # (key, encoded entry), sorted by key
+    files: tuple[FileRecord, ...]
+    meshes: tuple[MeshRecord, ...]
+    tables: tuple[TableRecord, ...]
 
 
 def render_manifest(
@@ -378,9 +340,10 @@ def render_manifest(
     created: float,
     block_bytes: int,
     library: str,
+    layouts: LayoutPart | None = None,
 ) -> bytes:
     """``manifest_to_bytes(build_manifest(...))`` for a plan with a template (a test holds
-    them equal), at a fraction of the cost."""
+    them equal), at a fraction of the cost; with ``layouts``, a version 2 manifest."""
     files: list[FileRecord] = []
     crcs: list[list[tuple[tuple[int, ...], ...]]] = []
     for rank_plan, rank_results in zip(plan.ranks, results, strict=True):
@@ -392,8 +355,8 @@ def render_manifest(
             files.append(FileRecord(fp.name, fp.size))
         crcs.append([res.crcs for res in rank_results])
     file_prefix = f'"{data_dir(plan.save_id)}/'
-    parts = []
-    for before, slots, after in template.tensors:
+    parts: list[tuple[str, str]] = []
+    for key, (before, slots, after) in zip(template.keys, template.tensors, strict=True):
         chunks = ",".join(
             '{"crc32c":'
             + ints_text(crcs[s.rank][s.file][s.item])
@@ -403,7 +366,10 @@ def render_manifest(
             + s.rest
             for s in slots
         )
-        parts.append(before + chunks + after)
+        parts.append((key, before + chunks + after))
+    if layouts is not None:
+        files.extend(layouts.files)
+        parts = list(heapq.merge(parts, layouts.entries))
     head = Manifest(
         save_id=plan.save_id,
         world_size=plan.world_size,
@@ -413,5 +379,8 @@ def render_manifest(
         values=dict(sorted(plan.values.items())),
         block_bytes=block_bytes,
         library=library,
+        version=1 if layouts is None else LAYOUT_VERSION,
+        meshes=() if layouts is None else layouts.meshes,
+        tables=() if layouts is None else layouts.tables,
     )
-    return assemble(head, ",".join(parts))
+    return assemble(head, ",".join(text for _, text in parts))

@@ -15,10 +15,15 @@ The protocol, per save::
 
 A brief that names an offer rank 0 no longer has makes :meth:`PlanCache.plan` return
 None; rank 0 then answers :data:`RESEND` and every rank sends its full offer.
+
+Messages and answers travel encoded (``dckpt._wire``, ``dckpt._wireout``), and ranks
+with equal messages send one copy between them; rank 0 decodes each distinct message
+once, so here and in the planner such ranks share their tuples and are looked at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -147,12 +152,20 @@ class PlanCache:
 
     # -- rank 0 -------------------------------------------------------------------------
     def plan(
-        self, messages: Sequence[Message], layout: FileLayout, save_id: str
+        self,
+        messages: Sequence[Message],
+        layout: FileLayout,
+        save_id: str,
+        keys: Sequence[bytes] | None = None,
     ) -> CachedPlan | None:
         """The save plan, reusing a cached one when every rank's structure and the replica
-        pattern are unchanged; None when a brief refers to an offer no longer kept."""
+        pattern are unchanged; None when a brief refers to an offer no longer kept.
+
+        ``keys``: each message's structure key as its sender computed it (else computed
+        here, per full offer). Ranks whose messages share their tuples (decoded once, see
+        ``dckpt._wire``) are looked at once."""
         with self._lock:
-            expanded = self._expand(messages)
+            expanded = self._expand(messages, keys)
             if expanded is None:
                 return None
             bases, crcs, keys, values = expanded
@@ -162,12 +175,10 @@ class PlanCache:
                 self._plans.move_to_end(cache_key)
                 plan = with_save_id(cached.plan, save_id, values)
                 return CachedPlan(cached.serial, plan, cached.template)
+            memo: dict[tuple[int, int], tuple[TensorOffer, ...]] = {}
             offers = [
-                _with_crcs(b, c) if isinstance(m, Brief) else b
-                for b, c, m in zip(bases, crcs, messages, strict=True)
-            ]
-            offers = [
-                RankOffer(o.rank, o.tensors, v.values) for o, v in zip(offers, values, strict=True)
+                _with_crcs(b, c, v.values, memo) if isinstance(m, Brief) else b
+                for b, c, m, v in zip(bases, crcs, messages, values, strict=True)
             ]
             plan = plan_save(offers, save_id, layout=layout)
             self._serial += 1
@@ -188,7 +199,7 @@ class PlanCache:
             ]
 
     def _expand(
-        self, messages: Sequence[Message]
+        self, messages: Sequence[Message], sent_keys: Sequence[bytes] | None
     ) -> tuple[list[RankOffer], list[Crcs], list[bytes], list[RankOffer]] | None:
         """Per rank: its full offer (from the cache for a brief), this save's checksums,
         its structure key and this save's values; None when a brief's offer is gone."""
@@ -196,7 +207,8 @@ class PlanCache:
         crcs: list[Crcs] = []
         keys: list[bytes] = []
         values: list[RankOffer] = []
-        for m in messages:
+        crcs_memo: dict[int, Crcs] = {}
+        for i, m in enumerate(messages):
             if isinstance(m, Brief):
                 base = self._offers.get((m.rank, m.key))
                 if base is None:
@@ -206,10 +218,13 @@ class PlanCache:
                 keys.append(m.key)
                 values.append(RankOffer(m.rank, (), m.values))
             else:
-                keys.append(structure_key(m))
+                keys.append(structure_key(m) if sent_keys is None else sent_keys[i])
                 _remember(self._offers, (m.rank, keys[-1]), m, MAX_PLANS * len(messages))
                 bases.append(m)
-                crcs.append(crcs_of(m))
+                known = crcs_memo.get(id(m.tensors))
+                if known is None:
+                    known = crcs_memo[id(m.tensors)] = crcs_of(m)
+                crcs.append(known)
                 values.append(m)
         return bases, crcs, keys, values
 
@@ -220,24 +235,37 @@ def crcs_of(offer: RankOffer) -> Crcs:
 
 
 def _divergent(bases: list[RankOffer], crcs: list[Crcs]) -> frozenset[str]:
-    """Plain-tensor keys whose holders disagree this time (a plain tensor is one chunk)."""
+    """Plain-tensor keys whose holders disagree this time (a plain tensor is one chunk);
+    each distinct (structure, checksums) pair is looked at once."""
     seen: dict[str, tuple[int, ...]] = {}
     out: set[str] = set()
-    for base, cs in zip(bases, crcs, strict=True):
-        for t, c in zip(base.tensors, cs, strict=True):
+    pairs = {(id(b.tensors), id(cs)): (b.tensors, cs) for b, cs in zip(bases, crcs, strict=True)}
+    for tensors, cs in pairs.values():
+        for t, c in zip(tensors, cs, strict=True):
             if c is not None and seen.setdefault(t.key, c) != c:
                 out.add(t.key)
     return frozenset(out)
 
 
-def _with_crcs(base: RankOffer, crcs: Crcs) -> RankOffer:
-    tensors = tuple(
-        t
-        if c is None
-        else TensorOffer(t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(t.chunks[0].box, c),))
-        for t, c in zip(base.tensors, crcs, strict=True)
-    )
-    return RankOffer(base.rank, tensors, base.values)
+def _with_crcs(
+    base: RankOffer,
+    crcs: Crcs,
+    values: tuple[ValueOffer, ...],
+    memo: dict[tuple[int, int], tuple[TensorOffer, ...]],
+) -> RankOffer:
+    """``base`` with this save's checksums and values; ranks with equal structure and
+    checksums get one shared ``tensors`` tuple (``memo``), so the planner groups them."""
+    tensors = memo.get((id(base.tensors), id(crcs)))
+    if tensors is None:
+        tensors = memo[(id(base.tensors), id(crcs))] = tuple(
+            t
+            if c is None
+            else TensorOffer(
+                t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(t.chunks[0].box, c),)
+            )
+            for t, c in zip(base.tensors, crcs, strict=True)
+        )
+    return dataclasses.replace(base, tensors=tensors, values=values)
 
 
 def _remember(d: OrderedDict[K, V], key: K, value: V, limit: int) -> None:

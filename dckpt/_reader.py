@@ -17,12 +17,14 @@ import torch
 
 from dckpt._bytes import torch_dtype
 from dckpt._errors import CheckpointError
-from dckpt._format import Manifest
+from dckpt._format import ChunkRecord, Manifest, TensorEntry
+from dckpt._layout import overlapping_shards
 from dckpt._load import LoadPlan, Saved, check_files, plan_load, read_manifest
 from dckpt._loadcore import KeyInfo, mismatch_message
 from dckpt._read import ReadTask, execute_reads
 from dckpt._reshard import Box, ChunkIndex
 from dckpt._state import Resolved
+from dckpt._table import Tables
 from dckpt._values import decode_value
 from dckpt.storage import Storage, open_storage
 
@@ -61,6 +63,7 @@ class CheckpointReader:
         self.manifest = manifest
         self.world_size = manifest.world_size
         self.index_digest = index_digest
+        self.tables = Tables(storage, manifest)
 
     @classmethod
     def open(
@@ -100,7 +103,7 @@ class CheckpointReader:
             `list[KeyInfo]`: one entry per key; reads nothing beyond the manifest.
         """
         out = [
-            KeyInfo(k, t.path, "tensor", t.dtype, t.shape, t.nbytes, len(t.chunks), t.per_rank)
+            KeyInfo(k, t.path, "tensor", t.dtype, t.shape, t.nbytes, self._count(t), t.per_rank)
             for k, t in self.manifest.tensors.items()
         ]
         out += [
@@ -108,6 +111,15 @@ class CheckpointReader:
             for k, v in self.manifest.values.items()
         ]
         return sorted(out, key=lambda i: i.key)
+
+    def _count(self, t: TensorEntry) -> int:
+        """How many pieces a tensor is stored in (a layout tensor's, by arithmetic)."""
+        if t.layout is None:
+            return len(t.chunks)
+        mesh = self.manifest.meshes[t.layout.mesh]
+        whole = Box((0,) * len(t.shape), t.shape)
+        shards = overlapping_shards(t.shape, mesh.shape, t.layout.placements, whole)
+        return sum(len(pieces) for _, pieces in shards)
 
     def keys(self) -> list[str]:
         """Every saved key (tensors and values), sorted."""
@@ -147,6 +159,8 @@ class CheckpointReader:
         want = Box((0,) * len(entry.shape), entry.shape)
         if want.numel == 0:
             return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+        if entry.layout is not None:
+            chunks = tuple(self.tables.chunks_for(key, entry, want))
         try:
             copies = ChunkIndex([Box(c.offsets, c.sizes) for c in chunks]).plan_copies(
                 want, entry.itemsize
@@ -210,7 +224,8 @@ class CheckpointReader:
         """
         problems: list[str] = []
         bad_files: set[str] = set()
-        needed = {c.file for t in self.manifest.tensors.values() for c in t.chunks if c.nbytes}
+        stored = self._stored(problems)
+        needed = {c.file for chunks in stored.values() for c in chunks if c.nbytes}
         for name in sorted(needed):
             try:
                 check_files(self.storage, self.manifest, {name})
@@ -218,7 +233,7 @@ class CheckpointReader:
                 problems.append(str(exc))
                 bad_files.add(name)
         for key, entry in sorted(self.manifest.tensors.items()):
-            for c in entry.chunks:
+            for c in stored.get(key, ()):
                 # A bad file was reported once above and its chunks cannot be read; an empty
                 # chunk holds nothing to read (a load never touches it either).
                 if c.file in bad_files or not c.nbytes:
@@ -237,6 +252,28 @@ class CheckpointReader:
                     progress(c.nbytes)
         return problems
 
+    def _stored(self, problems: list[str]) -> dict[str, tuple[ChunkRecord, ...]]:
+        """Every tensor's stored chunks; for layout tensors, from every writer's table
+        (each checked whole), a damaged table reported in ``problems``."""
+        out: dict[str, tuple[ChunkRecord, ...]] = {}
+        for key, entry in self.manifest.tensors.items():
+            if entry.layout is None:
+                out[key] = entry.chunks
+                continue
+            whole = Box((0,) * len(entry.shape), entry.shape)
+            try:
+                out[key] = tuple(self.tables.chunks_for(key, entry, whole)) if whole.numel else ()
+            except CheckpointError as exc:
+                if str(exc) not in problems:  # one damaged table fails many keys alike
+                    problems.append(str(exc))
+        for table in self.manifest.tables:  # those no shard needed are checked too
+            try:
+                self.tables.rows(table.rank)
+            except CheckpointError as exc:
+                if str(exc) not in problems:
+                    problems.append(str(exc))
+        return out
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` for every saved tensor in key order, one in memory at a time."""
         for key in sorted(self.manifest.tensors):
@@ -247,7 +284,12 @@ class CheckpointReader:
     def grower(self, rank: int, world_size: int, *, allow_pickle: bool) -> Saved:
         """What a load grows the destination's containers from: the manifest's keys."""
         return Saved(
-            self.manifest, rank, world_size, allow_pickle=allow_pickle, storage=self.storage
+            self.manifest,
+            rank,
+            world_size,
+            allow_pickle=allow_pickle,
+            storage=self.storage,
+            tables=self.tables,
         )
 
     def plan(
@@ -255,7 +297,7 @@ class CheckpointReader:
     ) -> LoadPlan:
         """This rank's byte ranges to read, decoded values, and the keys that do not match."""
         m = self.manifest
-        lp = plan_load(m, resolved, rank, world_size, allow_pickle=allow_pickle)
+        lp = plan_load(m, resolved, rank, world_size, allow_pickle=allow_pickle, tables=self.tables)
         lp.unexpected = sorted(
             (set(m.tensors) | set(m.values)) - resolved.keys() - set(lp.mismatched)
         )

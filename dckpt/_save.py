@@ -12,6 +12,7 @@ one-process save of ``convert`` (:func:`save_alone`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -25,18 +26,21 @@ import torch.distributed as dist
 
 from dckpt._args import check_save
 from dckpt._commit import abandon, commit, commit_uncertain
-from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator, coordinator_for
+from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator, Shared, coordinator_for
 from dckpt._describe import Description, checksum_plain, describe
 from dckpt._errors import CheckpointExistsError
 from dckpt._faults import fault_point
 from dckpt._format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, data_dir
 from dckpt._gc import gc_paused, paused_gc
 from dckpt._inflight import drain
+from dckpt._manifest_build import merge_layouts
 from dckpt._plan import (
+    FilePlan,
     FileResult,
     ManifestTemplate,
     RankOffer,
     RankPlan,
+    RankWritten,
     SavePlan,
     manifest_template,
     plan_save,
@@ -45,7 +49,9 @@ from dckpt._plan import (
 )
 from dckpt._plancache import RESEND, Answer, CachedPlan, Message, PlanCache, cache_for
 from dckpt._version import __version__
-from dckpt._write import KnownCrcs, SourceMap, write_rank
+from dckpt._wire import decode_messages, encode_message
+from dckpt._wireout import decode_answer, encode_answer, encode_answers
+from dckpt._write import KnownCrcs, SourceMap, finish_layouts, with_layout_files, write_rank
 from dckpt.storage import FileLayout, Storage, open_storage
 
 _log = logging.getLogger("dckpt")
@@ -103,7 +109,7 @@ class SaveRequest:
         return open_storage(self.path, self.storage_options)
 
     def describe(self, rank: int) -> Description:
-        return describe(self.state, rank, allow_pickle=self.allow_pickle)
+        return describe(self.state, rank, allow_pickle=self.allow_pickle, layouts=True)
 
 
 # ----------------------------------------------------------------------------- the tail
@@ -133,16 +139,46 @@ def write_planned(
     return results
 
 
+def write_share(
+    storage: Storage,
+    plan: RankPlan,
+    offer: RankOffer,
+    sources: SourceMap,
+    *,
+    durable: bool,
+    known: KnownCrcs | None = None,
+    progress: Callable[[int], None] | None = None,
+    planned: Callable[[RankPlan], None] | None = None,
+) -> RankWritten:
+    """Write one rank's share of a save: its planned files, and the shards of its layout
+    tensors with their table (``planned`` hears of every file first)."""
+    fault_point("save.write.before")
+    every, pieces, table = with_layout_files(plan, offer, storage.file_layout)
+    if planned is not None:
+        planned(RankPlan(every.save_id, every.rank, (*every.files, FilePlan(table, (), 0))))
+    results = write_rank(
+        storage, every, sources, durable=durable, block_bytes=DEFAULT_BLOCK_BYTES,
+        known_crcs=known, progress=progress,
+    )  # fmt: skip
+    n = len(plan.files)
+    written = finish_layouts(storage, offer, n, every, results, pieces, durable=durable)
+    fault_point("save.write.after")
+    return written
+
+
 def publish(
     storage: Storage,
     plan: SavePlan,
     template: ManifestTemplate,
-    results: Sequence[Sequence[FileResult]],
+    written: Sequence[RankWritten],
     previous: bytes | None,
     *,
     durable: bool,
 ) -> None:
     """Render the manifest of a written save and commit it over ``previous`` (rank 0)."""
+    results = [w.files for w in written]
+    taken = {*plan.tensors, *plan.values}
+    layouts = merge_layouts([w.layouts for w in written], plan.world_size, taken)
     manifest = render_manifest(
         template,
         plan,
@@ -150,8 +186,11 @@ def publish(
         created=_clock(),
         block_bytes=DEFAULT_BLOCK_BYTES,
         library=_library_version(),
+        layouts=layouts,
     )
     files = [f.name for rank_files in results for f in rank_files]
+    if layouts is not None:
+        files += [f.name for f in layouts.files] + [t.name for t in layouts.tables]
     commit(storage, manifest, previous, durable=durable, save_id=plan.save_id, files=files)
     fault_point("save.commit.after")
 
@@ -169,14 +208,16 @@ def save_alone(
     are removed, unless its commit may still land."""
     plan = plan_save([offer], new_save_id(), layout=layout)
     try:
-        results = write_planned(storage, plan.ranks[0], sources, durable=True, progress=progress)
-        publish(storage, plan, manifest_template(plan), [results], None, durable=True)
+        written = write_share(
+            storage, plan.ranks[0], offer, sources, durable=True, progress=progress
+        )
+        publish(storage, plan, manifest_template(plan), [written], None, durable=True)
     except BaseException as exc:
         if not commit_uncertain(exc):
             with contextlib.suppress(Exception):
                 storage.delete_prefix(data_dir(plan.save_id))
         raise
-    return results
+    return list(written.files)
 
 
 # ----------------------------------------------------------------------------- the save
@@ -223,25 +264,44 @@ class _Round:
     def plan(self) -> Answer:
         """The plan exchange: this rank's plan or a reuse note, from rank 0."""
         reduce = gc_paused(self._reduce_plan)
-        answer = self.coord.exchange("plan", gc_paused(self._message, False), reduce, scatter=True)
+        answer = self._answer(
+            self.coord.exchange("plan", gc_paused(self._message, False), reduce, scatter=True)
+        )
         if isinstance(answer, str):  # == RESEND: a brief named an offer rank 0 no longer has
-            answer = self.coord.exchange(
-                "plan-full", gc_paused(self._message, True), reduce, scatter=True
+            answer = self._answer(
+                self.coord.exchange(
+                    "plan-full", gc_paused(self._message, True), reduce, scatter=True
+                )
             )
         assert not isinstance(answer, str), "rank 0 plans from full offers"
         self.cache.received(answer)
         return answer
 
-    def _message(self, full: bool) -> Message:
+    def _answer(self, raw: bytes | Answer | str) -> Answer | str:
+        return decode_answer(raw, self.coord.rank) if isinstance(raw, bytes) else raw
+
+    def _message(self, full: bool) -> Shared | Message:
+        """This rank's plan message; encoded (:mod:`dckpt._wire`) when it travels, as a
+        :class:`Shared` value, so that ranks holding the same state send it once."""
         if self.mine is None:
             self.mine = _describe_mine(self.prepare(), multi=self.coord.world_size > 1)
-        brief = not full and self.coord.world_size > 1
-        return self.cache.message(self.mine.offer, self.mine.key, brief=brief)
+        multi = self.coord.world_size > 1
+        message = self.cache.message(self.mine.offer, self.mine.key, brief=multi and not full)
+        if not multi:
+            return message
+        if isinstance(message, RankOffer):  # layouts are planned where they live, not sent
+            message = dataclasses.replace(message, layouts=(), meshes=())
+        return Shared(*encode_message(message, self.mine.key))
 
-    def _reduce_plan(self, messages: list[Message]) -> Sequence[Answer | str]:
-        cached = self.cache.plan(messages, self.storage.file_layout, new_save_id())
+    def _reduce_plan(self, sent: list[Any]) -> Sequence[bytes | Answer | str]:
+        """Rank 0: decode the messages (a one-rank save skips the wire), plan, answer."""
+        multi = self.coord.world_size > 1
+        decoded = decode_messages(sent) if multi else [(m, b"") for m in sent]
+        keys = [k for _, k in decoded] if multi else None
+        messages = [m for m, _ in decoded]
+        cached = self.cache.plan(messages, self.storage.file_layout, new_save_id(), keys)
         if cached is None:
-            return [RESEND] * len(messages)
+            return [encode_answer(RESEND)] * len(messages)
         previous = self.storage.read_file(MANIFEST_NAME)
         if previous is not None and not self.options.overwrite:
             raise CheckpointExistsError(
@@ -250,7 +310,10 @@ class _Round:
                 "commits), or save to a new path"
             )
         self.leading = _Leading(cached, previous)
-        return self.cache.answers(cached)
+        answers = self.cache.answers(cached)
+        if not multi:
+            return answers
+        return encode_answers(answers)
 
     def write_and_commit(self, answer: Answer) -> None:
         """The write exchange: every rank writes its files, rank 0 commits the manifest."""
@@ -270,19 +333,24 @@ class _Round:
                 self.storage.location,
             )
 
-    def _write(self, answer: Answer) -> list[FileResult]:
+    def _write(self, answer: Answer) -> RankWritten:
         self.planned = self.cache.rank_plan(answer)
         assert self.mine is not None  # described in the plan exchange
-        durable = self.options.durable
-        return write_planned(
-            self.storage, self.planned, self.mine.sources, durable=durable, known=self.mine.known
-        )
+        mine = self.mine
 
-    def _reduce_commit(self, results: list[list[FileResult]]) -> None:
+        def planned(every: RankPlan) -> None:  # the layout files too, for _abandon
+            self.planned = every
+
+        return write_share(
+            self.storage, self.planned, mine.offer, mine.sources,
+            durable=self.options.durable, known=mine.known, planned=planned,
+        )  # fmt: skip
+
+    def _reduce_commit(self, written: list[RankWritten]) -> None:
         assert self.leading is not None  # rank 0 planned this save
         cached, previous = self.leading.cached, self.leading.previous
         durable = self.options.durable
-        publish(self.storage, cached.plan, cached.template, results, previous, durable=durable)
+        publish(self.storage, cached.plan, cached.template, written, previous, durable=durable)
 
     def _abandon(self) -> bool:
         """Clean up after a failed write or commit; True when it committed after all."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,9 +12,14 @@ import numpy as np
 import torch
 
 from dckpt._bytes import as_memoryview, block_crcs, host_bytes
-from dckpt._plan import FilePlan, FileResult, RankPlan, WriteItem
+from dckpt._faults import fault_point
+from dckpt._format import DTYPE_ITEMSIZE, align, data_dir
+from dckpt._layout import is_writer, shard_pieces, unravel
+from dckpt._manifest_build import layout_report
+from dckpt._plan import FilePlan, FileResult, RankOffer, RankPlan, RankWritten, WriteItem
 from dckpt._reshard import Box
-from dckpt.storage import Storage, Writer
+from dckpt._table import Row, encode_table, table_crc, table_name
+from dckpt.storage import FileLayout, Storage, Writer
 
 _ZEROS = memoryview(bytes(64))
 _BATCH_BYTES = 8 << 20
@@ -160,3 +166,95 @@ def _write_file(
     if size != fp.size:
         raise RuntimeError(f"{fp.name}: wrote {size} bytes, planned {fp.size}")
     return FileResult(fp.name, size, tuple(crcs))
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def plan_layout_files(
+    offer: RankOffer, save_id: str, layout: FileLayout
+) -> tuple[list[FilePlan], dict[tuple[str, Box], int]]:
+    """This rank's shard files (``r<rank>-s<i>.bin``): the pieces of every layout shard it
+    writes, a pure function of its offer; and each piece's index in its shard."""
+    items: list[tuple[int, str, Box]] = []
+    pieces: dict[tuple[str, Box], int] = {}
+    for e in offer.layouts:
+        mesh = offer.meshes[e.mesh]
+        coordinate = unravel(mesh.position, mesh.shape)
+        if not is_writer(e.key, mesh.shape, e.placements, coordinate):
+            continue
+        for piece, box in enumerate(shard_pieces(e.shape, mesh.shape, coordinate, e.placements)):
+            items.append((box.numel * DTYPE_ITEMSIZE[e.dtype], e.key, box))
+            pieces[(e.key, box)] = piece
+    total = sum(n for n, _, _ in items)
+    nfiles = max(1, min(layout.max_files, -(-total // layout.target_bytes)))
+    heap = [(0, f) for f in range(nfiles)]
+    per_file: list[list[tuple[int, str, Box]]] = [[] for _ in range(nfiles)]
+    for item in sorted(items, key=lambda i: (-i[0], i[1])):  # largest first, least-filled file
+        size, f = heapq.heappop(heap)
+        per_file[f].append(item)
+        heapq.heappush(heap, (size + item[0], f))
+    files: list[FilePlan] = []
+    for group in per_file:
+        if not group:
+            continue
+        group.sort(key=lambda i: (i[1], i[2].offsets))
+        pos, out = 0, []
+        for nbytes, key, box in group:
+            pos = align(pos)
+            out.append(WriteItem(key, box, pos, nbytes))
+            pos += nbytes
+        name = f"{data_dir(save_id)}/r{offer.rank}-s{len(files)}.bin"
+        files.append(FilePlan(name, tuple(out), pos))
+    return files, pieces
+
+
+def with_layout_files(
+    plan: RankPlan, offer: RankOffer, layout: FileLayout
+) -> tuple[RankPlan, dict[tuple[str, Box], int], str]:
+    """``plan`` with this rank's shard files appended (one write pass does both), each
+    piece's index in its shard, and the name of the table that lists them."""
+    shard_files, pieces = plan_layout_files(offer, plan.save_id, layout)
+    every = RankPlan(plan.save_id, plan.rank, (*plan.files, *shard_files))
+    return every, pieces, table_name(data_dir(plan.save_id), plan.rank)
+
+
+def finish_layouts(
+    storage: Storage,
+    offer: RankOffer,
+    planned: int,
+    every: RankPlan,
+    results: list[FileResult],
+    pieces: dict[tuple[str, Box], int],
+    *,
+    durable: bool,
+) -> RankWritten:
+    """After ``write_rank(every)``: write the table of the shard files (those after the
+    first ``planned`` files) and make this rank's report to rank 0."""
+    shard_files, written = every.files[planned:], results[planned:]
+    table = None
+    if shard_files:
+        rows = [
+            Row(item.key, pieces[(item.key, item.box)], f, item.offset, item.nbytes, crcs)
+            for f, (fp, res) in enumerate(zip(shard_files, written, strict=True))
+            for item, crcs in zip(fp.items, res.crcs, strict=True)
+        ]
+        data = encode_table(every.rank, rows)
+        name = table_name(data_dir(every.save_id), every.rank)
+        table = (name, _write_table(storage, name, data, durable), table_crc(data))
+    report = layout_report(offer, [(r.name, r.size) for r in written], table)
+    return RankWritten(tuple(results[:planned]), report)
+
+
+def _write_table(storage: Storage, name: str, data: bytes, durable: bool) -> int:
+    fault_point("save.table.write")
+    w = storage.open_writer(name)
+    try:
+        w.write([memoryview(data)])
+        size = w.close(durable=durable)
+    except BaseException:
+        w.abort()
+        raise
+    if size != len(data):
+        raise RuntimeError(f"{name}: wrote {size} bytes, planned {len(data)}")
+    return size

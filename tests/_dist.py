@@ -248,7 +248,9 @@ def _context() -> ForkServerContext:
     """
     ctx = get_context("forkserver")
     assert isinstance(ctx, ForkServerContext)
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "tests._worker"])
+    ctx.set_forkserver_preload(
+        ["torch", "torch.distributed", "torch.distributed.tensor", "dckpt", "tests._worker"]
+    )
     return ctx
 
 

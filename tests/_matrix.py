@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 import dckpt
 from dckpt import _faults
@@ -48,12 +50,24 @@ class Case:
 
 
 def state(value: float, rank: int) -> dict[str, Any]:
-    """A replicated tensor, a tensor only this rank holds, and a value."""
-    return {
+    """A replicated tensor, a tensor only this rank holds, a value and, in a process
+    group, a DTensor sharded over the ranks (a layout entry with per-rank tables)."""
+    out: dict[str, Any] = {
         "w": torch.full((N,), value),
         f"r{rank}": torch.full((N // 2,), value + rank),
         "step": int(value),
     }
+    if dist.is_initialized():  # one-process cases (an object store's commit) have none
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        local = torch.full((N // 2,), value + 10 * rank)
+        out["d"] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(b, DTensor):
+        return torch.equal(a.to_local(), b.to_local())
+    return torch.equal(a, b) if isinstance(b, torch.Tensor) else bool(a == b)
 
 
 def ckpt_path(root: str, protocol: str) -> str:
@@ -92,10 +106,7 @@ def w_case(root: str, protocol: str, arm: tuple[str, int, str, int] | None) -> d
             dest = state(0.0, rank)
             dckpt.load(dest, path, timeout=TIMEOUT)
             want = state(NEW, rank)
-            out["exact"] = all(
-                torch.equal(dest[k], want[k]) if isinstance(want[k], torch.Tensor) else dest[k] == want[k]
-                for k in want
-            )
+            out["exact"] = all(_same(dest[k], want[k]) for k in want)
         else:
             assert manager is not None
             manager.save(2, state(NEW, rank))
@@ -141,13 +152,21 @@ def committed_values(root: str, protocol: str) -> float | None:
         if step is None:
             return None
         path = os.path.join(path, dckpt_step_name(step))
-    dest: dict[str, Any] = {"w": torch.zeros(N), "r0": torch.zeros(N // 2), "r1": torch.zeros(N // 2), "step": 0}
+    dest: dict[str, Any] = {
+        "w": torch.zeros(N),
+        "r0": torch.zeros(N // 2),
+        "r1": torch.zeros(N // 2),
+        "d": torch.zeros(N),
+        "step": 0,
+    }
     dckpt.load(dest, path)
     value = float(dest["w"][0])
     assert value in (OLD, NEW), value
     for rank in (0, 1):
         assert torch.equal(dest[f"r{rank}"], torch.full((N // 2,), value + rank)), "mixed checkpoint"
     assert torch.equal(dest["w"], torch.full((N,), value)), "mixed checkpoint"
+    halves = [torch.full((N // 2,), value + 10 * r) for r in (0, 1)]
+    assert torch.equal(dest["d"], torch.cat(halves)), "mixed checkpoint"
     assert dest["step"] == int(value), "mixed checkpoint"
     problems = dckpt_verify(path)
     assert not problems, problems

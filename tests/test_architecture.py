@@ -56,7 +56,7 @@ MODULES = _modules()
 def _layer(name: str) -> str:
     if name in FACADE:
         return "facade"
-    for sub in ("storage", "interop", "cli", "integrations"):
+    for sub in ("storage", "interop", "cli", "integrations", "tiers"):
         if name == f"dckpt.{sub}" or name.startswith(f"dckpt.{sub}."):
             return sub
     if name in ("dckpt._errors", "dckpt._faults"):
@@ -68,10 +68,11 @@ ALLOWED = {
     "base": {"base"},
     "storage": {"base", "storage"},
     "engine": {"base", "storage", "engine"},
+    "tiers": {"base", "storage", "engine", "tiers"},  # tiered checkpoints (issue #13)
     "interop": {"base", "storage", "engine", "interop"},
     "cli": {"base", "storage", "engine", "interop", "cli", "facade"},
     "integrations": {"base", "storage", "engine", "interop", "facade", "integrations"},
-    "facade": {"base", "storage", "engine", "interop", "cli", "facade"},
+    "facade": {"base", "storage", "engine", "interop", "cli", "facade", "tiers"},
 }
 
 

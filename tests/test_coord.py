@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from dckpt import _coord as _coord_module
-from dckpt._coord import Coordinator, LocalCoordinator, coordinator_for
+from dckpt._coord import Coordinator, LocalCoordinator, Shared, coordinator_for
+from dckpt._coordframes import content_digest, shared_frame
 from dckpt._errors import CheckpointTimeoutError, RankFailureError, RemoteError
 from tests._dist import RankError, RankPool, RankTimeoutError, run_fresh
 
@@ -387,6 +388,37 @@ def test_killed_rank_is_named_without_a_hang(world_size: int, victim: int, when:
             assert "lost contact with the coordination store" in summary["message"]
 
 
+# -- shared content -------------------------------------------------------------------
+
+_BIG = bytes(range(256)) * 4096  # 1 MiB
+
+
+def _w_shared() -> Any:
+    rank = dist.get_rank()
+    mine = b"other" if rank == 2 else _BIG
+
+    def reduce(values: list[Shared]) -> Any:
+        return (
+            len({id(v.common) for v in values}),  # one object per distinct content
+            [v.own for v in values],
+            [v.common == (b"other" if r == 2 else _BIG) for r, v in enumerate(values)],
+        )
+
+    return _coord().exchange("shared", lambda: Shared(mine, str(rank).encode()), reduce)
+
+
+def test_shared_content_reaches_rank_0_once_per_distinct_value(rank_pool: Pools) -> None:
+    results = rank_pool(4).run(_w_shared)
+    assert results == [(2, [b"0", b"1", b"2", b"3"], [True] * 4)] * 4
+
+
+def test_a_reference_costs_its_digest_and_the_rank_s_own_bytes() -> None:
+    value = Shared(_BIG, b"own")
+    first = shared_frame(content_digest(_BIG), value, first=True)
+    ref = shared_frame(content_digest(_BIG), value, first=False)
+    assert len(first) > len(_BIG) and len(ref) == 1 + 16 + 3
+
+
 # -- housekeeping ---------------------------------------------------------------------
 
 
@@ -407,6 +439,8 @@ def _w_key_count() -> Any:
             elif i % 7 == 0:
                 with pytest.raises(RankFailureError):
                     coord.exchange("fail", lambda: 1 // (rank - 1))
+            elif i % 5 == 0:  # content counted in the store, then its count removed
+                coord.exchange("shared", lambda: Shared(b"same" * 100, bytes([rank])), len)
             else:
                 coord.exchange("plain", lambda: [rank] * 100, len)
     dist.barrier()

@@ -134,9 +134,12 @@ def test_fsdp2_on_two_ranks_loads_on_one_process_and_three_ranks(
     saved = rank_pool(2).run(_w_save, url, options)[0]
     names = FsspecStorage(url, options).list()
     assert "manifest.json" in names, names
-    # 12 MiB per rank in part-sized (5 MiB) objects: three per rank, each one PUT.
-    per_rank = collections.Counter(n.rsplit("/", 1)[1].split("-")[0] for n in names if "/" in n)
-    assert per_rank == {"r0": 3, "r1": 3}, names
+    # 12 MiB of DTensor shards per rank in part-sized (5 MiB) objects: three per rank,
+    # each one PUT; next to them each rank's table and one file of planned chunks.
+    files = [n.rsplit("/", 1)[1] for n in names if "/" in n]
+    shards = collections.Counter(f.split("-")[0] for f in files if "-s" in f)
+    assert shards == {"r0": 3, "r1": 3}, names
+    assert {"r0.tab", "r1.tab"} <= set(files), names
     assert_same(saved, rank_pool(3).run(_w_load, url, options)[0])
     model, optim = build(fsdp=False)
     state = {"model": model, "optim": optim, "step": 0}

@@ -5,19 +5,22 @@ and ``convert``'s dckpt output through the save's own write and commit steps."""
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import dckpt
 from dckpt import _faults
 from dckpt._describe import checksum_plain, describe
 from dckpt._plan import RankOffer, renamed, structure_key
-from dckpt._plancache import Brief, PlanCache, Reuse
+from dckpt._plancache import Brief, PlanCache, Reuse, cache_for
 from dckpt._save import new_save_id
 from dckpt.interop._convert import convert
 from dckpt.storage._base import LOCAL_LAYOUT
+from tests._dist import RankPool
 from tests._probes import counting_plans
 
 PKG = Path(dckpt.__file__).parent
@@ -147,3 +150,38 @@ def test_convert_to_dckpt_fails_at_the_saves_steps_and_leaves_no_data(
     state = {"w": torch.zeros(8), "step": 0}
     dckpt.load(state, out)
     assert torch.equal(state["w"], torch.arange(8.0)) and state["step"] == 3
+
+
+def _w_save_after_rank0_lost_offers(path: str) -> tuple[list[str], bool]:
+    """Two saves of one structure; before the second, rank 0 forgets every offer (as its
+    cache does past its bound), so the ranks' briefs are answered with a request for
+    full offers, through the real encoded exchange."""
+    rank = dist.get_rank()
+    cache = cache_for("sync", None)
+    phases: list[str] = []
+
+    def record(name: str) -> None:
+        if name.endswith(".enter") and name.startswith("coord.plan"):
+            phases.append(name.split(".")[1])
+
+    state = {"w": torch.arange(6.0), f"own{rank}": torch.full((2,), float(rank)), "step": 1}
+    dckpt.save(state, path)
+    if rank == 0:
+        cache._offers.clear()
+    _faults.arm(record)
+    try:
+        state["step"] = 2
+        dckpt.save(state, path, overwrite=True)
+    finally:
+        _faults.arm(None)
+    back = {"w": torch.zeros(6), f"own{rank}": torch.zeros(2), "step": None}
+    dckpt.load(back, path)
+    same = torch.equal(back["w"], state["w"]) and back["step"] == 2
+    return phases, same and torch.equal(back[f"own{rank}"], state[f"own{rank}"])
+
+
+def test_briefs_naming_lost_offers_are_answered_with_a_resend_and_the_save_completes(
+    rank_pool: Callable[[int], RankPool], tmp_path: Path
+) -> None:
+    results = rank_pool(2).run(_w_save_after_rank0_lost_offers, str(tmp_path / "c"))
+    assert results == [(["plan", "plan-full"], True)] * 2

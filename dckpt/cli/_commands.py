@@ -160,6 +160,10 @@ def _damage(reader: Any, problems: list[str]) -> tuple[list[str], list[str]]:
     all_keys = [i.key for i in reader.infos()]
     manifest = getattr(reader, "manifest", None)
     names = [f.name for f in manifest.files] if manifest is not None else []
+    # Format 2: a table or shard file of rank r damages the layout tensors r's mesh holds.
+    owner = {t.name: t.rank for t in getattr(manifest, "tables", ())}
+    owner |= {f: t.rank for t in getattr(manifest, "tables", ()) for f in t.files}
+    names += list(owner.keys() - set(names))
     keys: set[str] = set()
     files: set[str] = set()
     for p in problems:
@@ -167,10 +171,15 @@ def _damage(reader: Any, problems: list[str]) -> tuple[list[str], list[str]]:
         files |= named_files
         named_keys = {k for k in all_keys if repr(k) in p}
         if not named_keys and manifest is not None:
+            ranks = {owner[f] for f in named_files if f in owner}
             named_keys = {
                 k
                 for k, t in manifest.tensors.items()
                 if any(c.file in named_files for c in t.chunks)
+                or (
+                    t.layout is not None
+                    and any(manifest.meshes[t.layout.mesh].coordinate(r) is not None for r in ranks)
+                )
             }
         keys |= named_keys
     return sorted(keys), sorted(files)
@@ -189,7 +198,9 @@ def verify(path: str, as_json: bool) -> None:
     total = sum(i.nbytes for i in infos)
     manifest = getattr(reader, "manifest", None)
     if manifest is not None:  # per-rank tensors are stored once per rank
-        total = sum(c.nbytes for t in manifest.tensors.values() for c in t.chunks)
+        total = sum(c.nbytes for t in manifest.tensors.values() for c in t.chunks) + sum(
+            t.nbytes for t in manifest.tensors.values() if t.layout is not None
+        )  # layout tensors (format 2) are stored once, their pieces in tables
     with bar(want_progress(as_json), total, "verify") as progress:
         problems = reader.verify(progress)
     keys, files = _damage(reader, problems)

@@ -1,0 +1,154 @@
+"""Compact encodings of rank 0's answers in a save's plan exchange and of each rank's
+write results; see :mod:`dckpt._wire` for the encoding and its checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dckpt._plan import FilePlan, FileResult, RankPlan, WriteItem
+from dckpt._plancache import RESEND as RESEND_NOTE
+from dckpt._plancache import Answer, Reuse
+from dckpt._reshard import Box
+from dckpt._wire import (
+    PLAN,
+    RESEND,
+    RESULTS,
+    REUSE,
+    check_fields,
+    dump,
+    ints,
+    load,
+    malformed,
+    strs,
+    unints,
+)
+
+# ---------------------------------------------------------------------------- answers
+
+_PLAN_FIELDS = ("save_id", "rank", "files")
+_FILE_FIELDS = ("name", "items", "size")
+_ITEM_FIELDS = ("key", "box", "offset", "nbytes", "per_rank")
+_RESULT_FIELDS = ("name", "size", "crcs")
+
+
+def encode_answer(answer: Answer | str) -> bytes:
+    """Rank 0's answer to one rank: its plan, a reuse note, or :data:`RESEND`."""
+    if isinstance(answer, str):
+        return dump(RESEND, [])
+    if isinstance(answer, Reuse):
+        return dump(REUSE, [answer.serial, answer.save_id])
+    serial, plan = answer
+    check_fields(plan, _PLAN_FIELDS)
+    files: list[object] = []
+    columns: list[bytes] = []
+    for fp in plan.files:
+        check_fields(fp, _FILE_FIELDS)
+        meta: list[int] = []  # per item: ndim, offset, nbytes, per_rank
+        boxes: list[int] = []
+        for i in fp.items:
+            meta += (len(i.box.sizes), i.offset, i.nbytes, i.per_rank)
+            boxes += i.box.offsets
+            boxes += i.box.sizes
+        files.append([fp.name, fp.size, [i.key for i in fp.items]])
+        columns += (ints(meta), ints(boxes))
+    if plan.files:
+        check_fields(plan.files[0].items[0] if plan.files[0].items else None, _ITEM_FIELDS)
+    return dump(PLAN, [serial, plan.save_id, files], *columns)
+
+
+def encode_answers(answers: Sequence[Answer]) -> list[bytes]:
+    """Every rank's answer; the reuse note that most ranks get is encoded once."""
+    notes: dict[Reuse, bytes] = {}
+    out = []
+    for a in answers:
+        if isinstance(a, Reuse):
+            out.append(notes.get(a) or notes.setdefault(a, encode_answer(a)))
+        else:
+            out.append(encode_answer(a))
+    return out
+
+
+def decode_answer(blob: bytes, rank: int) -> Answer | str:
+    """Inverse of :func:`encode_answer`, on the rank it was meant for."""
+    tag, header, columns = load(blob, 0, "plan answer")
+    try:
+        if tag == RESEND and not header and not columns:
+            return RESEND_NOTE
+        if tag == REUSE and len(header) == 2 and not columns:
+            if type(header[0]) is not int or type(header[1]) is not str:
+                raise ValueError("a reuse note is not [serial, save id]")
+            return Reuse(header[0], header[1])
+        if tag != PLAN or len(header) != 3 or type(header[0]) is not int:
+            raise ValueError("not a plan answer")
+        serial, save_id, files = header
+        if type(save_id) is not str or type(files) is not list or len(columns) != 2 * len(files):
+            raise ValueError("the files do not match their columns")
+        plans = tuple(_file_in(f, columns[2 * i], columns[2 * i + 1]) for i, f in enumerate(files))
+        return serial, RankPlan(save_id, rank, plans)
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise malformed(0, "plan answer", exc) from None
+
+
+def _file_in(raw: object, meta_raw: bytes, boxes_raw: bytes) -> FilePlan:
+    if type(raw) is not list or len(raw) != 3 or type(raw[0]) is not str:
+        raise ValueError("a file plan is not [name, size, keys]")
+    name, size, keys = raw
+    keys = strs(keys)
+    meta, boxes = unints(meta_raw), unints(boxes_raw)
+    if type(size) is not int or len(meta) != 4 * len(keys):
+        raise ValueError(f"file plan {name!r} has mismatched columns")
+    items = []
+    b = 0
+    for i, key in enumerate(keys):
+        nd, offset, nbytes, per_rank = meta[4 * i : 4 * i + 4]
+        if nd < 0 or offset < 0 or nbytes < 0 or per_rank not in (0, 1):
+            raise ValueError(f"file plan {name!r} item {key!r} is out of range")
+        box = Box(tuple(boxes[b : b + nd]), tuple(boxes[b + nd : b + 2 * nd]))
+        b += 2 * nd
+        items.append(WriteItem(key, box, offset, nbytes, bool(per_rank)))
+    if b != len(boxes):
+        raise ValueError(f"file plan {name!r} has mismatched columns")
+    return FilePlan(name, tuple(items), size)
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def encode_results(results: Sequence[FileResult]) -> bytes:
+    """What a rank reports after writing its files."""
+    header: list[object] = []
+    columns: list[bytes] = []
+    for r in results:
+        check_fields(r, _RESULT_FIELDS)
+        header.append([r.name, r.size])
+        columns += (ints(len(c) for c in r.crcs), ints(x for c in r.crcs for x in c))
+    return dump(RESULTS, header, *columns)
+
+
+def decode_results(blob: bytes, rank: int) -> list[FileResult]:
+    """Inverse of :func:`encode_results`, for rank ``rank``'s report."""
+    tag, header, columns = load(blob, rank, "write results")
+    try:
+        if tag != RESULTS or len(columns) != 2 * len(header):
+            raise ValueError("not a write report")
+        return [_result_in(h, columns[2 * i], columns[2 * i + 1]) for i, h in enumerate(header)]
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise malformed(rank, "write results", exc) from None
+
+
+def _result_in(raw: object, counts_raw: bytes, flat_raw: bytes) -> FileResult:
+    if type(raw) is not list or len(raw) != 2 or type(raw[0]) is not str:
+        raise ValueError("a file result is not [name, size]")
+    if type(raw[1]) is not int or raw[1] < 0:
+        raise ValueError(f"file {raw[0]!r} has a bad size")
+    counts, flat = unints(counts_raw), unints(flat_raw)
+    crcs = []
+    pos = 0
+    for n in counts:
+        if n < 0:
+            raise ValueError(f"file {raw[0]!r} has a negative checksum count")
+        crcs.append(tuple(flat[pos : pos + n]))
+        pos += n
+    if pos != len(flat):
+        raise ValueError(f"file {raw[0]!r} has mismatched checksum columns")
+    return FileResult(raw[0], raw[1], tuple(crcs))

@@ -1,0 +1,359 @@
+"""Recovery: agree on the newest step whose every needed file survives, fetch, load.
+
+Exchanges through the coordinator (rank 0 decides), file bytes over the tiers' group::
+
+    tiers-inventory  each node's leader lists its local tier (manifests, files, sizes)
+                     -> rank 0: the local steps whose manifest survives, saved by this
+                     world size, and whose every data file some node holds, newest first
+                     (none older than the durable tier's latest, if its listing is done)
+    tiers-verify     for the newest such step, only when asked to verify: the ranks of
+                     each node check its copies against the manifest's checksums (a
+                     damaged copy counts as missing) -> rank 0: who sends which file to
+                     whom, or the next candidate
+    tiers-fetched    the transfers; each received file is checked as it arrives and
+                     stored only if it passes -> rank 0: a damaged copy is planned around
+                     (tiers-verify again, from another holder), else the step is restored;
+                     rank 0 then compares it with the durable tier's latest step
+    tiers-durable    when no local step is restored: the durable tier's pick
+
+The durable tier is listed on a thread the caller starts before the inventory, so the
+listing (an object store's round trips) overlaps the local work. Without verification
+the copies a node already holds are not read here: the load that follows checks every
+byte it reads, and if it fails its checksums the caller recovers again, verifying.
+A step that cannot be recovered is skipped with its reason, which rank 0 logs when the
+load falls back to an older step or to the durable tier.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from dckpt._coord import Coordinator, LocalCoordinator
+from dckpt._errors import CheckpointError
+from dckpt._format import MANIFEST_NAME, Manifest, manifest_from_bytes
+from dckpt.tiers._localtier import (
+    NEEDS_NAME,
+    StepHolding,
+    StreamCheck,
+    check_file,
+    chunk_index,
+    needs_of,
+    promote,
+)
+from dckpt.tiers._transfer import Recv, Send, transfer
+from dckpt.tiers._tsave import SaveContext
+
+log = logging.getLogger("dckpt")
+
+_TAG = 1 << 24  # recovery transfers: apart from the saves' tags
+
+
+@dataclass(frozen=True)
+class Candidate:
+    step: int
+    manifest: bytes
+    needs: bytes | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Rank 0's pick: the local steps to try, newest first, and why others cannot be."""
+
+    candidates: tuple[Candidate, ...]
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Fetch:
+    sends: tuple[Send, ...]
+    recvs: tuple[Recv, ...]
+
+
+def _inventory(ctx: SaveContext, rank: int) -> dict[int, StepHolding] | None:
+    return ctx.local.holdings() if ctx.nodes.is_leader(rank) else None
+
+
+def decide(
+    inventories: Sequence[dict[int, StepHolding] | None],
+    ctx: SaveContext,
+    world_size: int,
+    want: int | None,
+    durable: int | None,
+) -> Decision:
+    """Rank 0: the local candidates, newest first; none older than ``durable`` (the
+    durable tier's pick, when already known)."""
+    nodes = ctx.nodes
+    by_node = {nodes.nodes[r]: inv for r, inv in enumerate(inventories) if inv is not None}
+    steps = sorted({s for inv in by_node.values() for s in inv}, reverse=True)
+    if want is not None:
+        steps = [s for s in steps if s == want]
+    out: list[Candidate] = []
+    reasons: list[str] = []
+    for step in steps:
+        if durable is not None and step < durable:
+            break
+        held = [inv[step] for inv in by_node.values() if step in inv]
+        raw = next((h.manifest for h in held if h.manifest is not None), None)
+        why = _unrecoverable(step, raw, held, world_size)
+        if why:
+            reasons.append(why)
+            continue
+        assert raw is not None
+        needs = next((h.needs for h in held if h.needs is not None), None)
+        out.append(Candidate(step, raw, needs))
+    return Decision(tuple(out), tuple(reasons))
+
+
+def _unrecoverable(
+    step: int, raw: bytes | None, held: list[StepHolding], world_size: int
+) -> str | None:
+    if raw is None:
+        return f"step {step}: no node holds its manifest (its save never committed)"
+    try:
+        manifest = manifest_from_bytes(raw, source=f"local step {step}")
+    except CheckpointError as exc:
+        return f"step {step}: its manifest is damaged ({exc})"
+    if manifest.world_size != world_size:
+        return (
+            f"step {step}: saved by {manifest.world_size} ranks, and the job now has "
+            f"{world_size} (the local tier restores the same world size only)"
+        )
+    for f in manifest.files:
+        if not any(h.files.get(f.name) == f.size for h in held):
+            return f"step {step}: its data file {f.name} is held by no surviving node"
+    return None
+
+
+def _verify(ctx: SaveContext, rank: int, cand: Candidate) -> set[str]:
+    """The copies of ``cand``'s files on this node that fail their checksums (this rank's
+    share of the node's files)."""
+    manifest = manifest_from_bytes(cand.manifest, source=f"local step {cand.step}")
+    storage = ctx.local.step_storage(cand.step)
+    mates = ctx.nodes.ranks_of(ctx.nodes.nodes[rank])
+    index = chunk_index(manifest)
+    present = sorted(n for n in storage.list("data") if n in manifest.file_sizes)
+    bad = set()
+    for name in present[mates.index(rank) :: len(mates)]:
+        try:
+            problem = check_file(storage, manifest, name, index=index)
+        except CheckpointError as exc:
+            problem = str(exc)
+        if problem is not None:
+            log.warning("local tier %s, step %d: %s", ctx.local.root, cand.step, problem)
+            bad.add(name)
+    return bad
+
+
+def plan_fetch(
+    ctx: SaveContext,
+    cand: Candidate,
+    holdings: dict[int, StepHolding],
+    bad: Sequence[set[str]],
+    world_size: int,
+) -> list[_Fetch] | str:
+    """Rank 0: who sends which file to whom so each node holds what its ranks read; or
+    why the step cannot be recovered after all."""
+    nodes = ctx.nodes
+    manifest = manifest_from_bytes(cand.manifest, source=f"local step {cand.step}")
+    damaged = set().union(*bad) if bad else set()
+    bad_by_node = {n: set().union(*(bad[r] for r in nodes.ranks_of(n))) for n in range(nodes.count)}
+    sizes = {f.name: f.size for f in manifest.files}
+    # A copy of the wrong size is damaged: never a source (nor a copy to keep).
+    valid = {
+        n: {f for f, size in h.files.items() if f not in bad_by_node[n] and sizes.get(f) == size}
+        for n, h in holdings.items()
+    }
+    sends: list[list[Send]] = [[] for _ in range(world_size)]
+    recvs: list[list[Recv]] = [[] for _ in range(world_size)]
+    spread = itertools.count()
+    for rank in range(world_size):
+        node = nodes.nodes[rank]
+        need = needs_of(cand.needs, rank) or set(sizes)
+        for name in sorted(need - valid.setdefault(node, set())):
+            holder_nodes = [n for n, files in valid.items() if name in files]
+            if not holder_nodes:
+                why = "damaged" if name in damaged else "missing"
+                return f"step {cand.step}: its data file {name} is {why} on every node"
+            peers = nodes.ranks_of(holder_nodes[0])
+            src = peers[next(spread) % len(peers)]
+            sends[src].append(Send(name, sizes[name], rank))
+            recvs[rank].append(Recv(name, sizes[name], src))
+            valid[node].add(name)
+    return [_Fetch(tuple(s), tuple(r)) for s, r in zip(sends, recvs, strict=True)]
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """One rank after its fetch: the received copies that failed their checksums (name
+    -> sending rank, why), and why its node could not hold the files (no room), if so."""
+
+    bad: dict[str, tuple[int, str]]
+    full: str | None
+
+
+def _fetch(ctx: SaveContext, rank: int, cand: Candidate, order: _Fetch) -> _Fetched:
+    """Receive this rank's share of the missing files, each checked on the way in and
+    renamed into place only if it passes; report the damaged copies and a lack of room."""
+    manifest = manifest_from_bytes(cand.manifest, source=f"local step {cand.step}")
+    storage = ctx.local.step_storage(cand.step)
+    index = chunk_index(manifest)
+    landed = transfer(
+        ctx.group,
+        storage,
+        order.sends,
+        order.recvs,
+        timeout=ctx.timeout,
+        tag=_TAG,
+        check=lambda name: StreamCheck(manifest, name, index),
+    )
+    for name, tmp in landed.staged.items():
+        promote(storage, tmp, name)
+    for name, (src, problem) in sorted(landed.bad.items()):
+        log.warning(
+            "step %d: the copy of %s fetched from rank %d: %s", cand.step, name, src, problem
+        )
+    full = None
+    if landed.full:
+        full = (
+            f"step {cand.step}: the local tier {ctx.local.root} of rank {rank} has no room "
+            f"for the files fetched for it ({landed.full[0]})"
+        )
+    return _Fetched(landed.bad, full)
+
+
+def _restored(ctx: SaveContext, rank: int, cand: Candidate) -> None:
+    """Every node holds what its ranks read: a leader without the manifest writes it."""
+    storage = ctx.local.step_storage(cand.step)
+    if ctx.nodes.is_leader(rank) and storage.read_file(MANIFEST_NAME) is None:
+        # Its own files are in; a later recovery checks every file again anyway.
+        storage.commit(NEEDS_NAME, cand.needs or b"{}", durable=False)
+        storage.commit(MANIFEST_NAME, cand.manifest, durable=False)
+
+
+_Outcome = str | tuple[str, int | None]
+
+
+class _Rounds:
+    """Rank 0's side of fetching one candidate: the copies known to be damaged, by the
+    rank that reported them (a verify, or a receiver whose check failed)."""
+
+    def __init__(self, ctx: SaveContext, cand: Candidate, holdings: dict[int, StepHolding]):
+        self.ctx, self.cand, self.holdings = ctx, cand, holdings
+        self.known: list[set[str]] = [set() for _ in ctx.nodes.nodes]
+
+    def route(self, bad: list[set[str]]) -> list[_Fetch | str]:
+        for r, names in enumerate(bad):
+            self.known[r] |= names
+        plan = plan_fetch(self.ctx, self.cand, self.holdings, self.known, len(self.known))
+        return [plan] * len(self.known) if isinstance(plan, str) else list(plan)
+
+    def fetched(self, reports: list[_Fetched], durable: Callable[[], int | None]) -> _Outcome:
+        """``"retry"`` when a fetched copy was damaged (planned again around it), a
+        reason the step cannot be restored, or ``("done", the durable tier's pick)``."""
+        full = next((f.full for f in reports if f.full is not None), None)
+        if full is not None:
+            return full
+        damaged = [(src, name) for f in reports for name, (src, _) in f.bad.items()]
+        if damaged:
+            for src, name in damaged:
+                self.known[src].add(name)
+            return "retry"
+        return ("done", durable())
+
+
+def _restore(
+    ctx: SaveContext,
+    coord: Coordinator | LocalCoordinator,
+    cand: Candidate,
+    holdings: dict[int, StepHolding],
+    durable: Callable[[], int | None],
+    verify: bool,
+) -> _Outcome:
+    """Collective: fetch what each node lacks of ``cand`` (first checking every copy
+    present, with ``verify``); ``("done", durable pick)``, or why the step cannot be."""
+    rank = coord.rank
+    rounds = _Rounds(ctx, cand, holdings)
+    check = functools.partial(_verify, ctx, rank, cand) if verify else set
+    while True:
+        order = coord.exchange("tiers-verify", check, rounds.route, scatter=True)
+        if isinstance(order, str):
+            return order
+        fetch = functools.partial(_fetch, ctx, rank, cand, order)
+        outcome: _Outcome = coord.exchange(
+            "tiers-fetched", fetch, functools.partial(rounds.fetched, durable=durable)
+        )
+        if outcome != "retry":
+            return outcome
+        check = set  # the copies checked so far are known: plan around the damaged ones
+
+
+def recover(
+    ctx: SaveContext,
+    coord: Coordinator | LocalCoordinator,
+    durable_steps: Future[list[int]],
+    want: int | None,
+    *,
+    verify: bool,
+) -> tuple[str, int | None, Manifest | None, bytes | None]:
+    """Collective: ``("local", step, manifest, raw)`` once the step's files are in this
+    node's local tier, else ``("durable", step or None, None, None)``.
+
+    Rank 0 compares the local step with the durable tier's only once the fetch is done,
+    so that listing the durable tier (``durable_steps``, started early by the caller)
+    overlaps the local work. Without ``verify`` the copies a node holds are not read
+    here (the load checks every byte it reads; the caller verifies and recovers again if
+    that load fails its checksums); fetched files are always checked as they arrive."""
+    rank = coord.rank
+    holdings: dict[int, dict[int, StepHolding]] = {}
+
+    def durable() -> int | None:  # rank 0
+        steps = durable_steps.result()
+        if want is None:
+            return steps[-1] if steps else None
+        return want if want in steps else None
+
+    def pick(invs: list[dict[int, StepHolding] | None]) -> Decision:
+        for r, inv in enumerate(invs):
+            if inv is not None:
+                holdings[ctx.nodes.nodes[r]] = inv
+        known = durable() if durable_steps.done() else None
+        return decide(invs, ctx, coord.world_size, want, known)
+
+    decision = coord.exchange("tiers-inventory", lambda: _inventory(ctx, rank), pick)
+    reasons = list(decision.reasons)
+    for cand in decision.candidates:
+        step_holdings = {n: h[cand.step] for n, h in holdings.items() if cand.step in h}
+        outcome = _restore(ctx, coord, cand, step_holdings, durable, verify)
+        if isinstance(outcome, str):
+            reasons.append(outcome)
+            continue
+        newest = outcome[1]
+        if want is None and newest is not None and newest > cand.step:
+            return _durable(rank, reasons, newest)  # older local steps are older still
+        _restored(ctx, rank, cand)
+        _explain(rank, reasons, f"step {cand.step} from the local tier")
+        raw = cand.manifest
+        return "local", cand.step, manifest_from_bytes(raw, source=ctx.local.root), raw
+    newest = coord.exchange("tiers-durable", lambda: None, lambda _: durable())
+    return _durable(rank, reasons, newest)
+
+
+def _durable(
+    rank: int, reasons: list[str], step: int | None
+) -> tuple[str, int | None, Manifest | None, bytes | None]:
+    _explain(rank, reasons, "nothing" if step is None else f"step {step} from the durable tier")
+    return "durable", step, None, None
+
+
+def _explain(rank: int, reasons: list[str], loading: str) -> None:
+    if rank == 0 and reasons:
+        log.warning(
+            "tiers: loading %s; newer local steps cannot be recovered: %s",
+            loading,
+            "; ".join(reasons),
+        )

@@ -1,0 +1,353 @@
+"""Tiered checkpoints (issue #13): 4 gloo ranks as 2 simulated nodes x 2 ranks, one local
+directory per node, the durable tier on disk. Restarts run in fresh processes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dckpt
+from dckpt import _faults
+from dckpt.tiers import LocalTierError, PersistError
+from tests._dist import run_fresh
+
+TIMEOUT = 20.0
+N = 4096
+
+
+def _node_of(rank: int) -> int:
+    return rank // 2
+
+
+def _state(step: int, rank: int) -> dict[str, Any]:
+    return {
+        "own": torch.arange(N, dtype=torch.float32) + 1000.0 * rank + step,  # per rank
+        "shared": torch.arange(N, dtype=torch.float64) * step,  # equal on every rank
+        "step": step,
+    }
+
+
+def _manager(root: str, base: str, **kw: Any) -> dckpt.CheckpointManager:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    options: dict[str, Any] = dict(
+        local_dir=f"{base}/node{_node_of(rank)}",
+        replicas=1,
+        persist_every=3,
+        keep_local=2,
+        keep_last=3,
+        async_save=True,
+        timeout=TIMEOUT,
+        node_of=_node_of,
+    )
+    options.update(kw)
+    return dckpt.CheckpointManager(root, **options)
+
+
+def w_save(root: str, base: str, last: int) -> dict[str, Any]:
+    mgr = _manager(root, base)
+    for step in range(1, last + 1):
+        mgr.save(step, _state(step, dist.get_rank()))
+    mgr.wait()
+    return {"local": mgr.steps(tier="local"), "durable": mgr.steps(tier="durable")}
+
+
+def w_load(root: str, base: str) -> dict[str, Any]:
+    rank = dist.get_rank()
+    mgr = _manager(root, base)
+    dest: dict[str, Any] = {
+        "own": torch.zeros(N),
+        "shared": torch.zeros(N, dtype=torch.float64),
+        "step": -1,
+    }
+    step = mgr.load(dest)
+    assert step is not None
+    want = _state(step, rank)
+    exact = all(torch.equal(dest[k], want[k]) for k in ("own", "shared"))
+    return {"step": step, "exact": exact and dest["step"] == step}
+
+
+def _saved(tmp_path: Path, ranks: Any) -> tuple[str, str]:
+    root, base = str(tmp_path / "durable"), str(tmp_path / "local")
+    out = ranks(4).run(w_save, root, base, 7, timeout=120)
+    assert out[0] == {"local": [6, 7], "durable": [3, 6]}, out
+    return root, base
+
+
+def _load_fresh(root: str, base: str) -> list[dict[str, Any]]:
+    outcomes = run_fresh(4, w_load, root, base, timeout=120)
+    assert all(o.ok for o in outcomes), [o.error_text for o in outcomes if not o.ok]
+    return [o.value for o in outcomes]
+
+
+def _files(base: str, node: int, step: int) -> list[Path]:
+    return sorted((Path(base) / f"node{node}" / f"step-{step:08d}" / "data").rglob("*.bin"))
+
+
+def test_lost_node_recovers_from_replicas_then_durable(tmp_path: Path, ranks: Any) -> None:
+    root, base = _saved(tmp_path, ranks)
+    # Each node holds its own ranks' files and the other node's replicas.
+    assert [f.name for f in _files(base, 0, 7)] == [f.name for f in _files(base, 1, 7)]
+    assert len(_files(base, 0, 7)) >= 4
+    shutil.rmtree(Path(base) / "node1")  # node 1 lost; its ranks restart on a fresh node
+    got = _load_fresh(root, base)
+    assert got == [{"step": 7, "exact": True}] * 4, got
+    assert _files(base, 1, 7), "the fresh node fetched its files from the replicas"
+    shutil.rmtree(Path(base) / "node0")
+    shutil.rmtree(Path(base) / "node1")  # both holders lost: the durable tier
+    got = _load_fresh(root, base)
+    assert got == [{"step": 6, "exact": True}] * 4, got
+
+
+def test_corrupt_copies(tmp_path: Path, ranks: Any) -> None:
+    root, base = _saved(tmp_path, ranks)
+    # A damaged copy on one node while the other holds a good one: fetched, step 7 loads.
+    own0 = next(f for f in _files(base, 0, 7) if f.name.startswith("r0-"))
+    _flip(own0)
+    assert _load_fresh(root, base) == [{"step": 7, "exact": True}] * 4
+    # Node 1 lost and node 0's replica of rank 2 damaged: no good copy, durable step 6.
+    shutil.rmtree(Path(base) / "node1")
+    _flip(next(f for f in _files(base, 0, 7) if f.name.startswith("r2-")))
+    assert _load_fresh(root, base) == [{"step": 6, "exact": True}] * 4
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _own_node(rank: int) -> int:
+    return rank
+
+
+def w_save_three_nodes(root: str, base: str) -> list[int]:
+    """One rank per node, 3 nodes, each rank's files held by both other nodes."""
+    rank = dist.get_rank()
+    mgr = _manager(root, base, local_dir=f"{base}/node{rank}", node_of=_own_node, replicas=2)
+    for step in (1, 2):
+        mgr.save(step, _state(step, rank))
+    mgr.wait()
+    return mgr.steps(tier="local")
+
+
+def w_load_three_nodes(root: str, base: str) -> dict[str, Any]:
+    rank = dist.get_rank()
+    mgr = _manager(root, base, local_dir=f"{base}/node{rank}", node_of=_own_node, replicas=2)
+    dest: dict[str, Any] = {
+        "own": torch.zeros(N),
+        "shared": torch.zeros(N, dtype=torch.float64),
+        "step": -1,
+    }
+    step = mgr.load(dest)
+    want = _state(2, rank)
+    return {"step": step, "exact": all(torch.equal(dest[k], want[k]) for k in ("own", "shared"))}
+
+
+def test_a_damaged_fetched_copy_is_fetched_again_from_another_holder(tmp_path: Path) -> None:
+    """Node 2 lost; the first holder of rank 2's files (node 0) has a damaged copy. The
+    recovery does not read the copies up front: the receiver's check refuses node 0's
+    copy as it arrives, and the file is fetched again from node 1, so step 2 loads."""
+    root, base = str(tmp_path / "durable"), str(tmp_path / "local")
+    saved = run_fresh(3, w_save_three_nodes, root, base, timeout=120)
+    assert [o.value for o in saved] == [[1, 2]] * 3, [o.error_text for o in saved]
+    shutil.rmtree(Path(base) / "node2")
+    _flip(next(f for f in _files(base, 0, 2) if f.name.startswith("r2-")))
+    outcomes = run_fresh(3, w_load_three_nodes, root, base, timeout=120)
+    assert all(o.ok for o in outcomes), [o.error_text for o in outcomes if not o.ok]
+    assert [o.value for o in outcomes] == [{"step": 2, "exact": True}] * 3
+    # The refused copy never replaced anything; node 2 holds a good one now.
+    assert "r2-0.bin" in [f.name for f in _files(base, 2, 2)]
+
+
+def w_persist_damaged(root: str, base: str) -> dict[str, Any]:
+    """Rank 1's local copy of step 3 is damaged after the step committed, just before
+    the persist reads it."""
+    rank = dist.get_rank()
+    mgr = _manager(root, base)
+    for step in (1, 2):
+        mgr.save(step, _state(step, rank))
+    mgr.wait()
+    flipped: list[Path] = []
+
+    def damage(point: str) -> None:
+        if point == "tiers.persist.copy" and not flipped:
+            flipped.extend(f for f in _files(base, 0, 3) if f.name.startswith("r1-"))
+            for f in flipped:
+                _flip(f)
+
+    if rank == 1:
+        _faults.arm(damage)
+    raised = []
+    try:
+        mgr.save(3, _state(3, rank))
+        mgr.wait()
+    except PersistError as exc:
+        raised.append(str(exc))
+    finally:
+        _faults.arm(None)
+    mgr.save(4, _state(4, rank))
+    mgr.wait()
+    return {"raised": raised, "durable": mgr.steps(tier="durable"), "local": mgr.steps("local")}
+
+
+def test_a_damaged_local_copy_is_never_persisted(tmp_path: Path, ranks: Any) -> None:
+    """The persist checks each file's checksums as it copies it: the damaged copy fails
+    the persist on every rank (a PersistError naming the file), the durable tier never
+    gets step 3, and local saves go on."""
+    root, base = str(tmp_path / "durable"), str(tmp_path / "local")
+    out = ranks(4).run(w_persist_damaged, root, base, timeout=120)
+    for o in out:
+        assert len(o["raised"]) == 1, o
+        assert "step 3" in o["raised"][0] and "r1-0.bin" in o["raised"][0], o
+        assert "damaged" in o["raised"][0], o
+        assert o["durable"] == [] and o["local"] == [3, 4], o
+
+
+def w_save_killed(root: str, base: str) -> int | None:
+    rank = dist.get_rank()
+    mgr = _manager(root, base, timeout=8.0)
+    for step in (1, 2):
+        mgr.save(step, _state(step, rank))
+    mgr.wait()
+    if rank == 3:
+        _faults.arm(_faults.injector("tiers.replicate.send", "sigkill"))
+    try:
+        mgr.save(3, _state(3, rank))
+        mgr.wait()
+    except dckpt.CheckpointError:
+        return mgr.latest_step(tier="local")
+    return None
+
+
+def test_killed_during_replication_keeps_previous_step(tmp_path: Path) -> None:
+    root, base = str(tmp_path / "durable"), str(tmp_path / "local")
+    outcomes = run_fresh(4, w_save_killed, root, base, timeout=120)
+    assert outcomes[3].exitcode == -9
+    assert [o.value for o in outcomes[:3]] == [2, 2, 2], [o.error_text for o in outcomes]
+    got = _load_fresh(root, base)
+    assert got == [{"step": 2, "exact": True}] * 4
+
+
+def w_persist_fails(root: str, base: str) -> dict[str, Any]:
+    rank = dist.get_rank()
+    mgr = _manager(root, base)
+    if rank == 1:
+        _faults.arm(_faults.injector("tiers.persist.copy", "raise"))
+    raised = []
+    try:
+        for step in range(1, 6):
+            try:
+                mgr.save(step, _state(step, rank))
+            except PersistError as exc:
+                raised.append(str(exc))
+        try:
+            mgr.wait()
+        except PersistError as exc:
+            raised.append(str(exc))
+    finally:
+        _faults.arm(None)
+    mgr.save(6, _state(6, rank))
+    mgr.wait()
+    return {
+        "raised": raised,
+        "local": mgr.steps(tier="local"),
+        "durable": mgr.steps(tier="durable"),
+    }
+
+
+def test_failing_persist_surfaces_once_and_saves_go_on(tmp_path: Path, ranks: Any) -> None:
+    root, base = str(tmp_path / "durable"), str(tmp_path / "local")
+    out = ranks(4).run(w_persist_fails, root, base, timeout=120)
+    for o in out:
+        assert len(o["raised"]) == 1 and "step 3" in o["raised"][0], o
+        assert o["local"] == [5, 6] and o["durable"] == [6], o
+
+
+def test_one_process_roundtrip_and_room_check(tmp_path: Path) -> None:
+    root, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    mgr = dckpt.CheckpointManager(root, local_dir=local, persist_every=2, keep_local=2)
+    for step in (1, 2, 3):
+        mgr.save(step, _state(step, 0))
+    mgr.wait()  # the persist runs in the background, in sync mode too
+    assert mgr.steps(tier="local") == [2, 3] and mgr.steps(tier="durable") == [2]
+    assert mgr.steps() == [2, 3] and mgr.latest_step() == 3
+    dest: dict[str, Any] = {
+        "own": torch.zeros(N),
+        "shared": torch.zeros(N, dtype=torch.float64),
+        "step": 0,
+    }
+    assert mgr.load(dest) == 3 and torch.equal(dest["own"], _state(3, 0)["own"])
+    full = dckpt.CheckpointManager(
+        str(tmp_path / "d2"), local_dir=str(tmp_path / "l2"), keep_local=1 << 50
+    )
+    # Refused with the numbers; step 1 (persist_every=1: due) goes to the durable tier.
+    with pytest.raises(LocalTierError, match="keep_local=1125899906842624") as got:
+        full.save(1, _state(1, 0))
+    assert got.value.is_disk_full and "saved to the durable tier" in str(got.value)
+    assert not full.steps(tier="local") and full.steps(tier="durable") == [1]
+
+
+@pytest.mark.parametrize(
+    ("kw", "err"),
+    [
+        ({"local_dir": "s3://b/x"}, dckpt.ArgumentError),
+        ({"local_dir": "x", "replicas": -1}, dckpt.ArgumentError),
+        ({"local_dir": "x", "persist_every": 0}, dckpt.ArgumentError),
+        ({"local_dir": "x", "keep_local": 0}, dckpt.ArgumentError),
+        ({"local_dir": "x", "node_of": 3}, dckpt.ArgumentTypeError),
+    ],
+)
+def test_bad_tier_arguments(tmp_path: Path, kw: dict[str, Any], err: type[Exception]) -> None:
+    with pytest.raises(err):
+        dckpt.CheckpointManager(str(tmp_path), **kw)
+    with pytest.raises(dckpt.ArgumentError, match="tier"):
+        dckpt.CheckpointManager(str(tmp_path)).steps(tier="nvme")  # type: ignore[arg-type]
+
+
+BIG = 48 << 20  # bytes of one rank's tensor in the streaming test
+
+
+def w_stream(root: str, base: str) -> dict[str, Any]:
+    """Sync mode (no staging copy): the save's extra memory is the transfers' own."""
+    import resource  # the peak resident memory of this (fresh) process
+
+    from dckpt.tiers import _transfer
+
+    _transfer.PIECE = 1 << 20  # many pieces per file
+    rank = dist.get_rank()
+    mgr = _manager(root, base, async_save=False, persist_every=100)
+    mgr.save(1, {"big": torch.zeros(8)})  # the tiers' group connects at its first use
+    big = torch.arange(BIG // 4, dtype=torch.int32).mul_(rank + 1)  # no temporary copy
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    mgr.save(2, {"big": big})
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - before
+    return {"grew": grew, "local": mgr.steps(tier="local")}
+
+
+def test_transfers_stream_in_pieces(tmp_path: Path) -> None:
+    """A rank sends its 48 MiB file and receives its peer's, in 1 MiB pieces: its peak
+    memory grows by a few pieces (holding both files whole grew it by 96 MiB), the
+    replicas arrive whole and checked, and no temporary file is left."""
+    root, base = str(tmp_path / "durable"), str(tmp_path / "local")
+    outcomes = run_fresh(4, w_stream, root, base, timeout=180)
+    assert all(o.ok for o in outcomes), [o.error_text for o in outcomes if not o.ok]
+    for o in outcomes:
+        assert o.value["local"] == [1, 2], o.value
+        assert o.value["grew"] < 10 << 20, o.value  # 3 pieces, and some slack
+    for node in (0, 1):
+        step = Path(base) / f"node{node}" / "step-00000002"
+        files = sorted(p.name for p in step.rglob("*") if p.is_file())
+        assert not [f for f in files if ".part-" in f], files
+        assert [f for f in files if f.endswith(".bin")] == [f"r{r}-0.bin" for r in range(4)]
+
+
+def test_construction_refuses_an_unwritable_local_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"not a directory")
+    with pytest.raises(LocalTierError, match="a-file/local cannot be written"):
+        dckpt.CheckpointManager(str(tmp_path / "durable"), local_dir=str(blocker / "local"))
