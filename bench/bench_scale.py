@@ -394,9 +394,9 @@ def engine_dtensor_boxes(dt: Any) -> list[Any]:
 
 def coord_blob(payload: Any) -> bytes:
     """A payload as the coordinator puts it in the store."""
-    from dckpt._coord import _encode
+    from dckpt._coord import encode
 
-    return _encode("ok", payload)
+    return encode("ok", payload)
 
 
 def offer_blob(offer: Any) -> bytes:

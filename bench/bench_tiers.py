@@ -259,6 +259,40 @@ def steady_memory(opts: dict[str, Any], rank: int, step: int) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- recovery
 
+#: The tier engine's recovery steps timed in the tiered recovery: (module, attribute, label).
+TIMED = (
+    ("dckpt._manager", "open_storage", "open the root"),
+    ("dckpt.tiers._tiered", "discover", "node map"),
+    ("dckpt.tiers._tiered", "_new_group", "gloo group"),
+    ("dckpt.tiers._recover", "_inventory", "inventory"),
+    ("dckpt.tiers._recover", "_verify", "verify copies"),
+    ("dckpt.tiers._recover", "_fetch", "fetch"),
+    ("dckpt.tiers._tiered", "recover", "recover (all)"),
+    ("dckpt.tiers._tiered", "run_load", "load"),
+)
+
+
+def time_steps() -> dict[str, float]:
+    """Wrap the functions of ``TIMED`` in this process; the dict fills in as they run."""
+    import importlib
+
+    spent: dict[str, float] = {}
+    for module, attr, label in TIMED:
+        mod = importlib.import_module(module)
+        fn = getattr(mod, attr, None)
+        if fn is None:
+            continue
+
+        def timed(*a: Any, _fn: Any = fn, _label: str = label, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t0
+
+        setattr(mod, attr, timed)
+    return spent
+
 
 def recover_phase(opts: dict[str, Any], system: str, verify: bool) -> dict[str, Any]:
     """A restarted job: fresh processes, a fresh model and optimizer, a manager, one load."""
@@ -270,6 +304,7 @@ def recover_phase(opts: dict[str, Any], system: str, verify: bool) -> dict[str, 
     model, optim = build(width, mesh, trained=False)
     state: dict[str, Any] = {"model": model, "optimizer": optim, "step": -1}
     evicted = ""
+    spent = time_steps() if system == "tiered" else {}
     dist.barrier()
     if system == "disk" and rank == 0:
         evicted = evict_cache(opts["disk_root"])
@@ -299,6 +334,7 @@ def recover_phase(opts: dict[str, Any], system: str, verify: bool) -> dict[str, 
         "steps": gather(step),
         "bad": max(gather(bad)),
         "evicted": evicted,
+        "steps_s": {k: max(d.get(k, 0.0) for d in gather(spent)) for k in spent},
     }
 
 
@@ -315,6 +351,7 @@ def recover_rounds(opts: dict[str, Any], final_step: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {s: [] for s in SYSTEMS}
     construct: dict[str, list[float]] = {s: [] for s in SYSTEMS}
     restart: dict[str, list[float]] = {s: [] for s in SYSTEMS}
+    breakdown: list[dict[str, float]] = []
     evicted = ""
     for rnd in range(opts["recover_rounds"]):
         order = SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]
@@ -334,6 +371,8 @@ def recover_rounds(opts: dict[str, Any], final_step: int) -> dict[str, Any]:
             construct[system].append(r["construct"])
             restart[system].append(r["loaded_at"] - launched)
             evicted = r["evicted"] or evicted
+            if system == "tiered":
+                breakdown.append(r["steps_s"])
             if not opts["quiet"]:
                 print(
                     f"  recovery round {rnd + 1}/{opts['recover_rounds']} {system}: "
@@ -341,7 +380,13 @@ def recover_rounds(opts: dict[str, Any], final_step: int) -> dict[str, Any]:
                     f"restart to loaded {restart[system][-1]:.1f} s",
                     flush=True,
                 )
-    return {"time": times, "construct": construct, "restart": restart, "evicted": evicted}
+    return {
+        "time": times,
+        "construct": construct,
+        "restart": restart,
+        "evicted": evicted,
+        "breakdown": breakdown,
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -400,6 +445,11 @@ def report(
         "drop_caches": "sync; echo 3 > /proc/sys/vm/drop_caches",
         "fadvise": ("drop_caches NOT possible here: posix_fadvise(DONTNEED) of each file instead"),
     }
+    steps = {k: med([b.get(k, 0.0) for b in rec["breakdown"]]) for k in rec["breakdown"][0]}
+    L.append(
+        "  tiered, by step (max over ranks, median of rounds): "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in steps.items())
+    )
     L += [
         f"  tiered vs S3: {t['s3'] / t['tiered']:.1f}x faster (target >= 5x: "
         f"{verdict(t['s3'] >= 5 * t['tiered'])})",

@@ -55,7 +55,6 @@ from dckpt._failures import Failure, Record, failure_error
 from dckpt._faults import fault_point
 from dckpt._kvstore import KV, StoreLost, forget_clients, open_store
 
-
 #: Seconds a collective save or load waits for the slowest rank before naming it.
 DEFAULT_TIMEOUT = 600.0
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from crc32c import crc32c
 
 from dckpt._bytes import block_crcs, dtype_name, host_bytes
 from dckpt._dtensor import dtensor_chunks, dtensor_layout, is_dtensor
@@ -31,27 +32,40 @@ from dckpt._write import KnownCrcs, SourceMap
 
 @dataclass(frozen=True)
 class Description:
-    """One rank's state, flattened: what it offers and the tensors each chunk comes from."""
+    """One rank's state, flattened: what it offers and the tensors each chunk comes from;
+    ``known``: the checksums and host bytes of its plain tensors, when described with
+    them (then in ``offer`` too), else None."""
 
     offer: RankOffer
     sources: SourceMap
+    known: KnownCrcs | None = None
 
 
 def describe(
-    state: Mapping[str, Any], rank: int, *, allow_pickle: bool, layouts: bool = False
+    state: Mapping[str, Any],
+    rank: int,
+    *,
+    allow_pickle: bool,
+    layouts: bool = False,
+    checksums: bool = False,
 ) -> Description:
-    """Resolve Stateful objects now and describe every chunk (no checksums yet); with
-    ``layouts``, DTensors a layout entry can describe are offered as such (format 2) and
-    their shards left to this rank to plan, instead of as chunks for rank 0 to plan."""
+    """Resolve Stateful objects now and describe every chunk; with ``layouts``, DTensors a
+    layout entry can describe are offered as such (format 2) and their shards left to
+    this rank to plan, instead of as chunks for rank 0 to plan. With ``checksums``, plain
+    tensors are checksummed in the same pass (what :func:`checksum_plain` adds), which
+    only a save that writes from the described tensors themselves may ask for."""
     resolved = resolve(state)
     found = _Layouts()
-    tensors, sources = _tensor_offers(resolved, found if layouts else None)
+    known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]] | None = (
+        {} if checksums else None
+    )
+    tensors, sources = _tensor_offers(resolved, found if layouts else None, known)
     values = []
     for v in resolved.values:
         data = encode_value(v.value, v.key, allow_pickle=allow_pickle)
         values.append(ValueOffer(v.key, v.path, data, value_text(data)))
     offer = RankOffer(rank, tuple(tensors), tuple(values), tuple(found.offers), tuple(found.meshes))
-    return Description(offer, sources)
+    return Description(offer, sources, known)
 
 
 class _Layouts:
@@ -91,16 +105,23 @@ def staging_sources(state: Mapping[str, Any]) -> dict[tuple[str, Box], torch.Ten
     return _tensor_offers(resolve(state, fresh_optimizers=False))[1]
 
 
+_NAMES: dict[torch.dtype, str] = {}  # the storable dtypes met so far, by name
+
+
 def _tensor_offers(
-    resolved: Resolved, layouts: _Layouts | None = None
+    resolved: Resolved,
+    layouts: _Layouts | None = None,
+    known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]] | None = None,
 ) -> tuple[list[TensorOffer], dict[tuple[str, Box], torch.Tensor]]:
+    """The offers and sources of ``resolved``'s tensors; plain tensors are checksummed
+    into ``known`` when given. A save of many small tensors spends most of its describe
+    here, per tensor: hence the caches of dtype names and boxes (shapes repeat)."""
     tensors: list[TensorOffer] = []
     sources: dict[tuple[str, Box], torch.Tensor] = {}
+    boxes: dict[tuple[int, ...], Box] = {}
     for leaf in resolved.tensors:
         t = leaf.tensor
-        name = dtype_name(t.dtype)
-        if name not in DTYPE_ITEMSIZE:
-            raise UnsupportedStateError(f"key {leaf.key!r}: dtype {t.dtype} cannot be saved")
+        name = _NAMES.get(t.dtype) or _storable(leaf.key, t.dtype)
         problem = _unsavable(t)
         if problem:
             raise UnsupportedStateError(f"key {leaf.key!r}: {problem}")
@@ -114,13 +135,54 @@ def _tensor_offers(
             chunks = tuple(ChunkOffer(box) for box, _ in pieces)
             tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, True, chunks))
             continue
-        box = Box((0,) * len(shape), shape)
-        if t.numel():
-            sources[(leaf.key, box)] = t
-            tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, (ChunkOffer(box),)))
-        else:
+        if not t.numel():
             tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, ()))
+            continue
+        box = boxes.get(shape) or boxes.setdefault(shape, Box((0,) * len(shape), shape))
+        where = (leaf.key, box)
+        sources[where] = t
+        chunk = ChunkOffer(box) if known is None else _checksummed(t, where, known)
+        tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, (chunk,)))
     return tensors, sources
+
+
+def _storable(key: str, dtype: torch.dtype) -> str:
+    name = dtype_name(dtype)
+    if name not in DTYPE_ITEMSIZE:
+        raise UnsupportedStateError(f"key {key!r}: dtype {dtype} cannot be saved")
+    _NAMES[dtype] = name
+    return name
+
+
+def _checksummed(
+    t: torch.Tensor,
+    where: tuple[str, Box],
+    known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]],
+) -> ChunkOffer:
+    data = _host(t)
+    if data.nbytes <= DEFAULT_BLOCK_BYTES:  # numpy arrays are buffers; older stubs say not
+        crc: tuple[int, ...] = (crc32c(data),)  # type: ignore[arg-type]
+    else:
+        crc = block_crcs(data, DEFAULT_BLOCK_BYTES)
+    known[where] = (crc, data)
+    return ChunkOffer(where[1], crc)
+
+
+_NUMPY = frozenset(
+    {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+     torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128}
+)  # fmt: skip
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """``host_bytes(t)``, as the tensor's own numpy view where it can be (a third of the
+    cost, per small tensor); the writer takes any C-contiguous array."""
+    if t.is_cpu and t.dtype in _NUMPY and t.is_contiguous():
+        try:
+            return (t.detach() if t.requires_grad else t).numpy()
+        except RuntimeError:  # a conjugate or negative view: host_bytes resolves it
+            pass
+    return host_bytes(t)
 
 
 def _unsavable(t: torch.Tensor) -> str:
@@ -138,7 +200,10 @@ def _unsavable(t: torch.Tensor) -> str:
 
 
 def checksum_plain(description: Description) -> tuple[RankOffer, KnownCrcs]:
-    """Checksum plain tensors up front: ranks holding equal bytes share one stored copy."""
+    """Checksum plain tensors up front: ranks holding equal bytes share one stored copy.
+    A description made with checksums has them already."""
+    if description.known is not None:
+        return description.offer, description.known
     known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]] = {}
     tensors = []
     for t in description.offer.tensors:

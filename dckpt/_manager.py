@@ -197,8 +197,9 @@ class CheckpointManager(TierListing):
         self.timeout = timeout
         self.durable = durable
         self.allow_pickle = allow_pickle
-        self._storage = open_storage(self.root, storage_options)
-        self._cleaner = StepCleaner(self._storage, timeout=timeout)
+        if local_dir is None:  # tiered: the tiers open the root off the recovery's path
+            self._storage = open_storage(self.root, storage_options)
+            self._cleaner = StepCleaner(self._storage, timeout=timeout)
         self._inflight: _InFlight | None = None
         self._abandoned: set[int] = set()  # steps whose save by this manager failed
         self._tiers = None

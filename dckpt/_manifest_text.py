@@ -114,21 +114,40 @@ json_str = json.encoder.encode_basestring_ascii
 
 
 def path_text(path: tuple[PathPart, ...]) -> str:
-    return "[" + ",".join(json_str(p) if isinstance(p, str) else str(int(p)) for p in path) + "]"
+    try:  # the common case: every part is a string
+        return "[" + ",".join(map(json_str, path)) + "]"  # type: ignore[arg-type]
+    except TypeError:
+        return (
+            "[" + ",".join(json_str(p) if isinstance(p, str) else str(int(p)) for p in path) + "]"
+        )
 
 
 def ints_text(xs: tuple[int, ...]) -> str:
     return "[" + ",".join(map(str, xs)) + "]"
 
 
+class IntsTexts(dict[tuple[int, ...], str]):
+    """``ints_text`` of tuples that repeat (the boxes of a plan), each made once."""
+
+    def __missing__(self, xs: tuple[int, ...]) -> str:
+        text = self[xs] = ints_text(xs)
+        return text
+
+
+def crcs_text(crcs: tuple[int, ...]) -> str:
+    """A chunk's checksums as its ``crc32c`` list holds them, without the brackets."""
+    return str(crcs[0]) if len(crcs) == 1 else ",".join(map(str, crcs))
+
+
 def chunk_tail_text(
-    nbytes: int, offset: int, offsets: tuple[int, ...], sizes: tuple[int, ...], rank: int | None
+    name: str, nbytes: int, offset: int, offsets_text: str, sizes_text: str, rank: int | None
 ) -> str:
-    """A chunk's encoded fields after ``file``, closing brace included (keys in order)."""
+    """A chunk's encoded fields from ``name`` (the encoded file name, or its part after
+    the opening quote) to its closing brace (keys in order); the box as ``ints_text``."""
     rank_text = "" if rank is None else f',"rank":{rank}'
     return (
-        f',"nbytes":{nbytes},"offset":{offset},"offsets":{ints_text(offsets)}{rank_text},'
-        f'"sizes":{ints_text(sizes)}}}'
+        f'{name},"nbytes":{nbytes},"offset":{offset},"offsets":{offsets_text}{rank_text},'
+        f'"sizes":{sizes_text}}}'
     )
 
 
@@ -136,11 +155,21 @@ def tensor_tail_text(
     dtype: str, path: tuple[PathPart, ...], per_rank: bool, shape: tuple[int, ...]
 ) -> str:
     """A tensor entry's encoded fields after its chunk list, closing brace included."""
-    per_rank_text = ',"per_rank":true' if per_rank else ""
-    return (
-        f'],"dtype":{json_str(dtype)},"path":{path_text(path)}{per_rank_text},'
-        f'"shape":{ints_text(shape)}}}'
-    )
+    before, after = TailTexts()[dtype, per_rank, shape]
+    return before + path_text(path) + after
+
+
+class TailTexts(dict[tuple[str, bool, tuple[int, ...]], tuple[str, str]]):
+    """``tensor_tail_text`` around the path, by (dtype, per rank, shape): these repeat."""
+
+    def __missing__(self, key: tuple[str, bool, tuple[int, ...]]) -> tuple[str, str]:
+        dtype, per_rank, shape = key
+        per_rank_text = ',"per_rank":true' if per_rank else ""
+        texts = self[key] = (
+            f'],"dtype":{json_str(dtype)},"path":',
+            f'{per_rank_text},"shape":{ints_text(shape)}}}',
+        )
+        return texts
 
 
 def layout_entry_text(
@@ -161,6 +190,8 @@ def _tensor_text(t: TensorEntry, names: dict[str, str]) -> str:
         name = names.get(c.file)
         if name is None:
             name = names[c.file] = json_str(c.file)
-        tail = chunk_tail_text(c.nbytes, c.offset, c.offsets, c.sizes, c.rank)
-        chunks.append(f'{{"crc32c":{ints_text(c.crc32c)},"file":{name}{tail}')
+        tail = chunk_tail_text(
+            name, c.nbytes, c.offset, ints_text(c.offsets), ints_text(c.sizes), c.rank
+        )
+        chunks.append(f'{{"crc32c":{ints_text(c.crc32c)},"file":{tail}')
     return '{"chunks":[' + ",".join(chunks) + tensor_tail_text(t.dtype, t.path, t.per_rank, t.shape)

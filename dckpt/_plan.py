@@ -8,13 +8,16 @@ instead of piling it on rank 0.
 
 from __future__ import annotations
 
-import hashlib
+import bisect
 import heapq
+import itertools
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dckpt._errors import UnsupportedStateError
 from dckpt._format import (
+    ALIGNMENT,
     LAYOUT_VERSION,
     ChunkRecord,
     FileRecord,
@@ -23,18 +26,20 @@ from dckpt._format import (
     TableRecord,
     TensorEntry,
     ValueEntry,
-    align,
     data_dir,
 )
 from dckpt._layout import LayoutOffer, LayoutReport, MeshOffer, MeshRecord
 from dckpt._manifest_text import (
+    IntsTexts,
+    TailTexts,
     assemble,
     chunk_tail_text,
-    ints_text,
+    crcs_text,
     json_str,
-    tensor_tail_text,
+    path_text,
 )
 from dckpt._plangroups import assign, plan_values
+from dckpt._plankey import structure_key as structure_key  # re-exported
 from dckpt._reshard import Box
 from dckpt._values import JSON
 from dckpt.storage._base import LOCAL_LAYOUT, FileLayout
@@ -162,50 +167,42 @@ def _layout_rank(
     items: list[tuple[str, Box, int, bool]],
     layout: FileLayout,
 ) -> RankPlan:
-    total = sum(i[2] for i in items)
+    total = sum(map(_NBYTES, items))
     nfiles = max(1, min(layout.max_files, -(-total // layout.target_bytes)))
-    # items arrive largest first: spread them over the files, least-filled first
-    heap = [(0, f) for f in range(nfiles)]
-    per_file: list[list[tuple[str, Box, int, bool]]] = [[] for _ in range(nfiles)]
-    for item in items:
-        size, f = heapq.heappop(heap)
-        per_file[f].append(item)
-        heapq.heappush(heap, (size + item[2], f))
+    per_file: list[list[tuple[str, Box, int, bool]]] = [items]
+    if nfiles > 1:  # largest first, each to the least-filled file
+        heap = [(0, f) for f in range(nfiles)]
+        per_file = [[] for _ in range(nfiles)]
+        # The planner hands them over largest first, or unordered when every chunk has
+        # a single possible writer; the order is total, so the files are the same.
+        for item in sorted(items, key=_size_order):
+            size, f = heapq.heappop(heap)
+            per_file[f].append(item)
+            heapq.heappush(heap, (size + item[2], f))
     files: list[FilePlan] = []
     for f, group in enumerate(per_file):
         if not group:
             continue
-        group.sort(key=lambda i: (i[0], i[1].offsets))  # key order: neighbours load together
+        group = sorted(group, key=_key_order)  # key order: neighbours load together
         pos = 0
         out: list[WriteItem] = []
         for key, box, nbytes, per_rank in group:
-            pos = align(pos)
+            pos = -(-pos // ALIGNMENT) * ALIGNMENT  # align(), inline: one call per chunk
             out.append(WriteItem(key, box, pos, nbytes, per_rank))
             pos += nbytes
         files.append(FilePlan(f"{data_dir(save_id)}/r{rank}-{f}.bin", tuple(out), pos))
     return RankPlan(save_id, rank, tuple(files))
 
 
-def structure_key(offer: RankOffer) -> bytes:
-    """A digest of what a rank holds, ignoring contents: equal digests, reusable plan.
+_NBYTES = operator.itemgetter(2)
 
-    Mesh positions are left out: within one group a rank's position in a mesh follows
-    from the mesh's identity, which is in."""
-    shape = (
-        tuple(
-            (
-                t.key,
-                t.dtype,
-                t.shape,
-                t.sharded,
-                tuple((c.box.offsets, c.box.sizes) for c in t.chunks),
-            )
-            for t in offer.tensors
-        ),
-        offer.layouts,
-        tuple((m.ident, m.shape) for m in offer.meshes),
-    )
-    return hashlib.blake2b(repr(shape).encode(), digest_size=16).digest()
+
+def _key_order(item: tuple[str, Box, int, bool]) -> tuple[str, tuple[int, ...]]:
+    return item[0], item[1].offsets
+
+
+def _size_order(item: tuple[str, Box, int, bool]) -> tuple[int, str, tuple[int, ...]]:
+    return -item[2], item[0], item[1].offsets
 
 
 def renamed(plan: RankPlan, save_id: str) -> RankPlan:
@@ -275,51 +272,82 @@ def build_manifest(
 
 
 @dataclass(frozen=True, slots=True)
-class _Slot:
-    """Where one chunk's checksums come from, and its encoded text around them."""
-
-    rank: int
-    file: int
-    item: int
-    name: str  # the file name after ``data/<save_id>/``, closing quote included
-    rest: str  # every field after the file name, closing brace included
-
-
-@dataclass(frozen=True, slots=True)
 class ManifestTemplate:
-    """A plan's manifest text, cut around what changes from save to save.
+    """A plan's chunk entries as manifest text, cut around what changes from save to save.
 
     Saves that reuse a cached plan differ only in the save id (inside file names), the
-    checksums, the non-tensor values and the time; the rest (which, at 100k tensors,
-    is most of a save's planning cost) is encoded once per plan.
+    checksums, the non-tensor values and the time. The entries' text is ``texts[0]``,
+    then per chunk ``j`` (in text order) its checksums, ``],"file":"data/<save id>/``
+    and ``texts[j + 1]``: a save renders it with one join, and the rest (at 100k tensors,
+    most of a save's planning cost) is encoded once per plan.
     """
 
-    tensors: tuple[tuple[str, tuple[_Slot, ...], str], ...]  # (before, chunks, after)
-    keys: tuple[str, ...] = ()  # the key of each entry of ``tensors``
+    texts: tuple[str, ...]  # the fixed text around the chunks: one more than chunks
+    sources: tuple[int, ...]  # per chunk in text order: its index in plan order
+    keys: tuple[str, ...] = ()  # the entries' keys, sorted
+    starts: tuple[tuple[int, int], ...] = ()  # per key: (text, position) its entry starts at
+
+
+_Chunk = tuple[tuple[int, tuple[int, ...]], int, str]  # order in its entry, index, text
 
 
 def manifest_template(plan: SavePlan) -> ManifestTemplate:
-    slots: dict[str, list[tuple[tuple[int, tuple[int, ...]], _Slot]]] = {
-        k: [] for k in plan.tensors
-    }
+    """The template of ``plan``'s manifest (plan order: rank, file, item)."""
+    chunks = _chunk_texts(plan)
+    texts: list[str] = []
+    sources: list[int] = []
+    starts: list[tuple[int, int]] = []
+    tails = TailTexts()
+    text = ""
+    for key, meta in sorted(plan.tensors.items()):
+        if starts:
+            text += ","
+        starts.append((len(texts), len(text)))
+        text += json_str(key) + ':{"chunks":['
+        held = chunks[key]
+        if len(held) > 1:
+            held.sort(key=_order)
+        opening = '{"crc32c":['
+        for _, index, rest in held:
+            texts.append(text + opening)
+            sources.append(index)
+            text, opening = rest, ',{"crc32c":['
+        before, after = tails[meta.dtype, meta.per_rank, meta.shape]
+        text += before + path_text(meta.path) + after
+    texts.append(text)
+    return ManifestTemplate(
+        tuple(texts), tuple(sources), tuple(sorted(plan.tensors)), tuple(starts)
+    )
+
+
+def _chunk_texts(plan: SavePlan) -> dict[str, list[_Chunk]]:
+    """Every chunk by key, with the text after its file's directory (name, closing
+    quote and the fields after it); boxes repeat, so their texts are made once."""
+    out: dict[str, list[_Chunk]] = {k: [] for k in plan.tensors}
     prefix = data_dir(plan.save_id) + "/"
-    for r, rank_plan in enumerate(plan.ranks):
-        for f, fp in enumerate(rank_plan.files):
+    box_texts = IntsTexts()
+    index = 0
+    for rank_plan in plan.ranks:
+        for fp in rank_plan.files:
             name = fp.name.removeprefix(prefix) + '"'
-            for i, item in enumerate(fp.items):
+            for item in fp.items:
+                box = item.box
                 rank = rank_plan.rank if item.per_rank else None
                 rest = chunk_tail_text(
-                    item.nbytes, item.offset, item.box.offsets, item.box.sizes, rank
+                    name,
+                    item.nbytes,
+                    item.offset,
+                    box_texts[box.offsets],
+                    box_texts[box.sizes],
+                    rank,
                 )
-                order = (rank_plan.rank if item.per_rank else 0, item.box.offsets)
-                slots[item.key].append((order, _Slot(r, f, i, name, rest)))
-    tensors = []
-    for key, meta in sorted(plan.tensors.items()):
-        chunks = [s for _, s in sorted(slots[key], key=lambda o: o[0])]
-        before = f'{json_str(key)}:{{"chunks":['
-        after = tensor_tail_text(meta.dtype, meta.path, meta.per_rank, meta.shape)
-        tensors.append((before, tuple(chunks), after))
-    return ManifestTemplate(tuple(tensors), tuple(sorted(plan.tensors)))
+                out[item.key].append(((rank or 0, box.offsets), index, rest))
+                index += 1
+    return out
+
+
+def _order(chunk: _Chunk) -> tuple[int, tuple[int, ...]]:
+    return chunk[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,32 +372,14 @@ def render_manifest(
 ) -> bytes:
     """``manifest_to_bytes(build_manifest(...))`` for a plan with a template (a test holds
     them equal), at a fraction of the cost; with ``layouts``, a version 2 manifest."""
-    files: list[FileRecord] = []
-    crcs: list[list[tuple[tuple[int, ...], ...]]] = []
-    for rank_plan, rank_results in zip(plan.ranks, results, strict=True):
-        if len(rank_results) != len(rank_plan.files):
-            raise RuntimeError(f"rank {rank_plan.rank} reported {len(rank_results)} files")
-        for fp, res in zip(rank_plan.files, rank_results, strict=True):
-            if res.name != fp.name or res.size != fp.size or len(res.crcs) != len(fp.items):
-                raise RuntimeError(f"writer result for {fp.name} does not match its plan")
-            files.append(FileRecord(fp.name, fp.size))
-        crcs.append([res.crcs for res in rank_results])
-    file_prefix = f'"{data_dir(plan.save_id)}/'
-    parts: list[tuple[str, str]] = []
-    for key, (before, slots, after) in zip(template.keys, template.tensors, strict=True):
-        chunks = ",".join(
-            '{"crc32c":'
-            + ints_text(crcs[s.rank][s.file][s.item])
-            + ',"file":'
-            + file_prefix
-            + s.name
-            + s.rest
-            for s in slots
-        )
-        parts.append((key, before + chunks + after))
+    files, crcs = _checked(plan, results)
+    texts = template.texts if layouts is None else _with_entries(template, layouts.entries)
+    middle = f'],"file":"{data_dir(plan.save_id)}/'
+    ordered = [crcs[i] for i in template.sources]
+    pieces = itertools.chain.from_iterable(zip(texts, ordered, itertools.repeat(middle)))
+    text = "".join(itertools.chain(pieces, texts[-1:]))
     if layouts is not None:
         files.extend(layouts.files)
-        parts = list(heapq.merge(parts, layouts.entries))
     head = Manifest(
         save_id=plan.save_id,
         world_size=plan.world_size,
@@ -383,4 +393,41 @@ def render_manifest(
         meshes=() if layouts is None else layouts.meshes,
         tables=() if layouts is None else layouts.tables,
     )
-    return assemble(head, ",".join(text for _, text in parts))
+    return assemble(head, text)
+
+
+def _checked(
+    plan: SavePlan, results: Sequence[Sequence[FileResult]]
+) -> tuple[list[FileRecord], list[str]]:
+    """The files the writers report, checked against the plan, and the text of every
+    chunk's checksums in plan order."""
+    files: list[FileRecord] = []
+    crcs: list[str] = []
+    for rank_plan, rank_results in zip(plan.ranks, results, strict=True):
+        if len(rank_results) != len(rank_plan.files):
+            raise RuntimeError(f"rank {rank_plan.rank} reported {len(rank_results)} files")
+        for fp, res in zip(rank_plan.files, rank_results, strict=True):
+            if res.name != fp.name or res.size != fp.size or len(res.crcs) != len(fp.items):
+                raise RuntimeError(f"writer result for {fp.name} does not match its plan")
+            files.append(FileRecord(fp.name, fp.size))
+            crcs += map(crcs_text, res.crcs)
+    return files, crcs
+
+
+def _with_entries(template: ManifestTemplate, entries: Sequence[tuple[str, str]]) -> list[str]:
+    """The template's texts with other entries (``(key, text)``, sorted) put in key order."""
+    texts = list(template.texts)
+    if not template.keys:
+        texts[0] = ",".join(text for _, text in entries)
+        return texts
+    before: dict[int, list[str]] = {}  # index of the entry they precede -> their texts
+    for key, text in entries:
+        before.setdefault(bisect.bisect_left(template.keys, key), []).append(text)
+    # Last first: an insertion moves the later start positions within the same text.
+    for k in sorted(before, reverse=True):
+        if k == len(template.keys):
+            texts[-1] += "".join("," + text for text in before[k])
+            continue
+        j, pos = template.starts[k]
+        texts[j] = texts[j][:pos] + "".join(text + "," for text in before[k]) + texts[j][pos:]
+    return texts

@@ -79,6 +79,24 @@ Message = RankOffer | Brief  # what a rank sends rank 0
 Answer = tuple[int, RankPlan] | Reuse  # what rank 0 sends a rank: (serial, its plan) or a note
 
 
+class LazyTemplate:
+    """A plan's manifest template, made the first time a save asks for it (rank 0 asks
+    while the other ranks write, instead of while they wait for the plan)."""
+
+    def __init__(self, plan: SavePlan) -> None:
+        self._plan: SavePlan | None = plan
+        self._template: ManifestTemplate | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ManifestTemplate:
+        with self._lock:
+            if self._template is None:
+                assert self._plan is not None
+                self._template = manifest_template(self._plan)
+                self._plan = None  # renamed copies of the plan live on in the saves
+            return self._template
+
+
 @dataclass(frozen=True, slots=True)
 class CachedPlan:
     """A save plan with its cache serial and manifest template (neither depends on the
@@ -86,7 +104,11 @@ class CachedPlan:
 
     serial: int
     plan: SavePlan
-    template: ManifestTemplate
+    lazy: LazyTemplate
+
+    @property
+    def template(self) -> ManifestTemplate:
+        return self.lazy.get()
 
 
 _PlanKey = tuple[tuple[bytes, ...], frozenset[str], FileLayout]
@@ -174,7 +196,7 @@ class PlanCache:
             if cached is not None:
                 self._plans.move_to_end(cache_key)
                 plan = with_save_id(cached.plan, save_id, values)
-                return CachedPlan(cached.serial, plan, cached.template)
+                return CachedPlan(cached.serial, plan, cached.lazy)
             memo: dict[tuple[int, int], tuple[TensorOffer, ...]] = {}
             offers = [
                 _with_crcs(b, c, v.values, memo) if isinstance(m, Brief) else b
@@ -182,7 +204,7 @@ class PlanCache:
             ]
             plan = plan_save(offers, save_id, layout=layout)
             self._serial += 1
-            fresh = CachedPlan(self._serial, plan, manifest_template(plan))
+            fresh = CachedPlan(self._serial, plan, LazyTemplate(plan))
             self._plans[cache_key] = fresh
             while len(self._plans) > MAX_PLANS:
                 self._plans.popitem(last=False)

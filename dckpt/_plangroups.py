@@ -52,6 +52,11 @@ def assign(
     jobs: list[tuple[int, str, Box, tuple[int, ...], bool]] = []
     for key, boxes in holders.items():
         itemsize = DTYPE_ITEMSIZE[metas[key][1]]
+        if len(boxes) == 1:  # the common case: one chunk, one holder group
+            ((box, hs),) = boxes.items()
+            if len(hs) == 1:
+                jobs.append((box.numel * itemsize, key, box, (hs[0][0],), False))
+                continue
         # One holder (keys distinct per rank, sharded chunks) cannot diverge: skip the sets.
         divergent = not sharded[key] and any(
             len(hs) > 1 and len({crc for _, crc in hs}) > 1 for hs in boxes.values()
@@ -67,8 +72,24 @@ def assign(
                 jobs.append((nbytes, key, box, (hs[0][0],), False))
             else:
                 jobs.append((nbytes, key, box, tuple(g for g, _ in hs), False))
+    if all(j[4] or len(groups[j[3][0]][1]) == 1 == len(j[3]) for j in jobs):
+        # Every chunk has one possible writer (keys held by one rank, or per rank): no
+        # balancing, and no order (the file layout sorts each rank's chunks itself).
+        return metas, per_rank, _fixed(jobs, groups, world)
     jobs.sort(key=lambda j: (-j[0], j[1], j[2].offsets))
     return metas, per_rank, _balance(jobs, groups, world)
+
+
+def _fixed(
+    jobs: list[tuple[int, str, Box, tuple[int, ...], bool]],
+    groups: list[tuple[RankOffer, list[int]]],
+    world: int,
+) -> list[list[Item]]:
+    assigned: list[list[Item]] = [[] for _ in range(world)]
+    for nbytes, key, box, cands, per_rank in jobs:
+        writer = cands[0] if per_rank else groups[cands[0]][1][0]
+        assigned[writer].append((key, box, nbytes, per_rank))
+    return assigned
 
 
 def _collect(

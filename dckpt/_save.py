@@ -24,6 +24,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from dckpt import _wireout as wireout
 from dckpt._args import check_save
 from dckpt._commit import abandon, commit, commit_uncertain
 from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator, Shared, coordinator_for
@@ -50,7 +51,6 @@ from dckpt._plan import (
 from dckpt._plancache import RESEND, Answer, CachedPlan, Message, PlanCache, cache_for
 from dckpt._version import __version__
 from dckpt._wire import decode_messages, encode_message
-from dckpt._wireout import decode_answer, encode_answer, encode_answers
 from dckpt._write import KnownCrcs, SourceMap, finish_layouts, with_layout_files, write_rank
 from dckpt.storage import FileLayout, Storage, open_storage
 
@@ -108,8 +108,12 @@ class SaveRequest:
     def storage(self) -> Storage:
         return open_storage(self.path, self.storage_options)
 
-    def describe(self, rank: int) -> Description:
-        return describe(self.state, rank, allow_pickle=self.allow_pickle, layouts=True)
+    def describe(self, rank: int, *, checksums: bool = False) -> Description:
+        """This rank's state described; ``checksums`` only where the save writes from
+        the described tensors themselves (not from staged copies)."""
+        return describe(
+            self.state, rank, allow_pickle=self.allow_pickle, layouts=True, checksums=checksums
+        )
 
 
 # ----------------------------------------------------------------------------- the tail
@@ -127,14 +131,9 @@ def write_planned(
     """Write one rank's files of a planned save."""
     fault_point("save.write.before")
     results = write_rank(
-        storage,
-        plan,
-        sources,
-        durable=durable,
-        block_bytes=DEFAULT_BLOCK_BYTES,
-        known_crcs=known,
-        progress=progress,
-    )
+        storage, plan, sources, durable=durable, block_bytes=DEFAULT_BLOCK_BYTES,
+        known_crcs=known, progress=progress,
+    )  # fmt: skip
     fault_point("save.write.after")
     return results
 
@@ -180,14 +179,9 @@ def publish(
     taken = {*plan.tensors, *plan.values}
     layouts = merge_layouts([w.layouts for w in written], plan.world_size, taken)
     manifest = render_manifest(
-        template,
-        plan,
-        results,
-        created=_clock(),
-        block_bytes=DEFAULT_BLOCK_BYTES,
-        library=_library_version(),
-        layouts=layouts,
-    )
+        template, plan, results, created=_clock(), block_bytes=DEFAULT_BLOCK_BYTES,
+        library=_library_version(), layouts=layouts,
+    )  # fmt: skip
     files = [f.name for rank_files in results for f in rank_files]
     if layouts is not None:
         files += [f.name for f in layouts.files] + [t.name for t in layouts.tables]
@@ -278,7 +272,7 @@ class _Round:
         return answer
 
     def _answer(self, raw: bytes | Answer | str) -> Answer | str:
-        return decode_answer(raw, self.coord.rank) if isinstance(raw, bytes) else raw
+        return wireout.decode_answer(raw, self.coord.rank) if isinstance(raw, bytes) else raw
 
     def _message(self, full: bool) -> Shared | Message:
         """This rank's plan message; encoded (:mod:`dckpt._wire`) when it travels, as a
@@ -301,7 +295,7 @@ class _Round:
         messages = [m for m, _ in decoded]
         cached = self.cache.plan(messages, self.storage.file_layout, new_save_id(), keys)
         if cached is None:
-            return [encode_answer(RESEND)] * len(messages)
+            return [wireout.encode_answer(RESEND)] * len(messages)
         previous = self.storage.read_file(MANIFEST_NAME)
         if previous is not None and not self.options.overwrite:
             raise CheckpointExistsError(
@@ -313,7 +307,7 @@ class _Round:
         answers = self.cache.answers(cached)
         if not multi:
             return answers
-        return encode_answers(answers)
+        return wireout.encode_answers(answers)
 
     def write_and_commit(self, answer: Answer) -> None:
         """The write exchange: every rank writes its files, rank 0 commits the manifest."""
@@ -333,7 +327,7 @@ class _Round:
                 self.storage.location,
             )
 
-    def _write(self, answer: Answer) -> RankWritten:
+    def _write(self, answer: Answer) -> bytes | RankWritten:
         self.planned = self.cache.rank_plan(answer)
         assert self.mine is not None  # described in the plan exchange
         mine = self.mine
@@ -341,14 +335,21 @@ class _Round:
         def planned(every: RankPlan) -> None:  # the layout files too, for _abandon
             self.planned = every
 
-        return write_share(
+        written = write_share(
             self.storage, self.planned, mine.offer, mine.sources,
             durable=self.options.durable, known=mine.known, planned=planned,
         )  # fmt: skip
+        if self.leading is not None:
+            # Rank 0 makes a new plan's manifest template while the others still write.
+            self.leading.cached.lazy.get()
+        return wireout.encode_written(written) if self.coord.world_size > 1 else written
 
-    def _reduce_commit(self, written: list[RankWritten]) -> None:
+    def _reduce_commit(self, sent: list[bytes | RankWritten]) -> None:
         assert self.leading is not None  # rank 0 planned this save
         cached, previous = self.leading.cached, self.leading.previous
+        written = [
+            wireout.decode_written(w, r) if isinstance(w, bytes) else w for r, w in enumerate(sent)
+        ]
         durable = self.options.durable
         publish(self.storage, cached.plan, cached.template, written, previous, durable=durable)
 
@@ -442,5 +443,7 @@ def _save_now(request: SaveRequest) -> None:
     coord = request.coordinator("sync")
     storage = request.storage()
     cache = cache_for("sync", request.process_group)
+    # Checksums while describing: a one-rank save plans without them.
+    prepare = functools.partial(request.describe, coord.rank, checksums=coord.world_size > 1)
     with paused_gc():
-        run_save(coord, storage, lambda: request.describe(coord.rank), request.options, cache)
+        run_save(coord, storage, prepare, request.options, cache)

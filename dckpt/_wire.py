@@ -46,7 +46,7 @@ from dckpt._reshard import Box
 
 _SWAP = sys.byteorder != "little"  # the wire is little-endian
 
-OFFER, BRIEF, PLAN, REUSE, RESEND, RESULTS = "O", "B", "P", "U", "S", "R"
+OFFER, BRIEF, PLAN, REUSE, RESEND, RESULTS, WRITTEN = "O", "B", "P", "U", "S", "R", "W"
 
 
 class WireError(CheckpointError):
@@ -201,11 +201,29 @@ def _values_in(raw: object) -> tuple[ValueOffer, ...]:
 
 
 def _layouts_out(offer: RankOffer) -> list[Any]:
-    layouts = [
+    return [entries_out(offer.layouts), [[m.ident.hex(), m.shape] for m in offer.meshes]]
+
+
+def entries_out(entries: Iterable[LayoutOffer]) -> list[Any]:
+    """Layout entries (``LayoutOffer``) as JSON lists."""
+    return [
         [x.key, x.path, x.dtype, x.shape, x.mesh, [astuple(p) for p in x.placements]]
-        for x in offer.layouts
+        for x in entries
     ]
-    return [layouts, [[m.ident.hex(), m.shape] for m in offer.meshes]]
+
+
+def entries_in(raw: object, meshes: int) -> tuple[LayoutOffer, ...]:
+    """Inverse of :func:`entries_out`; every entry's mesh is one of ``meshes``."""
+    if type(raw) is not list or any(type(x) is not list or len(x) != 6 for x in raw):
+        raise ValueError("the layout entries are not a list of 6-lists")
+    out = []
+    for key, path, dtype, shape, mesh, specs in raw:
+        if type(key) is not str or type(mesh) is not int or not 0 <= mesh < meshes:
+            raise ValueError("a layout names a mesh the offer lacks")
+        if dtype not in DTYPE_ITEMSIZE:
+            raise ValueError(f"a layout has an unknown dtype {dtype!r}")
+        out.append(LayoutOffer(key, _path(path), dtype, _shape(shape), mesh, _placements(specs)))
+    return tuple(out)
 
 
 def _layouts_in(raw: object, positions: list[int]) -> dict[str, Any]:
@@ -214,16 +232,12 @@ def _layouts_in(raw: object, positions: list[int]) -> dict[str, Any]:
     layouts, meshes = raw
     if len(meshes) != len(positions):
         raise ValueError("the meshes and this rank's positions in them differ in number")
-    out = []
-    for key, path, dtype, shape, mesh, specs in layouts:
-        if type(key) is not str or type(mesh) is not int or not 0 <= mesh < len(meshes):
-            raise ValueError("a layout names a mesh the offer lacks")
-        out.append(LayoutOffer(key, _path(path), dtype, _shape(shape), mesh, _placements(specs)))
+    out = entries_in(layouts, len(meshes))
     mesh_offers = tuple(
         MeshOffer(bytes.fromhex(ident), _shape(shape), pos)
         for (ident, shape), pos in zip(meshes, positions, strict=True)
     )
-    return {"layouts": tuple(out), "meshes": mesh_offers}
+    return {"layouts": out, "meshes": mesh_offers}
 
 
 def _placements(raw: object) -> tuple[PlacementSpec, ...]:
@@ -290,7 +304,9 @@ def _with_positions(base: RankOffer, own: bytes, rank: int) -> RankOffer:
     return dataclasses.replace(base, rank=rank, meshes=meshes)
 
 
-def _tensors_in(head: list[Any], columns: list[bytes]) -> tuple[TensorOffer, ...]:
+def _columns_in(head: list[Any], columns: list[bytes]) -> tuple[list[Any], ...]:
+    """An offer's tensor columns, checked for length and range: keys, paths, dtypes, then
+    per tensor its dtype index, ndim, sharded flag and chunk count, then dims, boxes, crcs."""
     keys, paths, dtypes = strs(head[0]), _paths(head[1]), strs(head[2])
     if any(name not in DTYPE_ITEMSIZE for name in dtypes):
         raise ValueError(f"unknown dtype among {dtypes}")
@@ -303,6 +319,11 @@ def _tensors_in(head: list[Any], columns: list[bytes]) -> tuple[TensorOffer, ...
         raise ValueError("a dtype index or count is out of range")
     if not set(flags) <= {0, 1}:
         raise ValueError("a sharded flag is neither 0 nor 1")
+    return keys, paths, dtypes, dts, nds, flags, counts, dims, boxes, crcs
+
+
+def _tensors_in(head: list[Any], columns: list[bytes]) -> tuple[TensorOffer, ...]:
+    keys, paths, dtypes, dts, nds, flags, counts, dims, boxes, crcs = _columns_in(head, columns)
     out = []
     d = b = c = 0
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # shapes and boxes repeat: share
@@ -313,6 +334,14 @@ def _tensors_in(head: list[Any], columns: list[bytes]) -> tuple[TensorOffer, ...
         shape = tuple(dims[d : d + nd])
         shape = shapes.setdefault(shape, shape)
         d += nd
+        if nchunks == 1 and crcs[c] == 1:  # a plain tensor's one block: small tensors
+            flat = tuple(boxes[b : b + 2 * nd])
+            b += 2 * nd
+            only = boxed.get(flat) or boxed.setdefault(flat, Box(flat[:nd], flat[nd:]))
+            chunk = ChunkOffer(only, (crcs[c + 1],))
+            c += 2
+            out.append(TensorOffer(key, path, dtypes[dt], shape, bool(sharded), (chunk,)))
+            continue
         chunks = []
         for _ in range(nchunks):
             flat = tuple(boxes[b : b + 2 * nd])
@@ -347,6 +376,9 @@ def _brief_in(header: list[Any], columns: list[bytes], rank: int) -> Brief:
     if len(header) != 2 or len(columns) != 1 or type(header[0]) is not str:
         raise ValueError("not a brief")
     flat = unints(columns[0])
+    counts = flat[0::2]
+    if len(flat) % 2 == 0 and counts.count(1) == len(counts):  # one block each: small tensors
+        return Brief(rank, bytes.fromhex(header[0]), tuple(zip(flat[1::2])), _values_in(header[1]))
     crcs: list[tuple[int, ...] | None] = []
     c = 0
     while c < len(flat):

@@ -3,9 +3,11 @@ write results; see :mod:`dckpt._wire` for the encoding and its checks."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
-from dckpt._plan import FilePlan, FileResult, RankPlan, WriteItem
+from dckpt._layout import LayoutReport, MeshReport
+from dckpt._plan import FilePlan, FileResult, RankPlan, RankWritten, WriteItem
 from dckpt._plancache import RESEND as RESEND_NOTE
 from dckpt._plancache import Answer, Reuse
 from dckpt._reshard import Box
@@ -14,8 +16,11 @@ from dckpt._wire import (
     RESEND,
     RESULTS,
     REUSE,
+    WRITTEN,
     check_fields,
     dump,
+    entries_in,
+    entries_out,
     ints,
     load,
     malformed,
@@ -99,13 +104,16 @@ def _file_in(raw: object, meta_raw: bytes, boxes_raw: bytes) -> FilePlan:
         raise ValueError(f"file plan {name!r} has mismatched columns")
     items = []
     b = 0
-    for i, key in enumerate(keys):
-        nd, offset, nbytes, per_rank = meta[4 * i : 4 * i + 4]
+    boxed: dict[tuple[int, ...], Box] = {}  # boxes repeat (equal shapes): made once
+    for key, nd, offset, nbytes, per_rank in zip(
+        keys, meta[0::4], meta[1::4], meta[2::4], meta[3::4], strict=True
+    ):
         if nd < 0 or offset < 0 or nbytes < 0 or per_rank not in (0, 1):
             raise ValueError(f"file plan {name!r} item {key!r} is out of range")
-        box = Box(tuple(boxes[b : b + nd]), tuple(boxes[b + nd : b + 2 * nd]))
+        flat = tuple(boxes[b : b + 2 * nd])
         b += 2 * nd
-        items.append(WriteItem(key, box, offset, nbytes, bool(per_rank)))
+        box = boxed.get(flat) or boxed.setdefault(flat, Box(flat[:nd], flat[nd:]))
+        items.append(WriteItem(key, box, offset, nbytes, per_rank == 1))
     if b != len(boxes):
         raise ValueError(f"file plan {name!r} has mismatched columns")
     return FilePlan(name, tuple(items), size)
@@ -116,13 +124,18 @@ def _file_in(raw: object, meta_raw: bytes, boxes_raw: bytes) -> FilePlan:
 
 def encode_results(results: Sequence[FileResult]) -> bytes:
     """What a rank reports after writing its files."""
+    header, columns = _results_out(results)
+    return dump(RESULTS, header, *columns)
+
+
+def _results_out(results: Sequence[FileResult]) -> tuple[list[object], list[bytes]]:
     header: list[object] = []
     columns: list[bytes] = []
     for r in results:
         check_fields(r, _RESULT_FIELDS)
         header.append([r.name, r.size])
-        columns += (ints(len(c) for c in r.crcs), ints(x for c in r.crcs for x in c))
-    return dump(RESULTS, header, *columns)
+        columns += (ints(map(len, r.crcs)), ints(itertools.chain.from_iterable(r.crcs)))
+    return header, columns
 
 
 def decode_results(blob: bytes, rank: int) -> list[FileResult]:
@@ -131,9 +144,84 @@ def decode_results(blob: bytes, rank: int) -> list[FileResult]:
     try:
         if tag != RESULTS or len(columns) != 2 * len(header):
             raise ValueError("not a write report")
-        return [_result_in(h, columns[2 * i], columns[2 * i + 1]) for i, h in enumerate(header)]
+        return _results_in(header, columns)
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise malformed(rank, "write results", exc) from None
+
+
+def _results_in(header: list[object], columns: list[bytes]) -> list[FileResult]:
+    return [_result_in(h, columns[2 * i], columns[2 * i + 1]) for i, h in enumerate(header)]
+
+
+_WRITTEN_FIELDS = ("files", "layouts")
+_REPORT_FIELDS = ("rank", "meshes", "entries", "files", "table")
+
+
+def encode_written(written: RankWritten) -> bytes:
+    """A rank's report after writing: its files' results and its layouts' report."""
+    check_fields(written, _WRITTEN_FIELDS)
+    header, columns = _results_out(written.files)
+    report = written.layouts
+    check_fields(report, _REPORT_FIELDS)
+    layouts = None
+    if report is not None:
+        meshes = [[m.ident.hex(), m.shape, m.position, m.entries.hex()] for m in report.meshes]
+        files = [list(f) for f in report.files]
+        table = None if report.table is None else list(report.table)
+        layouts = [report.rank, meshes, entries_out(report.entries), files, table]
+    return dump(WRITTEN, [header, layouts], *columns)
+
+
+def decode_written(blob: bytes, rank: int) -> RankWritten:
+    """Inverse of :func:`encode_written`, for rank ``rank``'s report."""
+    tag, header, columns = load(blob, rank, "write report")
+    try:
+        if tag != WRITTEN or len(header) != 2 or type(header[0]) is not list:
+            raise ValueError("not a write report")
+        if len(columns) != 2 * len(header[0]):
+            raise ValueError("the file results do not match their columns")
+        files = tuple(_results_in(header[0], columns))
+        return RankWritten(files, None if header[1] is None else _report_in(header[1]))
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise malformed(rank, "write report", exc) from None
+
+
+def _report_in(raw: object) -> LayoutReport:
+    if type(raw) is not list or len(raw) != 5 or type(raw[0]) is not int:
+        raise ValueError("a layout report is not [rank, meshes, entries, files, table]")
+    rank, meshes, entries, files, table = raw
+    if type(meshes) is not list or type(files) is not list:
+        raise ValueError("a layout report's meshes or files are not lists")
+    mesh_reports = tuple(
+        MeshReport(bytes.fromhex(ident), _ints(shape), position, bytes.fromhex(digest))
+        for ident, shape, position, digest in meshes
+        if type(position) is int
+    )
+    if len(mesh_reports) != len(meshes):
+        raise ValueError("a mesh position is not an integer")
+    named = tuple((_name(n), _size(s)) for n, s in files)
+    if table is not None:
+        name, size, crc = table
+        table = (_name(name), _size(size), _size(crc))
+    return LayoutReport(rank, mesh_reports, entries_in(entries, len(meshes)), named, table)
+
+
+def _ints(raw: object) -> tuple[int, ...]:
+    if type(raw) is not list or any(type(n) is not int or n < 0 for n in raw):
+        raise ValueError("a shape is not a list of sizes")
+    return tuple(raw)
+
+
+def _name(raw: object) -> str:
+    if type(raw) is not str:
+        raise ValueError("a file name is not a string")
+    return raw
+
+
+def _size(raw: object) -> int:
+    if type(raw) is not int or raw < 0:
+        raise ValueError("a size is not a non-negative integer")
+    return raw
 
 
 def _result_in(raw: object, counts_raw: bytes, flat_raw: bytes) -> FileResult:

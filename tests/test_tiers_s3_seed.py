@@ -174,7 +174,7 @@ def _w_persist_big_then_load_plain(url: str, options: dict[str, Any], base: str)
     mgr = manager(url, base, storage_options=options, persist_every=1, async_save=True)
     mgr.save(1, big_values(1, rank, nbytes))
     mgr.wait()
-    dest = {"big": torch.zeros(nbytes, dtype=torch.uint8), "step": -1}
+    dest: dict[str, Any] = {"big": torch.zeros(nbytes, dtype=torch.uint8), "step": -1}
     plain = dckpt.CheckpointManager(url, storage_options=options, timeout=60.0)
     assert plain.load(dest) == 1
     return bool(torch.equal(dest["big"], big_values(1, rank, nbytes)["big"]))

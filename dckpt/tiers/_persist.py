@@ -44,13 +44,15 @@ log = logging.getLogger("dckpt")
 
 
 class DurableTier:
-    """The durable root: its storage and its cleaner, opened in the background.
+    """The durable root: its storage and its cleaner, opened off the critical path.
 
-    Opening an object-store root imports and sets up its client (seconds for ``s3://``),
-    which a recovery from the local tier needs only to list the durable steps: opening it
-    on a thread from construction on lets that overlap the node map, the group and the
-    local work. ``opened`` (the manager's storage and cleaner, when it opened the root
-    already) skips that."""
+    Opening an object-store root imports and sets up its client (about a second of CPU
+    for ``s3://``). A recovery from the local tier needs it on rank 0 only (to list the
+    durable steps), and a save needs it there first (its file layout), so rank 0
+    (``eager``) opens it on a thread from construction on, overlapping the node map, the
+    group and the local work, while the other ranks open it when they first use it (a
+    persist opens its step's storage by itself), sparing the recovery their CPU.
+    ``opened`` (the manager's storage and cleaner, when it opened the root) skips that."""
 
     def __init__(
         self,
@@ -61,6 +63,7 @@ class DurableTier:
         keep_last: int | None,
         keep_every: int | None,
         timeout: float,
+        eager: bool,
         opened: tuple[Storage, StepCleaner] | None = None,
     ) -> None:
         self.root = root
@@ -69,10 +72,12 @@ class DurableTier:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self._timeout = timeout
+        self._lock = threading.Lock()
         self._opened: Future[tuple[Storage, StepCleaner]] = Future()
+        self._opening = opened is not None or eager  # once True, the future will settle
         if opened is not None:
             self._opened.set_result(opened)
-        else:
+        elif eager:
             threading.Thread(target=self._open, name="dckpt-durable-open", daemon=True).start()
 
     def _open(self) -> None:
@@ -82,13 +87,20 @@ class DurableTier:
         except BaseException as exc:  # raised by the first use, on the caller's thread
             self._opened.set_exception(exc)
 
+    def _resolved(self) -> tuple[Storage, StepCleaner]:
+        with self._lock:
+            opening, self._opening = self._opening, True
+        if not opening:
+            self._open()
+        return self._opened.result()
+
     @property
     def storage(self) -> Storage:
-        return self._opened.result()[0]
+        return self._resolved()[0]
 
     @property
     def cleaner(self) -> StepCleaner:
-        return self._opened.result()[1]
+        return self._resolved()[1]
 
 
 def copy_files(

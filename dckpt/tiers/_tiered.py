@@ -128,6 +128,7 @@ class TieredCheckpoints:
             keep_last=m.keep_last,
             keep_every=m.keep_every,
             timeout=m.timeout,
+            eager=_rank(m.process_group) == 0,
             opened=None if storage is None else (storage, m._cleaner),
         )
         return cls(

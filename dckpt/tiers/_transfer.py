@@ -2,14 +2,15 @@
 
 Both ends know every transfer in advance (names and sizes come from the plan or the
 recovery decision, agreed through the coordinator), so nothing but file bytes crosses the
-group. Files go in pieces of at most :data:`PIECE` bytes, one piece in flight per
-direction: a sender thread reads a piece from the local tier into its buffer and sends
-it, ordered by (destination, name, offset); the calling thread receives, ordered by
-(source, name, offset), and appends each piece to a temporary file beside the file's
-final name. Gloo matches the messages of a pair in posting order, and because a sender's
-order rises with the destination and a receiver's with the source, no cycle of waits can
-form. So a transfer holds two pieces of memory (``2 * PIECE`` bytes), whatever the sizes
-of the files. Given a ``check``, the receiver feeds each piece to the file's checker
+group. Files go in pieces of at most :data:`PIECE` bytes, up to :data:`WINDOW` pieces in
+flight per direction, each in its own buffer: a sender thread reads the next piece from
+the local tier while the previous one travels, ordered by (destination, name, offset);
+the calling thread receives, ordered by (source, name, offset), posting the next receive
+before it appends a piece to a temporary file beside the file's final name. Gloo matches
+the messages of a pair in posting order, and because a sender's order rises with the
+destination and a receiver's with the source, no cycle of waits can form. So a transfer
+holds ``2 * WINDOW`` pieces of memory (64 MiB), whatever the sizes of the files. Given a
+``check``, the receiver feeds each piece to the file's checker
 (the manifest's block checksums, summed as the bytes go by, so nothing is read back):
 a file that fails it is removed and reported in :attr:`Landed.bad`, the others come
 back complete and checked, for the caller to rename into place.
@@ -23,6 +24,7 @@ raises the read error afterwards.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import errno
@@ -42,6 +44,10 @@ from dckpt.tiers._errors import TransferError
 
 #: The largest message, and each end's buffer: bounds a transfer's memory.
 PIECE = 16 << 20
+
+#: Pieces in flight per direction: while one travels, the next is read (sender) or the
+#: last one written and checked (receiver).
+WINDOW = 2
 
 #: Errors of a full device or quota: the local tier's room, not a broken transfer.
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -162,37 +168,62 @@ def _receive(
     """Receive every file in order into a temporary file, checking it on the way; a
     write error other than a full disk is raised once every piece has been drained."""
     timeout, tag = limits
-    buf = _buffer([r.size for r in recvs])
+    ordered = sorted(recvs, key=lambda r: (r.src, r.name))
+    pieces = [(r, start) for r in ordered for start in range(0, r.size, PIECE)]
+    bufs = [_buffer([r.size for r in recvs]) for _ in range(WINDOW)]
+    posted: dict[int, tuple[dist.Work | None, torch.Tensor]] = {}
+
+    def post(i: int) -> None:  # piece i goes into the buffer piece i - WINDOW left
+        if i < len(pieces):
+            r, start = pieces[i]
+            piece = bufs[i % WINDOW][: min(PIECE, r.size - start)]
+            posted[i] = (dist.irecv(piece, group=group, group_src=r.src, tag=tag), piece)
+
+    for i in range(WINDOW):
+        post(i)
     failed: BaseException | None = None
-    for r in sorted(recvs, key=lambda r: (r.src, r.name)):
+    i = 0
+    for r in ordered:
         tmp = part_name(r.name, tag)
         sink = _Sink(storage, tmp)
         checker = None if check is None else check(r.name)
-        for start in range(0, r.size, PIECE):
-            piece = buf[: min(PIECE, r.size - start)]
-            _wait(
-                dist.irecv(piece, group=group, group_src=r.src, tag=tag),
-                f"receiving {r.name} from rank {r.src}",
-                timeout,
-            )
+        for _start in range(0, r.size, PIECE):
+            work, piece = posted.pop(i)
+            _wait(work, f"receiving {r.name} from rank {r.src}", timeout)
             sink.write(piece)
             if checker is not None:
                 checker.feed(as_memoryview(piece.numpy()))
-        error = sink.close()
-        problem = None if checker is None or error is not None else checker.problem()
-        if problem is not None:
-            landed.bad[r.name] = (r.src, problem)
-            with contextlib.suppress(Exception):
-                storage.delete(tmp)
-        elif error is None:
-            landed.staged[r.name] = tmp
-        elif is_space_error(error):
-            assert isinstance(error, OSError)
-            landed.full.append(error)
-        elif failed is None:
-            failed = error
+            post(i + WINDOW)
+            i += 1
+        error = _sort(storage, landed, r, tmp, sink.close(), checker)
+        failed = failed or error
     if failed is not None:
         raise failed
+
+
+def _sort(
+    storage: Storage,
+    landed: Landed,
+    r: Recv,
+    tmp: str,
+    error: BaseException | None,
+    checker: Check | None,
+) -> BaseException | None:
+    """File a received ``tmp`` as staged, damaged or kept out by a full disk; return a
+    write error of another kind."""
+    problem = None if checker is None or error is not None else checker.problem()
+    if problem is not None:
+        landed.bad[r.name] = (r.src, problem)
+        with contextlib.suppress(Exception):
+            storage.delete(tmp)
+    elif error is None:
+        landed.staged[r.name] = tmp
+    elif is_space_error(error):
+        assert isinstance(error, OSError)
+        landed.full.append(error)
+    else:
+        return error
+    return None
 
 
 class _Sink:
@@ -254,16 +285,18 @@ class _Sender(threading.Thread):
     def run(self) -> None:
         group, storage, sends, timeout, tag = self.args
         try:
-            buf = _buffer([s.size for s in sends])
-            for s in sends:
-                for start in range(0, s.size, PIECE):
-                    piece = buf[: min(PIECE, s.size - start)]
-                    self._read(storage, s, start, piece)
-                    _wait(
-                        dist.isend(piece, group=group, group_dst=s.dst, tag=tag),
-                        f"sending {s.name} to rank {s.dst}",
-                        timeout,
-                    )
+            bufs = [_buffer([s.size for s in sends]) for _ in range(WINDOW)]
+            pieces = [(s, start) for s in sends for start in range(0, s.size, PIECE)]
+            inflight: collections.deque[tuple[dist.Work | None, str]] = collections.deque()
+            for i, (s, start) in enumerate(pieces):
+                if len(inflight) == WINDOW:  # its buffer is the one to fill next
+                    _wait(*inflight.popleft(), timeout)
+                piece = bufs[i % WINDOW][: min(PIECE, s.size - start)]
+                self._read(storage, s, start, piece)
+                work = dist.isend(piece, group=group, group_dst=s.dst, tag=tag)
+                inflight.append((work, f"sending {s.name} to rank {s.dst}"))
+            while inflight:
+                _wait(*inflight.popleft(), timeout)
         except BaseException as exc:  # raised on the calling thread by finish()
             self.error = exc
 
