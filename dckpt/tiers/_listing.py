@@ -20,7 +20,7 @@ class TierListing(StepListing):
 
     def entries(self) -> list[StepEntry]:
         """Every step directory under the root (the durable tier), committed or not,
-        ascending by step; see [`StepListing.entries`][dckpt._steps.StepListing.entries].
+        ascending by step, as without tiers.
 
         Raises:
             StorageError: Listing the root or reading a manifest failed.
