@@ -132,6 +132,8 @@ def _matrix_for(protocol: str, tmp_path_factory: pytest.TempPathFactory) -> None
     assert not failures, "\n".join(failures)
 
 
+# The full matrix runs a few hundred cases per protocol: past the suite's 300 s budget.
+@pytest.mark.timeout(3600 if FULL else 300)
 @pytest.mark.parametrize("protocol", _matrix.PROTOCOLS)
 def test_fault_matrix(protocol: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     _matrix_for(protocol, tmp_path_factory)
