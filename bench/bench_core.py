@@ -506,6 +506,7 @@ def probe_targets() -> list[Target]:
             _plancache,
             _read,
             _reader,
+            _request,
             _save,
             _state,
             _write,
@@ -523,8 +524,8 @@ def probe_targets() -> list[Target]:
         return [
             # save
             Target(_save, _save.drain, "save: drain pending async save"),
-            Target(_save, _save.coordinator_for, "save: coordinator_for (store client)"),
-            Target(_save, _save.describe, "save: describe (resolve + chunks)"),
+            Target(_request, _request.coordinator_for, "save: coordinator_for (store client)"),
+            Target(_request, _request.describe, "save: describe (resolve + chunks)"),
             Target(_describe, _describe.resolve, "save:   resolve (get_state_dict + flatten)"),
             Target(_describe, _describe._tensor_offers, "save:   _tensor_offers (chunks)"),
             Target(_save, _save.checksum_plain, "save: checksum_plain (crc of plain tensors)"),

@@ -224,7 +224,7 @@ def engine_gather(own0: Any, blobs: list[bytes]) -> list[Any]:
     sort_outcomes(dict(enumerate(blobs, 1)), values, failures, commons)
     if failures:
         raise RuntimeError(f"frames did not decode: {list(failures.items())[:2]}")
-    return [m for m, _ in decode_messages(values)]
+    return decode_messages(values)
 
 
 def engine_scatter(answers: list[Any]) -> list[bytes]:
@@ -234,19 +234,24 @@ def engine_scatter(answers: list[Any]) -> list[bytes]:
     return [coord_blob(b) for b in encode_answers(answers)]
 
 
-def engine_plan(offers: list[Any]) -> tuple[Any, Any]:
-    """Rank 0's planning: the save plan and its manifest template."""
-    from dckpt._plan import manifest_template, plan_save
+def engine_plan(decoded: list[Any]) -> Any:
+    """Rank 0's planning as ``run_save`` does it (through a fresh plan cache, which
+    leaves each rank the tensors it alone holds): the plan and its manifest template."""
+    from dckpt._plancache import PlanCache
+    from dckpt.storage._base import LOCAL_LAYOUT
 
-    plan = plan_save(offers, "0123456789abcdef0123")
-    return plan, manifest_template(plan)
+    cache = PlanCache()
+    messages, keys = [m for m, _ in decoded], [k for _, k in decoded]
+    cached = cache.plan(messages, LOCAL_LAYOUT, "0123456789abcdef0123", keys)
+    assert cached is not None and cached.template is not None  # the template made now
+    return cache, cached
 
 
-def engine_answers(plan: Any) -> tuple[list[Any], Any]:
+def engine_answers(cache: Any, cached: Any) -> tuple[list[Any], Any]:
     """What rank 0 scatters: each rank's plan (first save), and the reuse note (later)."""
     from dckpt._plancache import Reuse
 
-    return [(1, rp) for rp in plan.ranks], Reuse(1, plan.save_id)
+    return cache.answers(cached), Reuse(cached.serial, cached.plan.save_id)
 
 
 def engine_results(rank_plan: Any, rng: random.Random) -> list[Any]:
@@ -269,21 +274,25 @@ def engine_results(rank_plan: Any, rng: random.Random) -> list[Any]:
     ]
 
 
-def engine_render(plan: Any, template: Any, written: list[Any]) -> bytes:
-    """Rank 0's commit-time work: merge the ranks' layout reports, render the manifest."""
+def engine_render(cached: Any, written: list[Any]) -> bytes:
+    """Rank 0's commit-time work: merge the ranks' layout reports and the entries of
+    tensors ranks hold alone (none in these states), render the manifest."""
     from dckpt._manifest_build import merge_layouts
+    from dckpt._owned import owned_part
     from dckpt._plan import render_manifest
 
-    taken = {*plan.tensors, *plan.values}
+    plan, split = cached.plan, cached.split
+    taken = {*plan.tensors, *plan.values, *split.keys}
     part = merge_layouts([w.layouts for w in written], plan.world_size, taken)
     return render_manifest(
-        template,
+        cached.template,
         plan,
         [w.files for w in written],
         created=1.7e9,
         block_bytes=1 << 20,
         library="dckpt bench",
         layouts=part,
+        owned=owned_part([w.own for w in written], split.own_keys),
     )
 
 
@@ -717,11 +726,12 @@ def child_save(layout: str, world: int, out: str, profile: bool) -> dict[str, An
     rng = random.Random(0)
     with Meter() as m, profiled(profile, f"rank 0, {layout}, W={world}"):
         with m.step("gather"):
-            offers = engine_gather(own0, blobs)
+            decoded = engine_gather(own0, blobs)
         with m.step("plan"):
-            plan, template = engine_plan(offers)
+            cache, cached = engine_plan(decoded)
+            plan = cached.plan
         with m.step("scatter"):
-            firsts, reuse = engine_answers(plan)
+            firsts, reuse = engine_answers(cache, cached)
             answers = engine_scatter(firsts[1:])
         # The ranks write, then report; rank 0 receives their reports (not its own work).
         lw = LayoutWriter(offer0, world, plan.save_id, _load_writers(layout, world, offer0))
@@ -732,7 +742,7 @@ def child_save(layout: str, world: int, out: str, profile: bool) -> dict[str, An
         ]
         with m.step("render"):
             written = [written0] + [blob_payload(b) for b in reports]
-            manifest = engine_render(plan, template, written)
+            manifest = engine_render(cached, written)
     with open(out, "wb") as f:
         f.write(manifest)
     lw.write_tables(out + ".tables")
@@ -756,7 +766,7 @@ def child_save(layout: str, world: int, out: str, profile: bool) -> dict[str, An
         # what most ranks send in the plan exchange: a reference when a peer holds the same
         "send_typical": sorted(len(b) for b in blobs)[len(blobs) // 2],
         "recv_typical": sorted(len(a) for a in answers)[len(answers) // 2],
-        "chunks": sum(len(t.chunks) for o in offers for t in o.tensors),
+        "chunks": sum(len(t.chunks) for m, _ in decoded for t in m.full().tensors),
     }
 
 

@@ -37,7 +37,8 @@ from dckpt._errors import CheckpointTimeoutError
 from dckpt._gc import paused_gc
 from dckpt._inflight import AsyncSaveHandle, claim, current, drain, join, track
 from dckpt._plancache import PlanCache, cache_for
-from dckpt._save import SaveOptions, SaveRequest, run_save
+from dckpt._request import SaveOptions, SaveRequest
+from dckpt._save import run_save
 from dckpt._staging import ChunkId, StagingPool
 from dckpt.storage import Storage
 

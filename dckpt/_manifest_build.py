@@ -15,7 +15,7 @@ import math
 from collections.abc import Collection, Iterable, Sequence
 
 from dckpt._errors import UnsupportedStateError
-from dckpt._format import FileRecord, TableRecord
+from dckpt._format import ChunkRecord, FileRecord, Manifest, TableRecord, TensorEntry
 from dckpt._layout import (
     Layout,
     LayoutOffer,
@@ -29,7 +29,7 @@ from dckpt._layout import (
     writer_coordinate,
 )
 from dckpt._manifest_text import json_str, layout_entry_text
-from dckpt._plan import LayoutPart, RankOffer
+from dckpt._plan import FileResult, LayoutPart, RankOffer, SavePlan
 
 
 def entries_digest(entries: Iterable[LayoutOffer]) -> bytes:
@@ -170,3 +170,55 @@ def _mesh(shape: tuple[int, ...], slots: list[int | None]) -> MeshRecord:
             "rank of their mesh"
         )
     return MeshRecord(shape, tuple(r for r in slots if r is not None))
+
+
+def _ordered(chunks: list[ChunkRecord]) -> tuple[ChunkRecord, ...]:
+    if len(chunks) < 2:  # the common case, and sorting 1-lists costs at 100k tensors
+        return tuple(chunks)
+    return tuple(sorted(chunks, key=lambda c: (c.rank or 0, c.offsets)))
+
+
+def build_manifest(
+    plan: SavePlan,
+    results: Sequence[Sequence[FileResult]],
+    *,
+    created: float,
+    block_bytes: int,
+    library: str,
+) -> Manifest:
+    """The manifest of a finished save: the plan plus what the writers measured."""
+    chunks: dict[str, list[ChunkRecord]] = {k: [] for k in plan.tensors}
+    files: list[FileRecord] = []
+    for rank_plan, rank_results in zip(plan.ranks, results, strict=True):
+        by_name = {r.name: r for r in rank_results}
+        for fp in rank_plan.files:
+            res = by_name[fp.name]
+            if res.size != fp.size or len(res.crcs) != len(fp.items):
+                raise RuntimeError(f"writer result for {fp.name} does not match its plan")
+            files.append(FileRecord(fp.name, fp.size))
+            for item, crcs in zip(fp.items, res.crcs, strict=True):
+                chunks[item.key].append(
+                    ChunkRecord(
+                        item.box.offsets,
+                        item.box.sizes,
+                        fp.name,
+                        item.offset,
+                        item.nbytes,
+                        crcs,
+                        rank_plan.rank if item.per_rank else None,
+                    )
+                )
+    tensors = {
+        key: TensorEntry(meta.path, meta.dtype, meta.shape, _ordered(chunks[key]), meta.per_rank)
+        for key, meta in sorted(plan.tensors.items())
+    }
+    return Manifest(
+        save_id=plan.save_id,
+        world_size=plan.world_size,
+        created=created,
+        files=tuple(sorted(files, key=lambda f: f.name)),
+        tensors=tensors,
+        values=dict(sorted(plan.values.items())),
+        block_bytes=block_bytes,
+        library=library,
+    )

@@ -12,19 +12,17 @@ import bisect
 import heapq
 import itertools
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dckpt._errors import UnsupportedStateError
 from dckpt._format import (
     ALIGNMENT,
     LAYOUT_VERSION,
-    ChunkRecord,
     FileRecord,
     Manifest,
     PathPart,
     TableRecord,
-    TensorEntry,
     ValueEntry,
     data_dir,
 )
@@ -132,11 +130,24 @@ class FileResult:
 
 
 @dataclass(frozen=True, slots=True)
+class OwnReport:
+    """A rank's entries of the tensors it alone holds (``dckpt._owned``), after writing:
+    their text (``key:{...}`` joined by commas, in key order), where each entry starts in
+    it, and the files that hold them."""
+
+    text: str
+    starts: tuple[int, ...]
+    files: tuple[tuple[str, int], ...]  # (name, size)
+
+
+@dataclass(frozen=True, slots=True)
 class RankWritten:
-    """One rank's message to rank 0 after writing: its planned files, and its layouts."""
+    """One rank's message to rank 0 after writing: its planned files, its layouts, and
+    the tensors it alone holds."""
 
     files: tuple[FileResult, ...]
     layouts: LayoutReport | None = None
+    own: OwnReport | None = None
 
 
 def plan_save(
@@ -152,7 +163,7 @@ def plan_save(
         key: TensorMeta(path, dtype, shape, key in per_rank)
         for key, (path, dtype, shape) in metas.items()
     }
-    ranks = tuple(_layout_rank(save_id, r, assigned[r], layout) for r in range(world))
+    ranks = tuple(layout_rank(save_id, r, assigned[r], layout) for r in range(world))
     values = plan_values(offers)
     clash = set(values) & set(tensors)
     if clash:
@@ -161,12 +172,15 @@ def plan_save(
     return SavePlan(save_id, world, ranks, tensors, values)
 
 
-def _layout_rank(
+def layout_rank(
     save_id: str,
     rank: int,
     items: list[tuple[str, Box, int, bool]],
     layout: FileLayout,
+    *,
+    stem: str = "",
 ) -> RankPlan:
+    """``rank``'s items in files ``r<rank>-<stem><i>.bin``, each at its aligned offset."""
     total = sum(map(_NBYTES, items))
     nfiles = max(1, min(layout.max_files, -(-total // layout.target_bytes)))
     per_file: list[list[tuple[str, Box, int, bool]]] = [items]
@@ -190,7 +204,7 @@ def _layout_rank(
             pos = -(-pos // ALIGNMENT) * ALIGNMENT  # align(), inline: one call per chunk
             out.append(WriteItem(key, box, pos, nbytes, per_rank))
             pos += nbytes
-        files.append(FilePlan(f"{data_dir(save_id)}/r{rank}-{f}.bin", tuple(out), pos))
+        files.append(FilePlan(f"{data_dir(save_id)}/r{rank}-{stem}{f}.bin", tuple(out), pos))
     return RankPlan(save_id, rank, tuple(files))
 
 
@@ -207,8 +221,7 @@ def _size_order(item: tuple[str, Box, int, bool]) -> tuple[int, str, tuple[int, 
 
 def renamed(plan: RankPlan, save_id: str) -> RankPlan:
     """The same layout under another save id (its files live in that save's directory)."""
-    old = data_dir(plan.save_id) + "/"
-    new = data_dir(save_id) + "/"
+    old, new = data_dir(plan.save_id) + "/", data_dir(save_id) + "/"
     files = tuple(FilePlan(new + f.name.removeprefix(old), f.items, f.size) for f in plan.files)
     return RankPlan(save_id, plan.rank, files)
 
@@ -217,58 +230,6 @@ def with_save_id(plan: SavePlan, save_id: str, offers: Sequence[RankOffer]) -> S
     """A cached plan under a new save id, with this save's (fresh) values."""
     ranks = tuple(renamed(r, save_id) for r in plan.ranks)
     return SavePlan(save_id, plan.world_size, ranks, plan.tensors, plan_values(offers))
-
-
-def _ordered(chunks: list[ChunkRecord]) -> tuple[ChunkRecord, ...]:
-    if len(chunks) < 2:  # the common case, and sorting 1-lists costs at 100k tensors
-        return tuple(chunks)
-    return tuple(sorted(chunks, key=lambda c: (c.rank or 0, c.offsets)))
-
-
-def build_manifest(
-    plan: SavePlan,
-    results: Sequence[Sequence[FileResult]],
-    *,
-    created: float,
-    block_bytes: int,
-    library: str,
-) -> Manifest:
-    """The manifest of a finished save: the plan plus what the writers measured."""
-    chunks: dict[str, list[ChunkRecord]] = {k: [] for k in plan.tensors}
-    files: list[FileRecord] = []
-    for rank_plan, rank_results in zip(plan.ranks, results, strict=True):
-        by_name = {r.name: r for r in rank_results}
-        for fp in rank_plan.files:
-            res = by_name[fp.name]
-            if res.size != fp.size or len(res.crcs) != len(fp.items):
-                raise RuntimeError(f"writer result for {fp.name} does not match its plan")
-            files.append(FileRecord(fp.name, fp.size))
-            for item, crcs in zip(fp.items, res.crcs, strict=True):
-                chunks[item.key].append(
-                    ChunkRecord(
-                        item.box.offsets,
-                        item.box.sizes,
-                        fp.name,
-                        item.offset,
-                        item.nbytes,
-                        crcs,
-                        rank_plan.rank if item.per_rank else None,
-                    )
-                )
-    tensors = {
-        key: TensorEntry(meta.path, meta.dtype, meta.shape, _ordered(chunks[key]), meta.per_rank)
-        for key, meta in sorted(plan.tensors.items())
-    }
-    return Manifest(
-        save_id=plan.save_id,
-        world_size=plan.world_size,
-        created=created,
-        files=tuple(sorted(files, key=lambda f: f.name)),
-        tensors=tensors,
-        values=dict(sorted(plan.values.items())),
-        block_bytes=block_bytes,
-        library=library,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,8 +307,7 @@ def _chunk_texts(plan: SavePlan) -> dict[str, list[_Chunk]]:
     return out
 
 
-def _order(chunk: _Chunk) -> tuple[int, tuple[int, ...]]:
-    return chunk[0]
+_order = operator.itemgetter(0)  # a chunk's order in its entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +320,27 @@ class LayoutPart:
     tables: tuple[TableRecord, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class OwnedPart:
+    """Tensors their one holder rendered itself (``dckpt._owned``)."""
+
+    entries: Callable[[], Sequence[tuple[str, str]]]  # (key, encoded entry), sorted by key
+    files: tuple[FileRecord, ...]
+    # Whole comma-joined runs in key order when the ranks' keys do not interleave.
+    runs: tuple[str, ...] = ()
+    bounds: tuple[str, str] | None = None
+
+    def text_alone(self, others: Sequence[str]) -> tuple[str, bool] | None:
+        """The entries' text, and whether it goes before every key of ``others`` (sorted),
+        when it goes whole before or after them all; else None."""
+        if self.bounds is None:
+            return None
+        at = bisect.bisect_left(others, self.bounds[0])
+        if at != bisect.bisect_right(others, self.bounds[1]) or 0 < at < len(others):
+            return None
+        return ",".join(self.runs), at == 0
+
+
 def render_manifest(
     template: ManifestTemplate,
     plan: SavePlan,
@@ -369,15 +350,25 @@ def render_manifest(
     block_bytes: int,
     library: str,
     layouts: LayoutPart | None = None,
+    owned: OwnedPart | None = None,
 ) -> bytes:
     """``manifest_to_bytes(build_manifest(...))`` for a plan with a template (a test holds
-    them equal), at a fraction of the cost; with ``layouts``, a version 2 manifest."""
-    files, crcs = _checked(plan, results)
-    texts = template.texts if layouts is None else _with_entries(template, layouts.entries)
-    middle = f'],"file":"{data_dir(plan.save_id)}/'
-    ordered = [crcs[i] for i in template.sources]
-    pieces = itertools.chain.from_iterable(zip(texts, ordered, itertools.repeat(middle)))
-    text = "".join(itertools.chain(pieces, texts[-1:]))
+    them equal), at a fraction of the cost; with ``layouts``, a version 2 manifest; with
+    ``owned``, the entries and files of tensors their ranks rendered."""
+    files, crcs = _checked(plan.ranks, results)
+    entries: Sequence[tuple[str, str]] = () if layouts is None else layouts.entries
+    alone = None  # the owned entries' text, when it goes whole before or after the rest
+    if owned is not None:
+        files.extend(owned.files)
+        alone = owned.text_alone(template.keys) if not entries else None
+        if alone is None:
+            more = owned.entries()
+            entries = list(heapq.merge(entries, more)) if entries else more
+    texts = _with_entries(template, entries) if entries else template.texts
+    text, _ = _joined(texts, [crcs[i] for i in template.sources], plan.save_id, ())
+    if alone is not None and alone[0]:  # whole runs, before or after the template's keys
+        own_text, before = alone
+        text = (own_text + "," + text if before else text + "," + own_text) if text else own_text
     if layouts is not None:
         files.extend(layouts.files)
     head = Manifest(
@@ -396,14 +387,40 @@ def render_manifest(
     return assemble(head, text)
 
 
+def render_entries(
+    template: ManifestTemplate, plan: RankPlan, results: Sequence[FileResult]
+) -> tuple[str, tuple[int, ...]]:
+    """The tensor entries of a one-rank template (``key:{...}`` joined by commas) and
+    where each entry starts in that text."""
+    _, crcs = _checked((plan,), (results,))
+    return _joined(
+        template.texts, [crcs[i] for i in template.sources], plan.save_id, template.starts
+    )
+
+
+def _joined(
+    texts: Sequence[str], crcs: list[str], save_id: str, starts: Sequence[tuple[int, int]]
+) -> tuple[str, tuple[int, ...]]:
+    """The template's texts with each chunk's checksums and file directory between them;
+    ``starts`` (text index, position) become positions in the result."""
+    middle = f'],"file":"{data_dir(save_id)}/'
+    pieces = list(itertools.chain.from_iterable(zip(texts, crcs, itertools.repeat(middle))))
+    pieces += texts[-1:]
+    at: tuple[int, ...] = ()
+    if starts:  # text j starts after 3 j pieces
+        ends = list(itertools.accumulate(map(len, pieces), initial=0))
+        at = tuple(ends[3 * j] + pos for j, pos in starts)
+    return "".join(pieces), at
+
+
 def _checked(
-    plan: SavePlan, results: Sequence[Sequence[FileResult]]
+    ranks: Sequence[RankPlan], results: Sequence[Sequence[FileResult]]
 ) -> tuple[list[FileRecord], list[str]]:
     """The files the writers report, checked against the plan, and the text of every
     chunk's checksums in plan order."""
     files: list[FileRecord] = []
     crcs: list[str] = []
-    for rank_plan, rank_results in zip(plan.ranks, results, strict=True):
+    for rank_plan, rank_results in zip(ranks, results, strict=True):
         if len(rank_results) != len(rank_plan.files):
             raise RuntimeError(f"rank {rank_plan.rank} reported {len(rank_results)} files")
         for fp, res in zip(rank_plan.files, rank_results, strict=True):

@@ -19,20 +19,24 @@ None; rank 0 then answers :data:`RESEND` and every rank sends its full offer.
 Messages and answers travel encoded (``dckpt._wire``, ``dckpt._wireout``), and ranks
 with equal messages send one copy between them; rank 0 decodes each distinct message
 once, so here and in the planner such ranks share their tuples and are looked at once.
+On more than one rank, a full offer reaches rank 0 as a :class:`Held` whose tensors are
+made only for the keys another rank holds too: the others each rank plans itself
+(:mod:`dckpt._owned`), and a plan's answer tells the rank which of its tensors those are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch.distributed as dist
 
-from dckpt._errors import CheckpointError
+from dckpt._errors import CheckpointError, UnsupportedStateError
+from dckpt._owned import OwnPlan, OwnRanges, Split, indices_of, plan_own, split
 from dckpt._plan import (
     ChunkOffer,
     ManifestTemplate,
@@ -75,8 +79,43 @@ class Reuse:
     save_id: str
 
 
-Message = RankOffer | Brief  # what a rank sends rank 0
-Answer = tuple[int, RankPlan] | Reuse  # what rank 0 sends a rank: (serial, its plan) or a note
+class TensorSource(Protocol):
+    """A full offer's tensors as rank 0 keeps them: their keys, and objects on demand."""
+
+    @property
+    def keys(self) -> Sequence[str]:
+        """Every tensor's key, in offer order."""
+
+    def select(self, indices: tuple[int, ...] | None) -> tuple[TensorOffer, ...]:
+        """The tensors at ``indices`` (increasing; None: all)."""
+
+
+class _Tensors:
+    """A :class:`RankOffer`'s own tuple as a source (one-process saves, direct callers)."""
+
+    def __init__(self, tensors: tuple[TensorOffer, ...]) -> None:
+        self.tensors = tensors
+        self.keys = [t.key for t in tensors]
+
+    def select(self, indices: tuple[int, ...] | None) -> tuple[TensorOffer, ...]:
+        return self.tensors if indices is None else tuple(self.tensors[i] for i in indices)
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A full offer as it reaches rank 0 over the wire: everything but its tensors, which
+    are materialized only for the keys rank 0 plans (:mod:`dckpt._owned`)."""
+
+    offer: RankOffer  # with no tensors
+    tensors: TensorSource
+
+    def full(self) -> RankOffer:
+        return dataclasses.replace(self.offer, tensors=self.tensors.select(None))
+
+
+Message = RankOffer | Held | Brief  # what a rank sends rank 0
+#: What rank 0 sends a rank: (serial, its plan, its own tensors) or a reuse note.
+Answer = tuple[int, RankPlan, OwnRanges] | Reuse
 
 
 class LazyTemplate:
@@ -99,12 +138,13 @@ class LazyTemplate:
 
 @dataclass(frozen=True, slots=True)
 class CachedPlan:
-    """A save plan with its cache serial and manifest template (neither depends on the
-    save id, so a reused plan renamed for a new save keeps both)."""
+    """A save plan with its cache serial, manifest template and which tensors each rank
+    writes alone (none depends on the save id, so a reused plan renamed keeps them)."""
 
     serial: int
     plan: SavePlan
     lazy: LazyTemplate
+    split: Split
 
     @property
     def template(self) -> ManifestTemplate:
@@ -121,15 +161,18 @@ class PlanCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # rank 0's side: plan() and answers() vs. bookkeeping
-        self._offers: OrderedDict[tuple[int, bytes], RankOffer] = OrderedDict()
+        self._offers: OrderedDict[tuple[int, bytes], Held] = OrderedDict()
         self._plans: OrderedDict[_PlanKey, CachedPlan] = OrderedDict()
         self._serial = 0
         self._sent: dict[int, set[int]] = {}  # rank -> serials of the plans it holds
+        self._splits: OrderedDict[tuple[bytes, ...], tuple[Split, list[tuple[int, ...] | None]]]
+        self._splits = OrderedDict()  # by every rank's structure key: what each writes alone
         self._my_keys: OrderedDict[bytes, None] = OrderedDict()
-        self._my_plans: OrderedDict[int, RankPlan] = OrderedDict()
+        self._my_plans: OrderedDict[int, tuple[RankPlan, OwnRanges]] = OrderedDict()
+        self._my_own: OrderedDict[int, OwnPlan | None] = OrderedDict()
 
     # -- every rank -------------------------------------------------------------------
-    def message(self, offer: RankOffer, key: bytes, *, brief: bool) -> Message:
+    def message(self, offer: RankOffer, key: bytes, *, brief: bool) -> RankOffer | Brief:
         """What this rank sends to plan a save: a brief when allowed and this structure
         (``key``) was committed before, else the full offer."""
         if brief and key in self._my_keys:
@@ -139,7 +182,8 @@ class PlanCache:
     def received(self, answer: Answer) -> None:
         """Keep a plan rank 0 sent, for later saves of the same structure."""
         if isinstance(answer, tuple):
-            _remember(self._my_plans, answer[0], answer[1], MAX_PLANS)
+            _remember(self._my_plans, answer[0], (answer[1], answer[2]), MAX_PLANS)
+            self._my_own.pop(answer[0], None)
 
     def rank_plan(self, answer: Answer) -> RankPlan:
         """This rank's plan; a rank whose cached plan is not the one rank 0 meant fails."""
@@ -151,8 +195,22 @@ class PlanCache:
                     "the save was abandoned and the next one will plan afresh"
                 )
             self._my_plans.move_to_end(answer.serial)  # same recency order as rank 0's
-            return renamed(mine, answer.save_id)
+            return renamed(mine[0], answer.save_id)
         return answer[1]
+
+    def own_plan(
+        self, answer: Answer, offer: RankOffer, layout: FileLayout, world_size: int
+    ) -> OwnPlan | None:
+        """The layout of the tensors this rank writes alone (made once per plan)."""
+        serial = answer.serial if isinstance(answer, Reuse) else answer[0]
+        save_id = answer.save_id if isinstance(answer, Reuse) else answer[1].save_id
+        if serial in self._my_own:
+            own = self._my_own[serial]
+            return None if own is None else own.renamed(save_id)
+        ranges = self._my_plans[serial][1] if isinstance(answer, Reuse) else answer[2]
+        own = plan_own(offer, ranges, save_id, layout, world_size)
+        _remember(self._my_own, serial, own, MAX_PLANS)
+        return own
 
     def committed(self, key: bytes, leading: CachedPlan | None, world_size: int) -> None:
         """After a commit: this rank's structure ``key`` is known to rank 0, and rank 0
@@ -185,26 +243,31 @@ class PlanCache:
 
         ``keys``: each message's structure key as its sender computed it (else computed
         here, per full offer). Ranks whose messages share their tuples (decoded once, see
-        ``dckpt._wire``) are looked at once."""
+        ``dckpt._wire``) are looked at once. On more than one rank, the tensors a rank
+        holds alone are left to it (:mod:`dckpt._owned`): the plan covers the others."""
         with self._lock:
             expanded = self._expand(messages, keys)
             if expanded is None:
                 return None
-            bases, crcs, keys, values = expanded
+            helds, sent, keys, values = expanded
+            parts, shared = self._split(helds, keys)
+            bases, crcs = _planned(helds, sent, shared)
             cache_key = (tuple(keys), _divergent(bases, crcs), layout)
             cached = self._plans.get(cache_key)
             if cached is not None:
                 self._plans.move_to_end(cache_key)
                 plan = with_save_id(cached.plan, save_id, values)
-                return CachedPlan(cached.serial, plan, cached.lazy)
+                _no_clash(plan, parts)
+                return CachedPlan(cached.serial, plan, cached.lazy, parts)
             memo: dict[tuple[int, int], tuple[TensorOffer, ...]] = {}
             offers = [
                 _with_crcs(b, c, v.values, memo) if isinstance(m, Brief) else b
                 for b, c, m, v in zip(bases, crcs, messages, values, strict=True)
             ]
             plan = plan_save(offers, save_id, layout=layout)
+            _no_clash(plan, parts)
             self._serial += 1
-            fresh = CachedPlan(self._serial, plan, LazyTemplate(plan))
+            fresh = CachedPlan(self._serial, plan, LazyTemplate(plan), parts)
             self._plans[cache_key] = fresh
             while len(self._plans) > MAX_PLANS:
                 self._plans.popitem(last=False)
@@ -216,39 +279,104 @@ class PlanCache:
             return [
                 Reuse(cached.serial, cached.plan.save_id)
                 if cached.serial in self._sent.get(r.rank, ())
-                else (cached.serial, r)
+                else (cached.serial, r, cached.split.own[r.rank])
                 for r in cached.plan.ranks
             ]
 
     def _expand(
         self, messages: Sequence[Message], sent_keys: Sequence[bytes] | None
-    ) -> tuple[list[RankOffer], list[Crcs], list[bytes], list[RankOffer]] | None:
-        """Per rank: its full offer (from the cache for a brief), this save's checksums,
-        its structure key and this save's values; None when a brief's offer is gone."""
-        bases: list[RankOffer] = []
-        crcs: list[Crcs] = []
+    ) -> tuple[list[Held], list[Crcs | None], list[bytes], list[RankOffer]] | None:
+        """Per rank: its full offer (from the cache for a brief), this save's checksums
+        (a brief's; None: the offer's own), its structure key and this save's values;
+        None when a brief's offer is gone."""
+        helds: list[Held] = []
+        crcs: list[Crcs | None] = []
         keys: list[bytes] = []
         values: list[RankOffer] = []
-        crcs_memo: dict[int, Crcs] = {}
+        local: dict[int, _Tensors] = {}  # equal tuples, one source: the planner groups them
         for i, m in enumerate(messages):
             if isinstance(m, Brief):
                 base = self._offers.get((m.rank, m.key))
                 if base is None:
                     return None
-                bases.append(base)
+                helds.append(base)
                 crcs.append(m.crcs)
                 keys.append(m.key)
                 values.append(RankOffer(m.rank, (), m.values))
+                continue
+            if isinstance(m, RankOffer):
+                source = local.get(id(m.tensors)) or local.setdefault(
+                    id(m.tensors), _Tensors(m.tensors)
+                )
+                key = structure_key(m) if sent_keys is None else sent_keys[i]
+                m = Held(dataclasses.replace(m, tensors=()), source)
             else:
-                keys.append(structure_key(m) if sent_keys is None else sent_keys[i])
-                _remember(self._offers, (m.rank, keys[-1]), m, MAX_PLANS * len(messages))
-                bases.append(m)
-                known = crcs_memo.get(id(m.tensors))
-                if known is None:
-                    known = crcs_memo[id(m.tensors)] = crcs_of(m)
-                crcs.append(known)
-                values.append(m)
-        return bases, crcs, keys, values
+                key = structure_key(m.full()) if sent_keys is None else sent_keys[i]
+            keys.append(key)
+            _remember(self._offers, (m.offer.rank, key), m, MAX_PLANS * len(messages))
+            helds.append(m)
+            crcs.append(None)
+            values.append(m.offer)
+        return helds, crcs, keys, values
+
+    def _split(
+        self, helds: list[Held], keys: list[bytes]
+    ) -> tuple[Split, list[tuple[int, ...] | None]]:
+        """Which tensors each rank holds alone, and per rank the indices of the others
+        (None: all of them); a one-rank save plans everything itself."""
+        memo = self._splits.get(tuple(keys))
+        if memo is not None:
+            self._splits.move_to_end(tuple(keys))
+            return memo
+        index: dict[int, int] = {}
+        sources = [index.setdefault(id(h.tensors), len(index)) for h in helds]
+        distinct = {i: h.tensors for i, h in zip(sources, helds, strict=True)}
+        key_lists = [distinct[i].keys for i in range(len(distinct))]
+        if len(helds) == 1:
+            parts = Split(((),), ((),), Counter(key_lists[0]))
+        else:
+            parts = split(key_lists, sources)
+        shared = [
+            _others(own, len(h.tensors.keys)) for own, h in zip(parts.own, helds, strict=True)
+        ]
+        _remember(self._splits, tuple(keys), (parts, shared), MAX_PLANS)
+        return parts, shared
+
+
+def _others(own: OwnRanges, count: int) -> tuple[int, ...] | None:
+    """The indices not in ``own``; None when that is all of them."""
+    if not own:
+        return None
+    mine = set(indices_of(own))
+    return tuple(i for i in range(count) if i not in mine)
+
+
+def _planned(
+    helds: list[Held], sent: list[Crcs | None], shared: list[tuple[int, ...] | None]
+) -> tuple[list[RankOffer], list[Crcs]]:
+    """Per rank: its offer with the tensors rank 0 plans, and their checksums this save."""
+    bases: list[RankOffer] = []
+    crcs: list[Crcs] = []
+    crcs_memo: dict[int, Crcs] = {}
+    for held, cs, which in zip(helds, sent, shared, strict=True):
+        tensors = held.tensors.select(which)
+        bases.append(dataclasses.replace(held.offer, tensors=tensors))
+        if cs is None:
+            known = crcs_memo.get(id(tensors))
+            if known is None:
+                known = crcs_memo[id(tensors)] = crcs_of(bases[-1])
+            crcs.append(known)
+        else:
+            crcs.append(cs if which is None else tuple(cs[i] for i in which))
+    return bases, crcs
+
+
+def _no_clash(plan: SavePlan, parts: Split) -> None:
+    clash = [k for k in plan.values if k in parts.keys]
+    if clash:
+        raise UnsupportedStateError(
+            f"key {sorted(clash)[0]!r} is a tensor on some ranks and a value on others"
+        )
 
 
 def crcs_of(offer: RankOffer) -> Crcs:

@@ -5,7 +5,7 @@ describes its state (:mod:`dckpt._describe`) and rank 0 plans the files, from th
 cache when the structure is unchanged (:mod:`dckpt._plancache`). In the second ("write")
 every rank writes its files and rank 0 renders the manifest and commits it
 (:mod:`dckpt._commit`); a failed write or commit is cleaned up on every rank.
-:func:`write_planned` and :func:`publish` are the save's tail, shared with the
+:func:`write_share` and :func:`publish` are the save's tail, shared with the
 one-process save of ``convert`` (:func:`save_alone`).
 """
 
@@ -25,16 +25,16 @@ from typing import Any
 import torch.distributed as dist
 
 from dckpt import _wireout as wireout
-from dckpt._args import check_save
 from dckpt._commit import abandon, commit, commit_uncertain
-from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator, Shared, coordinator_for
-from dckpt._describe import Description, checksum_plain, describe
+from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator, Shared
+from dckpt._describe import Description, checksum_plain
 from dckpt._errors import CheckpointExistsError
 from dckpt._faults import fault_point
 from dckpt._format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, data_dir
 from dckpt._gc import gc_paused, paused_gc
 from dckpt._inflight import drain
 from dckpt._manifest_build import merge_layouts
+from dckpt._owned import OwnPlan, Split, owned_part
 from dckpt._plan import (
     FilePlan,
     FileResult,
@@ -48,11 +48,12 @@ from dckpt._plan import (
     render_manifest,
     structure_key,
 )
-from dckpt._plancache import RESEND, Answer, CachedPlan, Message, PlanCache, cache_for
+from dckpt._plancache import RESEND, Answer, Brief, CachedPlan, PlanCache, cache_for
+from dckpt._request import SaveOptions, SaveRequest
 from dckpt._version import __version__
 from dckpt._wire import decode_messages, encode_message
 from dckpt._write import KnownCrcs, SourceMap, finish_layouts, with_layout_files, write_rank
-from dckpt.storage import FileLayout, Storage, open_storage
+from dckpt.storage import FileLayout, Storage
 
 _log = logging.getLogger("dckpt")
 _clock = time.time  # replaced by the golden-format tests for byte-identical output
@@ -67,75 +68,7 @@ def new_save_id() -> str:
     return f"{time.time_ns():x}{secrets.token_hex(4)}"
 
 
-@dataclass(frozen=True)
-class SaveOptions:
-    overwrite: bool = False
-    durable: bool = True
-
-
-@dataclass(frozen=True)
-class SaveRequest:
-    """The arguments ``save`` and ``async_save`` share, checked when it is made."""
-
-    state: Mapping[str, Any]
-    path: str | os.PathLike[str]
-    process_group: dist.ProcessGroup | None
-    overwrite: bool
-    durable: bool
-    timeout: float
-    allow_pickle: bool
-    storage_options: dict[str, Any] | None
-
-    def __post_init__(self) -> None:
-        check_save(
-            state=self.state,
-            path=self.path,
-            process_group=self.process_group,
-            timeout=self.timeout,
-            storage_options=self.storage_options,
-            allow_pickle=self.allow_pickle,
-            overwrite=self.overwrite,
-            durable=self.durable,
-        )
-
-    @property
-    def options(self) -> SaveOptions:
-        return SaveOptions(overwrite=self.overwrite, durable=self.durable)
-
-    def coordinator(self, namespace: str) -> Coordinator | LocalCoordinator:
-        return coordinator_for(self.process_group, timeout=self.timeout, namespace=namespace)
-
-    def storage(self) -> Storage:
-        return open_storage(self.path, self.storage_options)
-
-    def describe(self, rank: int, *, checksums: bool = False) -> Description:
-        """This rank's state described; ``checksums`` only where the save writes from
-        the described tensors themselves (not from staged copies)."""
-        return describe(
-            self.state, rank, allow_pickle=self.allow_pickle, layouts=True, checksums=checksums
-        )
-
-
 # ----------------------------------------------------------------------------- the tail
-
-
-def write_planned(
-    storage: Storage,
-    plan: RankPlan,
-    sources: SourceMap,
-    *,
-    durable: bool,
-    known: KnownCrcs | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> list[FileResult]:
-    """Write one rank's files of a planned save."""
-    fault_point("save.write.before")
-    results = write_rank(
-        storage, plan, sources, durable=durable, block_bytes=DEFAULT_BLOCK_BYTES,
-        known_crcs=known, progress=progress,
-    )  # fmt: skip
-    fault_point("save.write.after")
-    return results
 
 
 def write_share(
@@ -148,11 +81,13 @@ def write_share(
     known: KnownCrcs | None = None,
     progress: Callable[[int], None] | None = None,
     planned: Callable[[RankPlan], None] | None = None,
+    own: OwnPlan | None = None,
 ) -> RankWritten:
-    """Write one rank's share of a save: its planned files, and the shards of its layout
-    tensors with their table (``planned`` hears of every file first)."""
+    """Write one rank's share of a save in one pass: its planned files, the tensors it
+    alone holds (``own``) and the shards of its layout tensors with their table
+    (``planned`` hears of every file first)."""
     fault_point("save.write.before")
-    every, pieces, table = with_layout_files(plan, offer, storage.file_layout)
+    every, pieces, table = with_layout_files(plan, offer, storage.file_layout, own)
     if planned is not None:
         planned(RankPlan(every.save_id, every.rank, (*every.files, FilePlan(table, (), 0))))
     results = write_rank(
@@ -160,9 +95,33 @@ def write_share(
         known_crcs=known, progress=progress,
     )  # fmt: skip
     n = len(plan.files)
-    written = finish_layouts(storage, offer, n, every, results, pieces, durable=durable)
+    written = finish_layouts(storage, offer, n, every, results, pieces, durable=durable, own=own)
     fault_point("save.write.after")
     return written
+
+
+def rendered(
+    plan: SavePlan,
+    template: ManifestTemplate,
+    written: Sequence[RankWritten],
+    split: Split | None = None,
+) -> tuple[bytes, list[str]]:
+    """The manifest of a written save and every file it names (rank 0); ``split`` says
+    which tensors each rank wrote and rendered alone."""
+    results = [w.files for w in written]
+    taken = {*plan.tensors, *plan.values, *(() if split is None else split.keys)}
+    layouts = merge_layouts([w.layouts for w in written], plan.world_size, taken)
+    owned = None if split is None else owned_part([w.own for w in written], split.own_keys)
+    manifest = render_manifest(
+        template, plan, results, created=_clock(), block_bytes=DEFAULT_BLOCK_BYTES,
+        library=_library_version(), layouts=layouts, owned=owned,
+    )  # fmt: skip
+    files = [f.name for rank_files in results for f in rank_files]
+    if layouts is not None:
+        files += [f.name for f in layouts.files] + [t.name for t in layouts.tables]
+    if owned is not None:
+        files += [f.name for f in owned.files]
+    return manifest, files
 
 
 def publish(
@@ -173,18 +132,10 @@ def publish(
     previous: bytes | None,
     *,
     durable: bool,
+    split: Split | None = None,
 ) -> None:
     """Render the manifest of a written save and commit it over ``previous`` (rank 0)."""
-    results = [w.files for w in written]
-    taken = {*plan.tensors, *plan.values}
-    layouts = merge_layouts([w.layouts for w in written], plan.world_size, taken)
-    manifest = render_manifest(
-        template, plan, results, created=_clock(), block_bytes=DEFAULT_BLOCK_BYTES,
-        library=_library_version(), layouts=layouts,
-    )  # fmt: skip
-    files = [f.name for rank_files in results for f in rank_files]
-    if layouts is not None:
-        files += [f.name for f in layouts.files] + [t.name for t in layouts.tables]
+    manifest, files = rendered(plan, template, written, split)
     commit(storage, manifest, previous, durable=durable, save_id=plan.save_id, files=files)
     fault_point("save.commit.after")
 
@@ -274,7 +225,7 @@ class _Round:
     def _answer(self, raw: bytes | Answer | str) -> Answer | str:
         return wireout.decode_answer(raw, self.coord.rank) if isinstance(raw, bytes) else raw
 
-    def _message(self, full: bool) -> Shared | Message:
+    def _message(self, full: bool) -> Shared | RankOffer | Brief:
         """This rank's plan message; encoded (:mod:`dckpt._wire`) when it travels, as a
         :class:`Shared` value, so that ranks holding the same state send it once."""
         if self.mine is None:
@@ -335,9 +286,13 @@ class _Round:
         def planned(every: RankPlan) -> None:  # the layout files too, for _abandon
             self.planned = every
 
+        world, layout = self.coord.world_size, self.storage.file_layout
+        own = None
+        if world > 1:  # allocation-heavy at many tensors: without the collector
+            own = gc_paused(self.cache.own_plan)(answer, mine.offer, layout, world)
         written = write_share(
             self.storage, self.planned, mine.offer, mine.sources,
-            durable=self.options.durable, known=mine.known, planned=planned,
+            durable=self.options.durable, known=mine.known, planned=planned, own=own,
         )  # fmt: skip
         if self.leading is not None:
             # Rank 0 makes a new plan's manifest template while the others still write.
@@ -350,8 +305,16 @@ class _Round:
         written = [
             wireout.decode_written(w, r) if isinstance(w, bytes) else w for r, w in enumerate(sent)
         ]
-        durable = self.options.durable
-        publish(self.storage, cached.plan, cached.template, written, previous, durable=durable)
+        durable, split = self.options.durable, cached.split
+        publish(
+            self.storage,
+            cached.plan,
+            cached.template,
+            written,
+            previous,
+            durable=durable,
+            split=split,
+        )
 
     def _abandon(self) -> bool:
         """Clean up after a failed write or commit; True when it committed after all."""

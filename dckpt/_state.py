@@ -16,6 +16,7 @@ import torch
 
 from dckpt._errors import UnsupportedStateError
 from dckpt._format import PathPart
+from dckpt._optimpair import pair_optimizer
 from dckpt._values import MAX_DEPTH
 
 
@@ -230,37 +231,9 @@ def _modules_in(node: object, depth: int, active: set[int]) -> Iterator[torch.nn
         return
     active.add(id(node))
     for v in _children(node):
-        yield from _modules_in(v, depth + 1, active)
+        if type(v) is not torch.Tensor:  # a generator per tensor leaf costs, at 20k
+            yield from _modules_in(v, depth + 1, active)
     active.discard(id(node))
-
-
-def _pair_optimizer(
-    optim: torch.optim.Optimizer, modules: list[torch.nn.Module], path: tuple[PathPart, ...]
-) -> torch.nn.Module:
-    wanted = {id(p) for g in optim.param_groups for p in g["params"]}
-    owners = [m for m in modules if wanted & {id(p) for p in m.parameters()}]
-    hint = f"wrap it explicitly: state[{flat_key(path)!r}] = dckpt.OptimizerState(model, optimizer)"
-    if not owners:
-        raise UnsupportedStateError(
-            f"the optimizer at key {flat_key(path)!r} has no module in the same state owning its "
-            f"parameters, so its state cannot be keyed by parameter name; add the module to the "
-            f"state or {hint}"
-        )
-    # Prefer the outermost module: nested modules in the state share parameters with it.
-    owners.sort(key=lambda m: -sum(1 for _ in m.parameters()))
-    top = owners[0]
-    top_params = {id(p) for p in top.parameters()}
-    if any(not ({id(p) for p in m.parameters()} <= top_params) for m in owners[1:]):
-        raise UnsupportedStateError(
-            f"the optimizer at key {flat_key(path)!r} holds parameters of several modules in the "
-            f"state, so it is ambiguous which one names them; {hint}"
-        )
-    if not wanted <= top_params:
-        raise UnsupportedStateError(
-            f"the optimizer at key {flat_key(path)!r} holds parameters that the module in the "
-            f"state does not own; {hint}"
-        )
-    return top
 
 
 def _finisher(obj: Any, sd: dict[str, Any]) -> Callable[[], None]:
@@ -391,7 +364,7 @@ def _walk_stateful(node: Any, path: tuple[PathPart, ...], out: Resolved, ctx: _W
     if isinstance(node, torch.nn.Module):
         obj = _ModuleState(node, ctx.strict)
     elif isinstance(node, torch.optim.Optimizer):
-        obj = OptimizerState(_pair_optimizer(node, ctx.modules, path), node)
+        obj = OptimizerState(pair_optimizer(node, ctx.modules, flat_key(path)), node)
     else:
         obj = node
     sd = obj.state_dict()
@@ -413,12 +386,23 @@ def _walk_stateful(node: Any, path: tuple[PathPart, ...], out: Resolved, ctx: _W
 def _walk_mapping(
     node: Mapping[Any, Any], path: tuple[PathPart, ...], out: Resolved, ctx: _Walk, grow: _Grow
 ) -> None:
+    # Dicts of many tensors are the common case: their leaves skip _walk (a save of 20k
+    # small tensors spends much of its describe here), with the same key and checks.
+    prefix = flat_key(path) + "." if path else ""
+    seen, tensors = ctx.seen, out.tensors
     for k, v in node.items():
-        if not isinstance(k, (str, int)) or isinstance(k, bool):
+        if type(k) is not str and (not isinstance(k, (str, int)) or isinstance(k, bool)):
             raise UnsupportedStateError(
                 f"key {k!r} under {flat_key(path) or 'the state'!r} is a {type(k).__name__}; "
                 "state dict keys must be strings (or integers)"
             )
+        if type(v) is torch.Tensor and not v.is_nested:
+            name = str(k)
+            leaf, key = (*path, name), prefix + name
+            if seen.setdefault(key, leaf) is not leaf:
+                _claim(leaf, seen)  # raises, naming both
+            tensors.append(TensorLeaf(key, leaf, v))
+            continue
         _walk(v, (*path, str(k)), out, ctx, _dict_setter(node, k), grow)
 
 

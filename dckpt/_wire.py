@@ -20,19 +20,14 @@ A field added to a dataclass that travels (``RankOffer``, ``RankPlan``, ``FilePl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
 import json
-import struct
-import sys
-from array import array
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple
 from typing import Any
 
 from dckpt._coordframes import Shared
 from dckpt._dtensor import PlacementSpec
-from dckpt._errors import CheckpointError
 from dckpt._format import DTYPE_ITEMSIZE
 from dckpt._layout import LayoutOffer, MeshOffer
 from dckpt._plan import (
@@ -41,118 +36,25 @@ from dckpt._plan import (
     TensorOffer,
     ValueOffer,
 )
-from dckpt._plancache import Brief, Message
+from dckpt._plancache import Brief, Held, Message
 from dckpt._reshard import Box
-
-_SWAP = sys.byteorder != "little"  # the wire is little-endian
-
-OFFER, BRIEF, PLAN, REUSE, RESEND, RESULTS, WRITTEN = "O", "B", "P", "U", "S", "R", "W"
-
-
-class WireError(CheckpointError):
-    """A coordination message that does not decode (a bug, or mixed dckpt versions)."""
-
-
-def digest(blob: bytes) -> bytes:
-    """The content address of a message: equal messages, equal digests."""
-    return hashlib.blake2b(blob, digest_size=16).digest()
-
-
-# ---------------------------------------------------------------------------- primitives
-
-
-def ints(values: Iterable[int]) -> bytes:
-    a = array("q", values)
-    if _SWAP:
-        a.byteswap()
-    return a.tobytes()
-
-
-def unints(raw: object) -> list[int]:
-    if type(raw) is not bytes or len(raw) % 8:
-        raise ValueError("an integer column is not a whole number of 8-byte words")
-    a = array("q")
-    a.frombytes(raw)
-    if _SWAP:
-        a.byteswap()
-    return a.tolist()
-
-
-def strs(raw: object, n: int | None = None) -> list[str]:
-    if type(raw) is not list or any(type(s) is not str for s in raw):
-        raise ValueError("a string column is not a list of strings")
-    if n is not None and len(raw) != n:
-        raise ValueError(f"a string column has {len(raw)} entries, expected {n}")
-    return raw
-
-
-def _path(raw: object) -> tuple[str | int, ...]:
-    if type(raw) is not list or any(type(p) not in (str, int) for p in raw):
-        raise ValueError("a key path is not a list of strings and integers")
-    return tuple(raw)
-
-
-def _paths(raw: object) -> list[tuple[str | int, ...]]:
-    if type(raw) is not list or any(type(p) is not list for p in raw):
-        raise ValueError("the key paths are not lists")
-    if not set(map(type, itertools.chain.from_iterable(raw))) <= {str, int}:
-        raise ValueError("a key path holds something other than strings and integers")
-    return [tuple(p) for p in raw]
-
-
-def _shape(raw: object) -> tuple[int, ...]:
-    if type(raw) is not list or any(type(n) is not int or n < 0 for n in raw):
-        raise ValueError("a shape is not a list of sizes")
-    return tuple(raw)
-
-
-_MAGIC = b"dckw1"
-_COUNT = struct.Struct("<I")
-_LENGTH = struct.Struct("<Q")
-MAX_SECTIONS = 1 << 16
-
-
-def dump(tag: str, header: list[Any], *columns: bytes) -> bytes:
-    """One message: ``header`` as JSON, then the integer columns."""
-    head = json.dumps([tag, header], separators=(",", ":"), allow_nan=False).encode()
-    sections = (head, *columns)
-    lengths = b"".join(_LENGTH.pack(len(x)) for x in sections)
-    return b"".join((_MAGIC, _COUNT.pack(len(sections)), lengths, *sections))
-
-
-def load(blob: bytes, rank: int, what: str) -> tuple[str, list[Any], list[bytes]]:
-    """(tag, header, columns) of a message; the columns are not yet checked."""
-    try:
-        if blob[: len(_MAGIC)] != _MAGIC:
-            raise ValueError("not a dckpt coordination message")
-        pos = len(_MAGIC)
-        (count,) = _COUNT.unpack_from(blob, pos)
-        pos += _COUNT.size
-        if not 1 <= count <= MAX_SECTIONS or pos + count * _LENGTH.size > len(blob):
-            raise ValueError(f"{count} sections")
-        lengths = [_LENGTH.unpack_from(blob, pos + i * _LENGTH.size)[0] for i in range(count)]
-        pos += count * _LENGTH.size
-        if pos + sum(lengths) != len(blob):
-            raise ValueError("the section lengths do not add up to the message's")
-        sections = []
-        for n in lengths:
-            sections.append(blob[pos : pos + n])
-            pos += n
-        tag, header = json.loads(sections[0])
-        if type(tag) is not str or type(header) is not list:
-            raise ValueError("the header is not [tag, [...]]")
-    except (ValueError, TypeError, struct.error, RecursionError) as exc:
-        raise malformed(rank, what, exc) from None
-    return tag, header, sections[1:]
-
-
-def malformed(rank: int, what: str, exc: BaseException) -> WireError:
-    return WireError(
-        f"the {what} message from rank {rank} is malformed ({type(exc).__name__}: {exc}); "
-        "every rank must run the same dckpt version. Retry the save; if it persists, "
-        "report it as a bug"
-    )
-
+from dckpt._wirebase import BRIEF as BRIEF
+from dckpt._wirebase import OFFER as OFFER
+from dckpt._wirebase import PLAN as PLAN
+from dckpt._wirebase import RESEND as RESEND
+from dckpt._wirebase import RESULTS as RESULTS
+from dckpt._wirebase import REUSE as REUSE
+from dckpt._wirebase import WRITTEN as WRITTEN
+from dckpt._wirebase import WireError as WireError
+from dckpt._wirebase import check_fields as check_fields
+from dckpt._wirebase import digest as digest
+from dckpt._wirebase import dump as dump
+from dckpt._wirebase import ints as ints
+from dckpt._wirebase import load as load
+from dckpt._wirebase import malformed as malformed
+from dckpt._wirebase import path_in, paths_in, shape_in
+from dckpt._wirebase import strs as strs
+from dckpt._wirebase import unints as unints
 
 # ---------------------------------------------------------------------------- offers
 
@@ -169,8 +71,11 @@ def _offer_columns(offer: RankOffer) -> tuple[list[Any], list[bytes]]:
             boxes += c.box.offsets
             boxes += c.box.sizes
     keys = [t.key for t in offer.tensors]
-    paths = [t.path for t in offer.tensors]
-    return [keys, paths, list(dtypes)], [ints(meta), ints(dims), ints(boxes)]
+    # The paths travel in a column of their own: rank 0 parses them only for the tensors
+    # it plans, and at 20k tensors parsing them is most of an offer's decoding.
+    # One JSON line each (JSON text has no raw newline), so a few can be parsed alone.
+    paths = "\n".join(json.dumps(t.path, separators=(",", ":")) for t in offer.tensors).encode()
+    return [keys, None, list(dtypes)], [ints(meta), ints(dims), ints(boxes), paths]
 
 
 def _crcs_out(crcs: Iterable[tuple[int, ...] | None]) -> bytes:
@@ -196,7 +101,7 @@ def _values_in(raw: object) -> tuple[ValueOffer, ...]:
         if type(item) is not list or len(item) != 3 or type(item[0]) is not str:
             raise ValueError("a value is not [key, path, data]")
         text = json.dumps(item[2], sort_keys=True, separators=(",", ":"))  # as _describe
-        out.append(ValueOffer(item[0], _path(item[1]), item[2], text))
+        out.append(ValueOffer(item[0], path_in(item[1]), item[2], text))
     return tuple(out)
 
 
@@ -222,7 +127,9 @@ def entries_in(raw: object, meshes: int) -> tuple[LayoutOffer, ...]:
             raise ValueError("a layout names a mesh the offer lacks")
         if dtype not in DTYPE_ITEMSIZE:
             raise ValueError(f"a layout has an unknown dtype {dtype!r}")
-        out.append(LayoutOffer(key, _path(path), dtype, _shape(shape), mesh, _placements(specs)))
+        out.append(
+            LayoutOffer(key, path_in(path), dtype, shape_in(shape), mesh, _placements(specs))
+        )
     return tuple(out)
 
 
@@ -234,7 +141,7 @@ def _layouts_in(raw: object, positions: list[int]) -> dict[str, Any]:
         raise ValueError("the meshes and this rank's positions in them differ in number")
     out = entries_in(layouts, len(meshes))
     mesh_offers = tuple(
-        MeshOffer(bytes.fromhex(ident), _shape(shape), pos)
+        MeshOffer(bytes.fromhex(ident), shape_in(shape), pos)
         for (ident, shape), pos in zip(meshes, positions, strict=True)
     )
     return {"layouts": out, "meshes": mesh_offers}
@@ -244,17 +151,6 @@ def _placements(raw: object) -> tuple[PlacementSpec, ...]:
     if type(raw) is not list or any(type(p) is not list for p in raw):
         raise ValueError("placements are not a list")
     return tuple(PlacementSpec(*p) for p in raw)
-
-
-def check_fields(obj: object, known: tuple[str, ...]) -> None:
-    """HOOK: a field added to a dataclass that travels must be added to its codec here."""
-    if obj is None:
-        return
-    extra = [f.name for f in dataclasses.fields(obj) if f.name not in known]  # type: ignore[arg-type]
-    if extra:
-        raise TypeError(
-            f"internal error: dckpt._wire does not encode {type(obj).__name__}.{extra[0]}"
-        )
 
 
 _OFFER_FIELDS = ("rank", "tensors", "values", "layouts", "meshes")
@@ -267,27 +163,30 @@ def encode_offer(offer: RankOffer, key: bytes) -> tuple[bytes, bytes]:
     header, columns = _offer_columns(offer)
     crcs = _crcs_out(c.crc for t in offer.tensors for c in t.chunks)
     header += [key.hex(), _values_out(offer.values), _layouts_out(offer)]
-    return dump(OFFER, header, *columns, crcs), ints(m.position for m in offer.meshes)
+    return dump(OFFER, header, *columns[:3], crcs, columns[3]), ints(
+        m.position for m in offer.meshes
+    )
 
 
 def decode_offer(common: bytes, own: bytes, rank: int) -> tuple[RankOffer, bytes]:
     """(the offer as ``rank``'s, its structure key)."""
-    return _offer_in(*load(common, rank, "offer"), own, rank)
+    held, key = _offer_in(*load(common, rank, "offer"), own, rank)
+    return held.full(), key
 
 
 def _offer_in(
     tag: str, header: list[Any], columns: list[bytes], own: bytes, rank: int
-) -> tuple[RankOffer, bytes]:
+) -> tuple[Held, bytes]:
     try:
-        if tag != OFFER or len(header) != 6 or len(columns) != 4 or type(header[3]) is not str:
+        if tag != OFFER or len(header) != 6 or len(columns) != 5 or type(header[3]) is not str:
             raise ValueError("not an offer")
-        tensors = _tensors_in(header[:3], columns)
+        tensors = OfferColumns(header[:3], columns, rank)
         extra = _layouts_in(header[5], unints(own))
-        offer = RankOffer(rank, tensors, _values_in(header[4]), **extra)
+        offer = RankOffer(rank, (), _values_in(header[4]), **extra)
         key = bytes.fromhex(header[3])
     except (ValueError, TypeError, IndexError, KeyError, RecursionError) as exc:
         raise malformed(rank, "offer", exc) from None
-    return offer, key
+    return Held(offer, tensors), key
 
 
 def _with_positions(base: RankOffer, own: bytes, rank: int) -> RankOffer:
@@ -305,32 +204,80 @@ def _with_positions(base: RankOffer, own: bytes, rank: int) -> RankOffer:
 
 
 def _columns_in(head: list[Any], columns: list[bytes]) -> tuple[list[Any], ...]:
-    """An offer's tensor columns, checked for length and range: keys, paths, dtypes, then
-    per tensor its dtype index, ndim, sharded flag and chunk count, then dims, boxes, crcs."""
-    keys, paths, dtypes = strs(head[0]), _paths(head[1]), strs(head[2])
+    """An offer's tensor columns, checked for length and range: keys, dtypes, then per
+    tensor its dtype index, ndim, sharded flag and chunk count, then dims, boxes, crcs
+    (the paths' column is parsed when tensors are made)."""
+    keys, dtypes = strs(head[0]), strs(head[2])
+    if head[1] is not None:
+        raise ValueError("the paths are not in their column")
     if any(name not in DTYPE_ITEMSIZE for name in dtypes):
         raise ValueError(f"unknown dtype among {dtypes}")
-    meta, dims, boxes, crcs = (unints(c) for c in columns)
+    meta, dims, boxes, crcs = (unints(c) for c in columns[:4])
     n = len(keys)
-    if len(paths) != n or len(meta) != 4 * n:
+    if len(meta) != 4 * n:
         raise ValueError("the tensor columns differ in length")
     dts, nds, flags, counts = meta[0::4], meta[1::4], meta[2::4], meta[3::4]
     if n and (min(dts) < 0 or max(dts) >= len(dtypes) or min(nds) < 0 or min(counts) < 0):
         raise ValueError("a dtype index or count is out of range")
     if not set(flags) <= {0, 1}:
         raise ValueError("a sharded flag is neither 0 nor 1")
-    return keys, paths, dtypes, dts, nds, flags, counts, dims, boxes, crcs
+    return keys, dtypes, dts, nds, flags, counts, dims, boxes, crcs
 
 
-def _tensors_in(head: list[Any], columns: list[bytes]) -> tuple[TensorOffer, ...]:
-    keys, paths, dtypes, dts, nds, flags, counts, dims, boxes, crcs = _columns_in(head, columns)
+class OfferColumns:
+    """An offer's tensors as checked integer columns; rank 0 makes objects only of the
+    tensors it plans (those another rank holds too, see ``dckpt._owned``)."""
+
+    def __init__(self, head: list[Any], columns: list[bytes], rank: int) -> None:
+        self._columns = _columns_in(head, columns)
+        self._paths = columns[4]
+        self.keys: list[str] = self._columns[0]
+        self._rank = rank
+        self._last: tuple[tuple[int, ...] | None, tuple[TensorOffer, ...]] | None = None
+        _check_counts(self._columns)  # now, so a malformed offer fails at decoding
+
+    def select(self, indices: tuple[int, ...] | None) -> tuple[TensorOffer, ...]:
+        """The tensors at ``indices`` (increasing; None: all), the last answer kept."""
+        if indices == ():
+            return ()
+        if self._last is not None and self._last[0] == indices:
+            return self._last[1]
+        try:
+            lines = self._paths.split(b"\n") if self._paths else []
+            if len(lines) != len(self.keys):
+                raise ValueError("the paths' column does not match the keys")
+            paths: Sequence[tuple[str | int, ...]] | dict[int, tuple[str | int, ...]]
+            if indices is None:
+                paths = paths_in(json.loads(b"[" + b",".join(lines) + b"]"))
+            else:
+                parsed = paths_in([json.loads(lines[i]) for i in indices])
+                paths = dict(zip(indices, parsed, strict=True))
+            wanted = None if indices is None else set(indices)
+            tensors = _tensors_in(self._columns, wanted, paths)
+        except (ValueError, TypeError, IndexError, KeyError, RecursionError) as exc:
+            raise malformed(self._rank, "offer", exc) from None
+        self._last = (indices, tensors)
+        return tensors
+
+
+def _tensors_in(
+    columns: tuple[list[Any], ...],
+    wanted: set[int] | None,
+    paths: Sequence[tuple[str | int, ...]] | dict[int, tuple[str | int, ...]],
+) -> tuple[TensorOffer, ...]:
+    """The tensors at ``wanted`` (None: all; ``paths`` may then be empty); all counted."""
+    keys, dtypes, dts, nds, flags, counts, dims, boxes, crcs = columns
     out = []
     d = b = c = 0
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # shapes and boxes repeat: share
     boxed: dict[tuple[int, ...], Box] = {}
-    for key, path, dt, nd, sharded, nchunks in zip(
-        keys, paths, dts, nds, flags, counts, strict=True
+    for i, (key, dt, nd, sharded, nchunks) in enumerate(
+        zip(keys, dts, nds, flags, counts, strict=True)
     ):
+        if wanted is not None and i not in wanted:  # skip it, checking the counts
+            d, b, c = d + nd, b + 2 * nd * nchunks, _skip(crcs, c, nchunks, key)
+            continue
+        path = paths[i]
         shape = tuple(dims[d : d + nd])
         shape = shapes.setdefault(shape, shape)
         d += nd
@@ -364,6 +311,28 @@ def _tensors_in(head: list[Any], columns: list[bytes]) -> tuple[TensorOffer, ...
     return tuple(out)
 
 
+def _check_counts(columns: tuple[list[Any], ...]) -> None:
+    """Raises ValueError unless the dims, boxes and checksums add up to the tensors'
+    counts; one checksum per chunk (the common case) is checked without a loop."""
+    nds, counts, dims, boxes, crcs = columns[3], columns[5], columns[6], columns[7], columns[8]
+    chunks = sum(counts)
+    if sum(nds) != len(dims) or 2 * sum(map(operator.mul, nds, counts)) != len(boxes):
+        raise ValueError("the tensor columns do not add up")
+    heads = crcs[0::2]
+    if len(crcs) != 2 * chunks or heads.count(1) != len(heads):
+        _tensors_in(columns, set(), [])  # counts vary: walk them
+
+
+def _skip(crcs: list[int], c: int, nchunks: int, key: str) -> int:
+    """Where the checksums after a tensor's ``nchunks`` chunks start, from ``c``."""
+    for _ in range(nchunks):
+        count = crcs[c]
+        if count < -1:
+            raise ValueError(f"tensor {key!r} has a negative checksum count")
+        c += 1 + max(count, 0)
+    return c
+
+
 # ---------------------------------------------------------------------------- briefs
 
 
@@ -390,7 +359,7 @@ def _brief_in(header: list[Any], columns: list[bytes], rank: int) -> Brief:
     return Brief(rank, bytes.fromhex(header[0]), tuple(crcs), _values_in(header[1]))
 
 
-def encode_message(message: Message, key: bytes) -> tuple[bytes, bytes]:
+def encode_message(message: RankOffer | Brief, key: bytes) -> tuple[bytes, bytes]:
     """A rank's plan message as (common, own): its full offer (with ``key``), or a brief."""
     if isinstance(message, Brief):
         return encode_brief(message), b""
@@ -414,7 +383,9 @@ def decode_messages(values: Sequence[Shared]) -> list[tuple[Message, bytes]]:
         elif isinstance(seen[0], Brief):
             out.append((dataclasses.replace(seen[0], rank=rank), seen[1]))
         else:
-            out.append((_with_positions(seen[0], value.own, rank), seen[1]))
+            assert isinstance(seen[0], Held)  # decoded messages are briefs or held offers
+            offer = _with_positions(seen[0].offer, value.own, rank)
+            out.append((Held(offer, seen[0].tensors), seen[1]))
     return out
 
 

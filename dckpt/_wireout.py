@@ -4,10 +4,12 @@ write results; see :mod:`dckpt._wire` for the encoding and its checks."""
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Sequence
 
 from dckpt._layout import LayoutReport, MeshReport
-from dckpt._plan import FilePlan, FileResult, RankPlan, RankWritten, WriteItem
+from dckpt._owned import check_ranges
+from dckpt._plan import FilePlan, FileResult, OwnReport, RankPlan, RankWritten, WriteItem
 from dckpt._plancache import RESEND as RESEND_NOTE
 from dckpt._plancache import Answer, Reuse
 from dckpt._reshard import Box
@@ -42,7 +44,7 @@ def encode_answer(answer: Answer | str) -> bytes:
         return dump(RESEND, [])
     if isinstance(answer, Reuse):
         return dump(REUSE, [answer.serial, answer.save_id])
-    serial, plan = answer
+    serial, plan, own = answer
     check_fields(plan, _PLAN_FIELDS)
     files: list[object] = []
     columns: list[bytes] = []
@@ -58,7 +60,7 @@ def encode_answer(answer: Answer | str) -> bytes:
         columns += (ints(meta), ints(boxes))
     if plan.files:
         check_fields(plan.files[0].items[0] if plan.files[0].items else None, _ITEM_FIELDS)
-    return dump(PLAN, [serial, plan.save_id, files], *columns)
+    return dump(PLAN, [serial, plan.save_id, files], *columns, ints(own))
 
 
 def encode_answers(answers: Sequence[Answer]) -> list[bytes]:
@@ -86,10 +88,16 @@ def decode_answer(blob: bytes, rank: int) -> Answer | str:
         if tag != PLAN or len(header) != 3 or type(header[0]) is not int:
             raise ValueError("not a plan answer")
         serial, save_id, files = header
-        if type(save_id) is not str or type(files) is not list or len(columns) != 2 * len(files):
+        if (
+            type(save_id) is not str
+            or type(files) is not list
+            or len(columns) != 2 * len(files) + 1
+        ):
             raise ValueError("the files do not match their columns")
         plans = tuple(_file_in(f, columns[2 * i], columns[2 * i + 1]) for i, f in enumerate(files))
-        return serial, RankPlan(save_id, rank, plans)
+        own = tuple(unints(columns[-1]))
+        check_ranges(own, sys.maxsize)  # the rank checks them against its offer
+        return serial, RankPlan(save_id, rank, plans), own
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise malformed(0, "plan answer", exc) from None
 
@@ -153,7 +161,8 @@ def _results_in(header: list[object], columns: list[bytes]) -> list[FileResult]:
     return [_result_in(h, columns[2 * i], columns[2 * i + 1]) for i, h in enumerate(header)]
 
 
-_WRITTEN_FIELDS = ("files", "layouts")
+_WRITTEN_FIELDS = ("files", "layouts", "own")
+_OWN_FIELDS = ("text", "starts", "files")
 _REPORT_FIELDS = ("rank", "meshes", "entries", "files", "table")
 
 
@@ -169,21 +178,42 @@ def encode_written(written: RankWritten) -> bytes:
         files = [list(f) for f in report.files]
         table = None if report.table is None else list(report.table)
         layouts = [report.rank, meshes, entries_out(report.entries), files, table]
-    return dump(WRITTEN, [header, layouts], *columns)
+    own = written.own
+    check_fields(own, _OWN_FIELDS)
+    if own is None:
+        return dump(WRITTEN, [header, layouts, None], *columns)
+    # The entries' text travels as bytes: as a JSON string every quote in it is escaped.
+    own_files = [list(f) for f in own.files]
+    return dump(
+        WRITTEN, [header, layouts, own_files], *columns, own.text.encode(), ints(own.starts)
+    )
 
 
 def decode_written(blob: bytes, rank: int) -> RankWritten:
     """Inverse of :func:`encode_written`, for rank ``rank``'s report."""
     tag, header, columns = load(blob, rank, "write report")
     try:
-        if tag != WRITTEN or len(header) != 2 or type(header[0]) is not list:
+        if tag != WRITTEN or len(header) != 3 or type(header[0]) is not list:
             raise ValueError("not a write report")
-        if len(columns) != 2 * len(header[0]):
+        extra = 0 if header[2] is None else 2
+        if len(columns) != 2 * len(header[0]) + extra:
             raise ValueError("the file results do not match their columns")
-        files = tuple(_results_in(header[0], columns))
-        return RankWritten(files, None if header[1] is None else _report_in(header[1]))
+        files = tuple(_results_in(header[0], columns[: 2 * len(header[0])]))
+        layouts = None if header[1] is None else _report_in(header[1])
+        own = None if header[2] is None else _own_in(header[2], *columns[-2:])
+        return RankWritten(files, layouts, own)
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise malformed(rank, "write report", exc) from None
+
+
+def _own_in(raw: object, text: bytes, starts_raw: bytes) -> OwnReport:
+    if type(raw) is not list or any(type(f) is not list or len(f) != 2 for f in raw):
+        raise ValueError("the own files are not a list of [name, size]")
+    starts = tuple(unints(starts_raw))
+    if any(b <= a for a, b in itertools.pairwise(starts)) or (starts and starts[-1] >= len(text)):
+        raise ValueError("the own entries' starts are not increasing positions in their text")
+    files = tuple((_name(n), _size(s)) for n, s in raw)
+    return OwnReport(text.decode("ascii"), starts, files)
 
 
 def _report_in(raw: object) -> LayoutReport:

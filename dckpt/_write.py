@@ -14,8 +14,10 @@ import torch
 from dckpt._bytes import as_memoryview, block_crcs, host_bytes
 from dckpt._faults import fault_point
 from dckpt._format import DTYPE_ITEMSIZE, align, data_dir
+from dckpt._gc import gc_paused
 from dckpt._layout import is_writer, shard_pieces, unravel
 from dckpt._manifest_build import layout_report
+from dckpt._owned import OwnPlan, own_report
 from dckpt._plan import FilePlan, FileResult, RankOffer, RankPlan, RankWritten, WriteItem
 from dckpt._reshard import Box
 from dckpt._table import Row, encode_table, table_crc, table_name
@@ -210,12 +212,14 @@ def plan_layout_files(
 
 
 def with_layout_files(
-    plan: RankPlan, offer: RankOffer, layout: FileLayout
+    plan: RankPlan, offer: RankOffer, layout: FileLayout, own: OwnPlan | None = None
 ) -> tuple[RankPlan, dict[tuple[str, Box], int], str]:
-    """``plan`` with this rank's shard files appended (one write pass does both), each
-    piece's index in its shard, and the name of the table that lists them."""
+    """``plan`` with the files of this rank's own tensors and its shard files appended
+    (one write pass does all), each piece's index in its shard, and the name of the
+    table that lists them."""
     shard_files, pieces = plan_layout_files(offer, plan.save_id, layout)
-    every = RankPlan(plan.save_id, plan.rank, (*plan.files, *shard_files))
+    mine = () if own is None else own.plan.files
+    every = RankPlan(plan.save_id, plan.rank, (*plan.files, *mine, *shard_files))
     return every, pieces, table_name(data_dir(plan.save_id), plan.rank)
 
 
@@ -228,9 +232,19 @@ def finish_layouts(
     pieces: dict[tuple[str, Box], int],
     *,
     durable: bool,
+    own: OwnPlan | None = None,
 ) -> RankWritten:
     """After ``write_rank(every)``: write the table of the shard files (those after the
-    first ``planned`` files) and make this rank's report to rank 0."""
+    first ``planned`` files and the ``own`` files) and make this rank's report to rank 0,
+    the entries of its own tensors rendered."""
+    report_own = None
+    if own is not None:
+        mine = len(own.plan.files)
+        report_own = gc_paused(own_report)(own, results[planned : planned + mine])
+        every = RankPlan(
+            every.save_id, every.rank, every.files[:planned] + every.files[planned + mine :]
+        )
+        results = results[:planned] + results[planned + mine :]
     shard_files, written = every.files[planned:], results[planned:]
     table = None
     if shard_files:
@@ -243,7 +257,7 @@ def finish_layouts(
         name = table_name(data_dir(every.save_id), every.rank)
         table = (name, _write_table(storage, name, data, durable), table_crc(data))
     report = layout_report(offer, [(r.name, r.size) for r in written], table)
-    return RankWritten(tuple(results[:planned]), report)
+    return RankWritten(tuple(results[:planned]), report, report_own)
 
 
 def _write_table(storage: Storage, name: str, data: bytes, durable: bool) -> int:

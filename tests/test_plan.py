@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from dckpt._errors import UnsupportedStateError
 from dckpt._format import ALIGNMENT
+from dckpt._manifest_build import build_manifest
 from dckpt._manifest_text import manifest_to_bytes
 from dckpt._plan import (
     ChunkOffer,
@@ -14,7 +15,6 @@ from dckpt._plan import (
     SavePlan,
     TensorOffer,
     ValueOffer,
-    build_manifest,
     manifest_template,
     plan_save,
     render_manifest,

@@ -84,7 +84,7 @@ def test_a_reused_plan_is_renamed_for_the_new_save() -> None:
     offer, _ = _offer(0, torch.ones(4), 1)
     first = cache.plan([offer], LOCAL_LAYOUT, new_save_id())
     assert first is not None
-    cache.received((first.serial, first.plan.ranks[0]))
+    cache.received((first.serial, first.plan.ranks[0], ()))
     again = cache.plan([offer], LOCAL_LAYOUT, "0second")
     assert again is not None and again.serial == first.serial
     assert again.template is first.template

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import dckpt
+from tests._compare import same, zeroed
 from tests._dist import RankPool
 
 WORLD = 32
@@ -54,32 +55,13 @@ def _state(rank: int, step: int, *, distinct: bool) -> dict[str, Any]:
     return state
 
 
-def _zeroed(state: Any) -> Any:
-    if isinstance(state, dict):
-        return {k: _zeroed(v) for k, v in state.items()}
-    if isinstance(state, torch.Tensor):
-        return torch.zeros_like(state)
-    return None if isinstance(state, int) else state
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and torch.equal(
-            a.to_local() if hasattr(a, "to_local") else a,
-            b.to_local() if hasattr(b, "to_local") else b,
-        )
-    return bool(a == b)
-
-
 def _w_save_and_load(path: str, step: int, distinct: bool, overwrite: bool) -> bool:
     rank = dist.get_rank()
     state = _state(rank, step, distinct=distinct)
     dckpt.save(state, path, overwrite=overwrite, timeout=120)
-    back = _zeroed(state)
+    back = zeroed(state)
     dckpt.load(back, path, timeout=120)
-    return _same(state, back)
+    return same(state, back)
 
 
 def test_32_ranks_save_and_load_bit_exact(pool32: RankPool, tmp_path: Path) -> None:

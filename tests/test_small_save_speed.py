@@ -15,6 +15,7 @@ from dckpt._describe import checksum_plain, describe
 from dckpt._dtensor import PlacementSpec
 from dckpt._format import FileRecord, Manifest, TensorEntry
 from dckpt._layout import Layout, LayoutOffer, LayoutReport, MeshRecord, MeshReport
+from dckpt._manifest_build import build_manifest
 from dckpt._manifest_text import layout_entry_text, manifest_to_bytes
 from dckpt._plan import (
     ChunkOffer,
@@ -23,7 +24,6 @@ from dckpt._plan import (
     RankOffer,
     RankWritten,
     TensorOffer,
-    build_manifest,
     manifest_template,
     plan_save,
     render_manifest,

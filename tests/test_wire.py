@@ -5,6 +5,7 @@ that fail as a CheckpointError naming the rank, never as anything else."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import random
 
@@ -29,9 +30,17 @@ from dckpt._plan import (
     plan_save,
     structure_key,
 )
-from dckpt._plancache import RESEND, Brief, Reuse, crcs_of
+from dckpt._plancache import RESEND, Brief, Held, Reuse, crcs_of
 from dckpt._reshard import Box
-from dckpt._wire import WireError, decode_messages, decode_offer, dump, encode_message, encode_offer
+from dckpt._wire import (
+    WireError,
+    decode_messages,
+    decode_offer,
+    dump,
+    encode_message,
+    encode_offer,
+    load,
+)
 from dckpt._wireout import (
     decode_answer,
     decode_results,
@@ -86,6 +95,32 @@ def test_offers_round_trip_exactly() -> None:
     assert _roundtrip(empty) == empty
 
 
+def test_rank_0_makes_only_the_tensors_it_plans_from_an_offer() -> None:
+    offer = _offer(3)
+    offer = RankOffer(3, (*offer.tensors, _sharded(3)), offer.values)
+    common, own = encode_offer(offer, structure_key(offer))
+    ((held, _),) = decode_messages([Shared(common, own)])
+    assert isinstance(held, Held)
+    assert list(held.tensors.keys) == [t.key for t in offer.tensors]
+    last = len(offer.tensors) - 1
+    assert held.tensors.select(()) == ()
+    assert held.tensors.select((1, last)) == (offer.tensors[1], offer.tensors[last])
+    assert held.full() == dataclasses.replace(offer, rank=0)  # the sender: its place
+
+
+def test_a_paths_column_that_lies_fails_naming_the_rank_when_read() -> None:
+    offer = _offer(3)
+    common, own = encode_offer(offer, structure_key(offer))
+    tag, header, columns = load(common, 3, "offer")
+    short = columns[4].rsplit(b"\n", 1)[0]  # one path fewer than keys
+    for paths in (short, b"\n".join([b"{}"] * len(offer.tensors))):  # or not lists
+        hostile = dump(tag, header, *columns[:4], paths)
+        ((held, _),) = decode_messages([Shared(hostile, own)])
+        assert isinstance(held, Held)
+        with pytest.raises(WireError, match="rank 5"):
+            decode_messages([Shared(common, own)] * 5 + [Shared(hostile, own)])[5][0].full()  # type: ignore[union-attr]
+
+
 def test_decoded_values_keep_their_canonical_text() -> None:
     offer = _offer(1)
     decoded = _roundtrip(offer)
@@ -100,14 +135,11 @@ def test_ranks_holding_the_same_state_send_the_same_bytes_and_are_decoded_once()
     assert len({own for _, own in encoded}) == 4  # mesh positions differ
     common = encoded[0][0]  # as the coordinator delivers equal contents: one object
     decoded = decode_messages([Shared(common, own) for _, own in encoded])
-    assert [m for m, _ in decoded] == offers
-    first = decoded[0][0]
-    assert isinstance(first, RankOffer)
-    for m, _ in decoded[1:]:
-        assert isinstance(m, RankOffer) and m.tensors is first.tensors
-    plan = plan_save(
-        [m for m, _ in decoded if isinstance(m, RankOffer)], "abc"
-    )  # the planner groups them: still right
+    held = [m for m, _ in decoded if isinstance(m, Held)]
+    assert [m.full() for m in held] == offers
+    for m in held[1:]:  # one source of tensors: made once, and the planner groups them
+        assert m.tensors is held[0].tensors and m.full().tensors is held[0].full().tensors
+    plan = plan_save([m.full() for m in held], "abc")
     assert plan == plan_save(offers, "abc")
 
 
@@ -132,10 +164,11 @@ def _rank_plan(rank: int) -> RankPlan:
 
 def test_answers_round_trip() -> None:
     plan = _rank_plan(6)
-    assert decode_answer(encode_answer((4, plan)), 6) == (4, plan)
+    assert decode_answer(encode_answer((4, plan, ())), 6) == (4, plan, ())
+    assert decode_answer(encode_answer((4, plan, (0, 3, 7, 9))), 6) == (4, plan, (0, 3, 7, 9))
     assert decode_answer(encode_answer(Reuse(9, "0a1b")), 6) == Reuse(9, "0a1b")
     assert decode_answer(encode_answer(RESEND), 6) == RESEND
-    blobs = encode_answers([Reuse(1, "x"), (1, plan), Reuse(1, "x")])
+    blobs = encode_answers([Reuse(1, "x"), (1, plan, ()), Reuse(1, "x")])
     assert blobs[0] is blobs[2]  # one note for every rank that holds the plan
 
 
@@ -161,7 +194,7 @@ def _blobs() -> list[tuple[str, bytes]]:
     return [
         ("offer", common),
         ("brief", brief),
-        ("answer", encode_answer((3, _rank_plan(1)))),
+        ("answer", encode_answer((3, _rank_plan(1), (0, 5)))),
         ("results", encode_results([FileResult("f", 10, ((1,), (2, 3)))])),
     ]
 
