@@ -15,7 +15,8 @@ rounds; a time is the max over ranks):
 
   * blocked        training time blocked by one tiered ``save`` (the previous save waited
                    for first, so this is the save's own cost), against one ``copy_`` of the
-                   rank's local state into preallocated host memory
+                   rank's local state into preallocated host memory; wall time, and the
+                   process's CPU time (``time.process_time``, steadier on a shared machine)
   * background     from ``save`` returning to ``wait`` returning: local write, replication,
                    commit, and on every ``--persist-every``-th step the persist to S3
   * recovery       node 1's local directory wiped, fresh processes, manager built, ``load``:
@@ -26,7 +27,9 @@ rounds; a time is the max over ranks):
                    on ``--disk-dir`` (/var/tmp) read with a cold page cache (``sync; echo 3 >
                    /proc/sys/vm/drop_caches`` right before; ``posix_fadvise(DONTNEED)`` of
                    each file when that is not allowed). Also the restart-to-loaded time:
-                   from launching the processes to the state loaded
+                   from launching the processes to the state loaded; and each rank's CPU
+                   time (``time.process_time``, every thread), in all and, for the
+                   tiered recovery, per step of the tier engine (``TIMED``)
   * bytes per save local files written, replica bytes sent, and the durable step's bytes
                    divided by ``--persist-every``
   * memory         steady state per node: its local tier's bytes on disk (``keep_local``
@@ -34,6 +37,7 @@ rounds; a time is the max over ranks):
 
     python bench/bench_tiers.py                          # 100M params (1.2 GB), 5 + 3 rounds
     python bench/bench_tiers.py --params-m 10 --rounds 2 --recover-rounds 1   # quick check
+    python bench/bench_tiers.py --only-save --rounds 7   # the save figures only (no recovery)
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ NAMES = {
     "s3": "durable tier on S3 (moto)",
     "disk": "durable copy on disk, cold cache",
 }
-_DATA_FILE = re.compile(r"^r(\d+)-\d+\.bin$")
+_DATA_FILE = re.compile(r"^r(\d+)(?:-[os]?\d+\.bin|\.tab)$")  # data, shards, tables
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -191,7 +195,11 @@ def save_phase(opts: dict[str, Any]) -> dict[str, Any]:
         b.copy_(t)  # touched: preallocated, as a real staging pool is
     mgr = tier_manager(opts, rank)
     state: dict[str, Any] = {"model": model, "optimizer": optim, "step": 0}
-    R: dict[str, Any] = {"blocked": {"tiered": [], "floor": []}, "background": []}
+    R: dict[str, Any] = {
+        "blocked": {"tiered": [], "floor": []},
+        "blocked_cpu": {"tiered": [], "floor": []},
+        "background": [],
+    }
 
     def tiered() -> None:
         state["step"] += 1
@@ -201,23 +209,24 @@ def save_phase(opts: dict[str, Any]) -> dict[str, Any]:
         for b, t in zip(floor_bufs, tensors, strict=True):
             b.copy_(t)
 
-    def one(system: str) -> tuple[float, float]:
-        mgr.wait()
+    def one(system: str) -> tuple[float, float, float]:
+        mgr.wait()  # nothing of the previous save (or persist) runs in the background now
         dist.barrier()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         (tiered if system == "tiered" else floor)()
-        blocked = time.perf_counter() - t0
+        blocked, cpu = time.perf_counter() - t0, time.process_time() - c0
         t1 = time.perf_counter()
         mgr.wait()
-        return blocked, time.perf_counter() - t1
+        return blocked, time.perf_counter() - t1, cpu
 
     for _warm in range(2):  # the first saves reserve staging memory and plan: not counted
         one("tiered")
     for rnd in range(opts["rounds"]):
         order = ("tiered", "floor") if rnd % 2 == 0 else ("floor", "tiered")
         for system in order:
-            blocked, background = (max(x) for x in zip(*gather(one(system)), strict=True))
+            blocked, background, cpu = (max(x) for x in zip(*gather(one(system)), strict=True))
             R["blocked"][system].append(blocked)
+            R["blocked_cpu"][system].append(cpu)
             if system == "tiered":
                 R["background"].append((state["step"], background))
         if rank == 0 and not opts["quiet"]:
@@ -227,12 +236,16 @@ def save_phase(opts: dict[str, Any]) -> dict[str, Any]:
                 f"background {R['background'][-1][1]:.3f} s",
                 flush=True,
             )
+    R["local_bytes"] = gather(sum(t.numel() * t.element_size() for t in tensors))
+    if opts["only_save"]:
+        mgr.wait()
+        R["ok"] = all(gather(True))
+        return R
     while state["step"] % opts["persist_every"]:  # end on a step that reached S3 too
         one("tiered")
     mgr.wait()
     R["final_step"] = state["step"]
     R.update(steady_memory(opts, rank, state["step"]))
-    R["local_bytes"] = gather(sum(t.numel() * t.element_size() for t in tensors))
     # The same step, durably on a local disk, for the cold-cache recovery figure.
     t0 = time.perf_counter()
     dckpt.CheckpointManager(opts["disk_root"], timeout=opts["timeout"]).save(state["step"], state)
@@ -259,36 +272,47 @@ def steady_memory(opts: dict[str, Any], rank: int, step: int) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- recovery
 
-#: The tier engine's recovery steps timed in the tiered recovery: (module, attribute, label).
+#: The tier engine's recovery steps timed in the tiered recovery: (module, attribute or
+#: "Class.method", label).
 TIMED = (
     ("dckpt._manager", "open_storage", "open the root"),
     ("dckpt.tiers._tiered", "discover", "node map"),
+    ("dckpt.tiers._tiered", "_refuse_unwritable", "probe"),
     ("dckpt.tiers._tiered", "_new_group", "gloo group"),
     ("dckpt.tiers._recover", "_inventory", "inventory"),
     ("dckpt.tiers._recover", "_verify", "verify copies"),
     ("dckpt.tiers._recover", "_fetch", "fetch"),
+    ("dckpt.tiers._recover", "_Rounds.fetched", "wait for the durable listing"),
     ("dckpt.tiers._tiered", "recover", "recover (all)"),
+    ("dckpt._loadcore", "_prepare", "load: plan"),
+    ("dckpt._loadcore", "_read", "load: read"),
     ("dckpt.tiers._tiered", "run_load", "load"),
 )
 
 
-def time_steps() -> dict[str, float]:
-    """Wrap the functions of ``TIMED`` in this process; the dict fills in as they run."""
+def time_steps() -> dict[str, list[float]]:
+    """Wrap the functions of ``TIMED`` in this process; the dict fills in as they run:
+    label -> [wall seconds, CPU seconds of the whole process (every thread)]."""
     import importlib
 
-    spent: dict[str, float] = {}
-    for module, attr, label in TIMED:
-        mod = importlib.import_module(module)
+    spent: dict[str, list[float]] = {}
+    for module, path, label in TIMED:
+        mod: Any = importlib.import_module(module)
+        *owner, attr = path.split(".")  # "Class.method" wraps a method
+        for name in owner:
+            mod = getattr(mod, name, None)
         fn = getattr(mod, attr, None)
         if fn is None:
             continue
 
         def timed(*a: Any, _fn: Any = fn, _label: str = label, **kw: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return _fn(*a, **kw)
             finally:
-                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t0
+                got = spent.setdefault(_label, [0.0, 0.0])
+                got[0] += time.perf_counter() - t0
+                got[1] += time.process_time() - c0
 
         setattr(mod, attr, timed)
     return spent
@@ -309,7 +333,7 @@ def recover_phase(opts: dict[str, Any], system: str, verify: bool) -> dict[str, 
     if system == "disk" and rank == 0:
         evicted = evict_cache(opts["disk_root"])
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if system == "tiered":
         mgr = tier_manager(opts, rank)
     elif system == "s3":
@@ -320,8 +344,10 @@ def recover_phase(opts: dict[str, Any], system: str, verify: bool) -> dict[str, 
     step = mgr.load(state)
     dist.barrier()
     took = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     loaded_at = time.time()
     mgr.wait()
+    ranks = gather(spent)
     bad = -1
     if verify:  # the state built and trained exactly as the saving run did
         ref_model, ref_optim = build(width, mesh, trained=True)
@@ -334,8 +360,16 @@ def recover_phase(opts: dict[str, Any], system: str, verify: bool) -> dict[str, 
         "steps": gather(step),
         "bad": max(gather(bad)),
         "evicted": evicted,
-        "steps_s": {k: max(d.get(k, 0.0) for d in gather(spent)) for k in spent},
+        "steps_s": {k: max(d[k][0] for d in ranks if k in d) for k in _labels(ranks)},
+        "steps_cpu": {k: max(d[k][1] for d in ranks if k in d) for k in _labels(ranks)},
+        "cpu": gather(cpu),
+        "per_rank": ranks,
     }
+
+
+def _labels(per_rank: list[dict[str, list[float]]]) -> list[str]:
+    """The timed labels any rank ran, in ``TIMED``'s order."""
+    return [label for _m, _a, label in TIMED if any(label in d for d in per_rank)]
 
 
 def phase(mode: str, opts: dict[str, Any], system: str = "", verify: bool = False) -> Any:
@@ -352,6 +386,8 @@ def recover_rounds(opts: dict[str, Any], final_step: int) -> dict[str, Any]:
     construct: dict[str, list[float]] = {s: [] for s in SYSTEMS}
     restart: dict[str, list[float]] = {s: [] for s in SYSTEMS}
     breakdown: list[dict[str, float]] = []
+    breakdown_cpu: list[dict[str, float]] = []
+    cpu: dict[str, list[list[float]]] = {s: [] for s in SYSTEMS}  # per round, per rank
     evicted = ""
     for rnd in range(opts["recover_rounds"]):
         order = SYSTEMS[rnd % 3 :] + SYSTEMS[: rnd % 3]
@@ -371,13 +407,16 @@ def recover_rounds(opts: dict[str, Any], final_step: int) -> dict[str, Any]:
             construct[system].append(r["construct"])
             restart[system].append(r["loaded_at"] - launched)
             evicted = r["evicted"] or evicted
+            cpu[system].append(r["cpu"])
             if system == "tiered":
                 breakdown.append(r["steps_s"])
+                breakdown_cpu.append(r["steps_cpu"])
             if not opts["quiet"]:
                 print(
                     f"  recovery round {rnd + 1}/{opts['recover_rounds']} {system}: "
                     f"manager + load {r['time']:.2f} s (manager {r['construct']:.2f} s), "
-                    f"restart to loaded {restart[system][-1]:.1f} s",
+                    f"restart to loaded {restart[system][-1]:.1f} s, CPU per rank "
+                    f"{' '.join(f'{c:.2f}' for c in r['cpu'])} s",
                     flush=True,
                 )
     return {
@@ -386,6 +425,8 @@ def recover_rounds(opts: dict[str, Any], final_step: int) -> dict[str, Any]:
         "restart": restart,
         "evicted": evicted,
         "breakdown": breakdown,
+        "breakdown_cpu": breakdown_cpu,
+        "cpu": cpu,
     }
 
 
@@ -422,15 +463,8 @@ def report(
         "",
         f"== training blocked per save (median of {opts['rounds']} rounds, max over ranks) ==",
     ]
-    bt, bf = med(res["blocked"]["tiered"]), med(res["blocked"]["floor"])
+    L += blocked_report(res, opts)
     L += [
-        f"  {'tiered save (async_save=True)':<44}{bt:9.3f} s",
-        f"  {'copy_ into preallocated host memory':<44}{bf:9.3f} s",
-        f"  ratio {bt / bf:.2f}x the copy (target <= 1.2x: {verdict(bt <= 1.2 * bf)})",
-        "  background, save returned -> wait returned (median, max): local write + "
-        f"replicate + commit {background(res, opts, False)}; steps divisible by "
-        f"{opts['persist_every']}, with their persist: {background(res, opts, True)}",
-        "",
         f"== recovery after losing node 1 (fresh processes; manager + load; median of "
         f"{opts['recover_rounds']} rounds) ==",
         f"  {'system':<36}{'manager + load s':>17}{'of which manager':>17}{'restart-to-loaded s':>21}",
@@ -450,6 +484,20 @@ def report(
         "  tiered, by step (max over ranks, median of rounds): "
         + ", ".join(f"{k} {v:.2f} s" for k, v in steps.items())
     )
+    cpu_steps = {
+        k: med([b.get(k, 0.0) for b in rec["breakdown_cpu"]]) for k in rec["breakdown_cpu"][0]
+    }
+    L.append(
+        "  tiered, CPU by step (process time of the rank's every thread, max over ranks, "
+        "median): " + ", ".join(f"{k} {v:.2f} s" for k, v in cpu_steps.items())
+    )
+    L.append(
+        "  CPU of manager + load per rank (median of rounds): "
+        + "; ".join(
+            f"{s} {' '.join(f'{med(list(c)):.2f}' for c in zip(*rec['cpu'][s], strict=True))} s"
+            for s in SYSTEMS
+        )
+    )
     L += [
         f"  tiered vs S3: {t['s3'] / t['tiered']:.1f}x faster (target >= 5x: "
         f"{verdict(t['s3'] >= 5 * t['tiered'])})",
@@ -460,6 +508,22 @@ def report(
     ]
     L += bytes_report(res, durable_bytes, opts, state_bytes)
     return "\n".join(L)
+
+
+def blocked_report(res: dict[str, Any], opts: dict[str, Any]) -> list[str]:
+    bt, bf = med(res["blocked"]["tiered"]), med(res["blocked"]["floor"])
+    ct, cf = med(res["blocked_cpu"]["tiered"]), med(res["blocked_cpu"]["floor"])
+    return [
+        f"  {'':<44}{'wall':>9}  {'CPU':>9}",
+        f"  {'tiered save (async_save=True)':<44}{bt:9.3f}  {ct:9.3f} s",
+        f"  {'copy_ into preallocated host memory':<44}{bf:9.3f}  {cf:9.3f} s",
+        f"  ratio {bt / bf:.2f}x the copy, CPU {ct / cf:.2f}x (target <= 1.2x: "
+        f"{verdict(bt <= 1.2 * bf)})",
+        "  background, save returned -> wait returned (median, max): local write + "
+        f"replicate + commit {background(res, opts, False)}; steps divisible by "
+        f"{opts['persist_every']}, with their persist: {background(res, opts, True)}",
+        "",
+    ]
 
 
 def bytes_report(
@@ -510,6 +574,18 @@ def durable_step_bytes(server: S3Server, prefix: str, step: int) -> int:
     raise SystemExit(f"step {step} is not on the durable tier: the persist did not happen")
 
 
+def save_only_report(res: dict[str, Any], opts: dict[str, Any]) -> str:
+    state_bytes = sum(res["local_bytes"])
+    return "\n".join(
+        [
+            f"state {state_bytes / 1e9:.2f} GB on {opts['world_size']} ranks; load average "
+            f"{res['loadavg'][0]:.1f} before, {res['loadavg'][1]:.1f} after",
+            f"== training blocked per save (median of {opts['rounds']} rounds, max over ranks) ==",
+            *blocked_report(res, opts),
+        ]
+    )
+
+
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params-m", type=float, default=100.0, help="model size, millions of params")
@@ -531,6 +607,11 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=600.0, help="dckpt's collective timeout")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    ap.add_argument(
+        "--only-save",
+        action="store_true",
+        help="the save phase only: blocked and background times (no recovery, no baselines)",
+    )
     args = ap.parse_args()
     if args.rounds < 1 or args.recover_rounds < 1:
         ap.error("--rounds and --recover-rounds must be >= 1")
@@ -561,6 +642,11 @@ def main() -> None:
             )
             load_before = os.getloadavg()[0]
             res = run_on_ranks(args.world_size, "save", phase, "save", opts)
+            if args.only_save:
+                res["loadavg"] = (load_before, os.getloadavg()[0])
+                print()
+                print(save_only_report(res, opts))
+                return
             durable = durable_step_bytes(server, "run", res["final_step"])
             rec = recover_rounds(opts, res["final_step"])
             res["loadavg"] = (load_before, os.getloadavg()[0])

@@ -261,15 +261,36 @@ def dtensor_layout(
     # lazy: only DTensor states get here, and they imported torch.distributed already
     import torch.distributed as dist
 
-    mesh = dt.device_mesh
-    ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
+    shape, ranks, coord = _mesh_facts(dt.device_mesh)
     # A mesh smaller than the world (a TP submesh replicated over DP, a pipeline stage) may
     # hold the same key as other meshes: one layout cannot say that; chunks can.
     if not dist.is_initialized() or len(ranks) != dist.get_world_size():
         return None
+    return shape, ranks, coord, specs
+
+
+# DeviceMesh object (by id, with the object kept to check identity) -> its facts. Reading
+# them costs about 50 us per DTensor (``mesh.mesh`` remaps a tensor), which an async save
+# of a few hundred DTensors pays while training is blocked; a job has a few meshes.
+_MESH_FACTS: dict[int, tuple[Any, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None]]]
+_MESH_FACTS = {}
+
+
+def _mesh_facts(
+    mesh: Any,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None]:
+    """(shape, global ranks row-major, this rank's coordinate or None) of ``mesh``."""
+    known = _MESH_FACTS.get(id(mesh))
+    if known is not None and known[0] is mesh:
+        return known[1]
+    ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
     coordinate = mesh.get_coordinate()
     coord = None if coordinate is None else tuple(int(c) for c in coordinate)
-    return tuple(int(n) for n in mesh.shape), ranks, coord, specs
+    facts = (tuple(int(n) for n in mesh.shape), ranks, coord)
+    if len(_MESH_FACTS) >= 64:  # meshes made and dropped over and over: start afresh
+        _MESH_FACTS.clear()
+    _MESH_FACTS[id(mesh)] = (mesh, facts)
+    return facts
 
 
 @functools.lru_cache(maxsize=65536)

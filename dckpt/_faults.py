@@ -66,8 +66,19 @@ def seen() -> list[str]:
         return list(_seen)
 
 
-def injector(point: str, kind: str, *, nth: int = 1, stall_s: float = 3600.0) -> Hook:
-    """A hook that injects ``kind`` at the ``nth`` time ``point`` is passed."""
+def injector(
+    point: str,
+    kind: str,
+    *,
+    nth: int = 1,
+    stall_s: float = 3600.0,
+    until: Callable[[], bool] | None = None,
+) -> Hook:
+    """A hook that injects ``kind`` at the ``nth`` time ``point`` is passed.
+
+    A ``stall`` sleeps ``stall_s`` seconds, or, given ``until``, until it returns True
+    (polled every 0.1 s; at most ``stall_s``): a test can keep the victim frozen exactly
+    until every other rank has given up on it, instead of a fixed, longer sleep."""
     if kind not in KINDS:
         raise ValueError(f"fault kind must be one of {KINDS}, got {kind!r}")
     count = 0
@@ -86,11 +97,20 @@ def injector(point: str, kind: str, *, nth: int = 1, stall_s: float = 3600.0) ->
         elif kind == "exit":
             os._exit(0)
         elif kind == "stall":
-            time.sleep(stall_s)
+            _stall(stall_s, until)
         else:
             raise InjectedFault(f"injected fault at {point} (occurrence {nth})")
 
     return hook
+
+
+def _stall(seconds: float, until: Callable[[], bool] | None) -> None:
+    if until is None:
+        time.sleep(seconds)
+        return
+    deadline = time.monotonic() + seconds
+    while not until() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _from_env() -> None:

@@ -372,3 +372,187 @@ def test_construction_refuses_an_unwritable_local_dir(tmp_path: Path) -> None:
     blocker.write_bytes(b"not a directory")
     with pytest.raises(LocalTierError, match="a-file/local cannot be written"):
         dckpt.CheckpointManager(str(tmp_path / "durable"), local_dir=str(blocker / "local"))
+
+
+# -- format version 2 in the tiers: DTensors as layout entries and tables ------------------
+
+
+def _v2_state(step: int, model: Any = None) -> dict[str, Any]:
+    """An FSDP2 model (its parameters: DTensors sharded over the 4 ranks), an HSDP-like
+    DTensor (replicated over the 2 x 2 mesh's first dim: its writers spread over the
+    replicas, so a rank may load a shard another node wrote) and a tensor per rank; the
+    values depend on the step. ``model``: a model already built (and sharded) to fill."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    rank = dist.get_rank()
+    if model is None:
+        model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8))
+        mesh = init_device_mesh("cpu", (4,))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            full = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) * (i + 1) + step
+            p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+    hsdp = init_device_mesh("cpu", (2, 2))
+    wide = torch.arange(40 * 6, dtype=torch.float64).reshape(40, 6) - step
+    return {
+        "model": model,
+        "hsdp": distribute_tensor(wide, hsdp, [Replicate(), Shard(0)], src_data_rank=None),
+        "own": torch.full((300,), float(1000 * rank + step)),
+        "step": step,
+    }
+
+
+def w_v2_save(root: str, base: str) -> dict[str, Any]:
+    mgr = _manager(root, base)
+    state = _v2_state(1)
+    for step in (1, 2, 3, 4):
+        mgr.save(step, _v2_state(step, state["model"]))
+    mgr.wait()
+    return {"local": mgr.steps(tier="local"), "durable": mgr.steps(tier="durable")}
+
+
+def w_v2_load(root: str, base: str) -> dict[str, Any]:
+    mgr = _manager(root, base)
+    dest = _v2_state(0)
+    for t in (*dest["model"].parameters(), dest["hsdp"]):
+        with torch.no_grad():
+            t.zero_()
+    dest["own"].zero_()
+    step = mgr.load(dest)
+    assert step is not None
+    want = _v2_state(step)  # a second model, holding the values that step saved
+    pairs = [
+        *zip(dest["model"].parameters(), want["model"].parameters(), strict=True),
+        (dest["hsdp"], want["hsdp"]),
+    ]
+    exact = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in pairs)
+    exact = exact and torch.equal(dest["own"], want["own"]) and dest["step"] == step
+    return {"step": step, "exact": exact}
+
+
+def _v2_load_fresh(root: str, base: str) -> list[dict[str, Any]]:
+    outcomes = run_fresh(4, w_v2_load, root, base, timeout=180)
+    assert all(o.ok for o in outcomes), [o.error_text for o in outcomes if not o.ok]
+    return [o.value for o in outcomes]
+
+
+def test_tier_saves_write_format_2_recover_and_persist(tmp_path: Path, ranks: Any) -> None:
+    """DTensors go to the local tier as layout entries with tables (format version 2, as
+    a plain save writes them); a lost node's shard files and tables come back from the
+    replicas, bit for bit, each checked against its table as it arrives (a damaged copy
+    is refused); the persisted step is a version 2 checkpoint that verifies."""
+    import json
+
+    from dckpt._format import manifest_from_bytes
+    from dckpt._reader import CheckpointReader
+    from dckpt.storage import open_storage
+    from dckpt.tiers._localtier import check_file, stored_sizes
+
+    root, base = str(tmp_path / "durable"), str(tmp_path / "local")
+    out = ranks(4).run(w_v2_save, root, base, timeout=180)
+    assert out == [{"local": [3, 4], "durable": [3]}] * 4, out
+    step = Path(base) / "node0" / "step-00000004"
+    raw = (step / "manifest.json").read_bytes()
+    m = json.loads(raw)
+    assert m["version"] == 2 and [t["rank"] for t in m["tables"]] == [0, 1, 2, 3], m["tables"]
+    assert "layout" in m["tensors"]["hsdp"] and "chunks" not in m["tensors"]["hsdp"]
+    assert (Path(base) / "node1" / "step-00000004" / "manifest.json").read_bytes() == raw
+    # Each node holds its ranks' tables and shard files and the replicas of the other's,
+    # and every one of them passes its checks (a shard file: against its table's rows).
+    manifest = manifest_from_bytes(raw, source="step 4")
+    names = sorted(stored_sizes(manifest))
+    assert sum(n.endswith(".tab") for n in names) == 4 and any("-s0.bin" in n for n in names)
+    held = open_storage(str(step))
+    assert [check_file(held, manifest, n) for n in names] == [None] * len(names)
+    # Node 1 lost: step 4 (not persisted) comes back from node 0's replicas.
+    shutil.rmtree(Path(base) / "node1")
+    assert _v2_load_fresh(root, base) == [{"step": 4, "exact": True}] * 4
+    fetched = Path(base) / "node1" / "step-00000004"
+    assert {"r2.tab", "r3.tab"} <= {p.name for p in fetched.rglob("*.tab")}
+    # Node 0's replica of a shard file of rank 2 damaged, node 1 lost again: the copy is
+    # refused as it arrives (never stored), and step 4 cannot be recovered: step 3 loads.
+    shard = next(n for n in names if n.endswith("/r2-s0.bin"))
+    _flip(step / shard)
+    assert "fails the checksum" in str(check_file(held, manifest, shard))
+    shutil.rmtree(Path(base) / "node1")
+    assert _v2_load_fresh(root, base) == [{"step": 3, "exact": True}] * 4
+    assert not (fetched / shard).exists()
+    durable = Path(root) / "step-00000003"
+    assert json.loads((durable / "manifest.json").read_bytes())["version"] == 2
+    assert CheckpointReader.open(str(durable)).verify() == []
+
+
+# -- recovery: how the fetch of a lost node's files is spread over the ranks --------------
+
+
+def _fetch_plan(base: str, step: int) -> tuple[Any, list[Any]]:
+    """Rank 0's fetch plan for ``step`` with node 1's local directory gone (the decision
+    alone: nothing moves), and the manifest."""
+    from dckpt._format import manifest_from_bytes
+    from dckpt.tiers._localtier import LocalTier
+    from dckpt.tiers._nodes import NodeMap
+    from dckpt.tiers._recover import Candidate, plan_fetch
+    from dckpt.tiers._tsave import SaveContext
+
+    local = LocalTier(f"{base}/node0")
+    held = local.holdings()[step]
+    assert held.manifest is not None
+    layout = local.storage.file_layout
+    ctx = SaveContext(local, NodeMap((0, 0, 1, 1), 1), None, 2, TIMEOUT, lambda: layout)
+    plan = plan_fetch(ctx, Candidate(step, held.manifest, held.needs), {0: held}, [set()] * 4, 4)
+    assert not isinstance(plan, str), plan
+    return manifest_from_bytes(held.manifest, source="test"), plan
+
+
+def test_the_fetch_of_a_lost_node_pairs_senders_with_receivers(tmp_path: Path, ranks: Any) -> None:
+    """Node 1 lost, format version 2: each table and the shard files it indexes go to one
+    receiver (which checks the files against it) from one sender; both ranks of node 1
+    receive and both ranks of node 0 send, each sender to one receiver, so the two
+    streams run side by side; every file node 1 lacks arrives exactly once."""
+    root, base = str(tmp_path / "durable"), str(tmp_path / "local")
+    out = ranks(4).run(w_v2_save, root, base, timeout=180)
+    step = out[0]["local"][-1]
+    manifest, plan = _fetch_plan(base, step)
+    received = {r.name: rank for rank in (2, 3) for r in plan[rank].recvs}
+    assert sum(len(plan[rank].recvs) for rank in (2, 3)) == len(received)  # once each
+    assert not plan[2].sends and not plan[3].sends and not plan[0].recvs and not plan[1].recvs
+    # Each send is matched by the receive its destination posts.
+    for src in (0, 1):
+        for s in plan[src].sends:
+            assert (s.name, s.size, src) in {(r.name, r.size, r.src) for r in plan[s.dst].recvs}
+    tables = {t.name: t for t in manifest.tables}
+    for name in ("r2", "r3"):
+        table = next(t for t in tables.values() if t.name.endswith(f"/{name}.tab"))
+        unit = {table.name, *table.files}
+        assert {received[f] for f in unit} == {received[table.name]}
+        assert len({r.src for r in plan[received[table.name]].recvs if r.name in unit}) == 1
+    assert {received[t] for t in tables if t in received} == {2, 3}
+    units = [{s.dst for s in plan[src].sends if s.name in tables} for src in (0, 1)]
+    assert sorted(map(sorted, units)) == [[2], [3]], units
+
+
+def w_durable_newer(root: str, base: str) -> list[int]:
+    """Steps 1-3 through the tiers (3 persisted), then step 4 by another writer of the
+    root: a durable step newer than any local one."""
+    rank = dist.get_rank()
+    mgr = _manager(root, base)
+    for step in (1, 2, 3):
+        mgr.save(step, _state(step, rank))
+    mgr.wait()
+    dckpt.CheckpointManager(root, timeout=TIMEOUT).save(4, _state(4, rank))
+    return mgr.steps(tier="durable")
+
+
+def test_a_newer_durable_step_wins_over_the_local_tier(tmp_path: Path, ranks: Any) -> None:
+    """The local tier holds steps 2 and 3, the durable tier a newer step 4: a lost node's
+    recovery loads step 4 from the durable tier, bit for bit, whether rank 0 compares the
+    tiers before the fetch, after it or after loading the local step."""
+    root, base = str(tmp_path / "durable"), str(tmp_path / "local")
+    assert ranks(4).run(w_durable_newer, root, base, timeout=120) == [[3, 4]] * 4
+    shutil.rmtree(Path(base) / "node1")
+    assert _load_fresh(root, base) == [{"step": 4, "exact": True}] * 4

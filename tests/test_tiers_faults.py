@@ -1,19 +1,21 @@
-"""Tiered checkpoints under faults (issue #13): a full local tier, and a rank lost or
-failing at every ``tiers.*`` protocol point (4 gloo ranks as 2 simulated nodes x 2).
+"""Tiered checkpoints under faults (issue #13): a full local tier, and a rank lost, failing
+or frozen at every ``tiers.*`` protocol point (4 gloo ranks as 2 simulated nodes x 2).
 
-The fault cases run a fixed sample: each point once, the fault kind and the victim rotating,
-plus a kill during persist at both persist points on rank 0 and on rank 3;
-``DCKPT_FAULT_MATRIX=full`` runs every point x {SIGKILL, exception} x {rank 0, rank 3}.
+The fault cases run a fixed sample: each point once, a kill or an exception and the victim
+rotating, a kill during persist at both persist points on rank 0 and on rank 3, and a
+frozen rank (a stall: alive, asleep until every other rank has returned) in the transfers
+of a save and of a recovery's fetch. ``DCKPT_FAULT_MATRIX=full`` runs every point x
+{SIGKILL, exception, stall} x {rank 0, rank 3}, and the fetch's points the same way.
 After each case, on what is on disk: every step a tier lists as committed loads bit-exact
 (the durable steps through the plain manager's listing, each node's local steps as the
 ordinary checkpoints they are), the step before the interrupted one is still committed in
-each tier, an interrupted persist is not committed, and every surviving rank raised a
-``CheckpointError`` within its timeout bound.
-"""
+each tier, an interrupted persist is not committed, and every other rank raised a
+``CheckpointError`` within its timeout bound (a frozen victim, once resumed, too)."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import subprocess
@@ -31,18 +33,15 @@ import dckpt
 from dckpt import _faults
 from dckpt.tiers import LocalTierError
 from tests._dist import Outcome, run_fresh
+from tests._tiers import node_dir, node_of, tiered_manager
 
 N = 2048
-TIMEOUT = 5.0  # 3 s proved too tight for setup saves on a loaded 2-core machine
+TIMEOUT = 5.0  # see RESOLVER_OPTIONS for what made setups miss it now and then
 FULL = os.environ.get("DCKPT_FAULT_MATRIX") == "full"
-PARALLEL = 2
+PARALLEL = 3  # the stall cases mostly wait
 # A survivor's longest legitimate wait (a follower waits 2 x timeout + 5 s for rank 0,
 # a transfer one timeout per piece), plus slack for a loaded machine.
 SURVIVOR_BOUND = 3 * TIMEOUT + 5 + 25
-
-
-def _node_of(rank: int) -> int:
-    return rank // 2
 
 
 def _state(step: int, rank: int) -> dict[str, Any]:
@@ -61,20 +60,7 @@ def _all_keys(step: int) -> dict[str, Any]:
     return out
 
 
-def _manager(root: str, base: str, **kw: Any) -> dckpt.CheckpointManager:
-    rank = dist.get_rank()
-    options: dict[str, Any] = dict(
-        local_dir=kw.pop("local_dir", f"{base}/node{_node_of(rank)}"),
-        replicas=1,
-        persist_every=2,
-        keep_local=2,
-        keep_last=2,
-        async_save=True,
-        timeout=TIMEOUT,
-        node_of=_node_of,
-    )
-    options.update(kw)
-    return dckpt.CheckpointManager(root, **options)
+_manager = functools.partial(tiered_manager, timeout=TIMEOUT, persist_every=2, keep_last=2)
 
 
 # -- a full local tier ---------------------------------------------------------------------
@@ -148,7 +134,7 @@ def test_full_local_tier_keeps_the_durable_path(
         (_, first, full1), (_, second, full2) = o["raised"]
         assert full1 and full2, o
         assert "step 3 does not fit" in first and "step 3 is not saved" in first, first
-        assert f"node {_node_of(victim)}" in first and f"node{_node_of(victim)}" in first
+        assert f"node {node_of(victim)}" in first and f"node{node_of(victim)}" in first
         assert "bytes" in first and "persist_every=2" in first
         assert "step 4 was saved to the durable tier" in second, second
         assert o["local"] == [5, 6] and o["durable"] == [4, 6], o
@@ -157,7 +143,7 @@ def test_full_local_tier_keeps_the_durable_path(
 
 def w_full_disk(root: str, base: str, small: str, filler: str) -> dict[str, Any]:
     rank = dist.get_rank()
-    local = small if _node_of(rank) == 1 else f"{base}/node0"
+    local = small if node_of(rank) == 1 else node_dir(base, 0)
     mgr = _manager(root, base, local_dir=local, keep_local=1, async_save=False)
     raised = _saves(mgr, range(1, 3), rank)
     dist.barrier()
@@ -224,7 +210,7 @@ def test_a_really_full_disk_keeps_the_durable_path(
     assert out[0]["local"] == [6] and out[2]["local"] == [6], out
 
 
-# -- a rank lost or failing at each protocol point ------------------------------------------
+# -- a rank lost, failing or frozen at each protocol point ----------------------------------
 
 POINTS = (
     "tiers.local.write",
@@ -236,9 +222,21 @@ POINTS = (
     "tiers.persist.copy",
     "tiers.persist.commit",
 )
+# A recovery's fetch moves files with the same transfer as replication, past the same
+# points: a "load" case arms them after node 1 lost its local directory.
+FETCH_POINTS = ("tiers.replicate.send", "tiers.replicate.recv")
 # The ranks that pass a point (rank 0 decides; the node leaders 0 and 2 publish).
 PASSED_BY = {"tiers.commit.decide": (0,), "tiers.manifest.write": (0, 2)}
-KINDS = ("sigkill", "raise")
+KINDS = ("sigkill", "raise", "stall")
+# The victim of a stall stays frozen until every other rank has returned (so none of them
+# can have been rescued by it), at most this long: past every survivor's bound.
+STALL_S = SURVIVOR_BOUND + 15
+# Every rank's store connection does a reverse-DNS lookup of the loopback address (c10d
+# names its peer), which /etc/hosts does not answer for the IPv4-mapped form c10d uses: a
+# lost reply to it costs the resolver's default 5 s, which is the whole TIMEOUT, and the
+# manager's threads each open their connection inside a collective exchange. Retrying
+# after 1 s keeps that well inside the timeout; the timeout itself stays as tight.
+RESOLVER_OPTIONS = "timeout:1 attempts:5"
 
 
 @dataclass(frozen=True)
@@ -246,10 +244,12 @@ class Case:
     point: str
     kind: str
     victim: int
+    protocol: str = "save"  # "load": the fault hits the fetch of a recovery
 
     @property
     def id(self) -> str:
-        return f"{self.point}-{self.kind}@{self.victim}"
+        head = "" if self.protocol == "save" else f"{self.protocol}-"
+        return f"{head}{self.point}-{self.kind}@{self.victim}"
 
     @property
     def persist(self) -> bool:
@@ -262,6 +262,10 @@ def _every_case() -> list[Case]:
         for kind in KINDS:
             for victim in sorted(set(PASSED_BY.get(point, (0, 3)))):
                 out.append(Case(point, kind, victim))
+    for point in FETCH_POINTS:
+        for kind in KINDS:
+            for victim in (0, 3):  # rank 0 sends node 0's copies and leads; rank 3 receives
+                out.append(Case(point, kind, victim, "load"))
     return out
 
 
@@ -276,33 +280,83 @@ def _cases() -> list[Case]:
     ]
     out = list(required)
     for i, point in enumerate(p for p in POINTS if not p.startswith("tiers.persist.")):
-        group = [c for c in every if c.point == point]
+        group = [c for c in every if c.point == point and c.kind in ("sigkill", "raise")]
         out.append(group[i % len(group)])
-    return out
+    # A frozen peer in the transfers: a rank that neither sends nor receives, rank 0
+    # frozen with every replica in hand (the others give up on its commit decision), and
+    # a sender of a recovery's fetch (rank 0 frozen there: full mode). First: they take
+    # the longest (rank 0 frozen: the others wait 2 x timeout + 5 s), the short cases
+    # run beside them.
+    stalls = [
+        Case("tiers.replicate.recv", "stall", 0),
+        Case("tiers.replicate.send", "stall", 3, "load"),
+        Case("tiers.replicate.send", "stall", 3),
+    ]
+    return stalls + out
 
 
-def w_case(root: str, base: str, arm: tuple[str, str, int]) -> dict[str, Any]:
-    """Commit steps 1 and 2 (2 persisted), then save 3 and 4 (4 due) with the fault armed
-    on its victim; report how this rank ended."""
+# Cases that fail on a known engine bug: what goes wrong, and whether it fails every time
+# (the test then fails once it passes: remove it here) or only when a race is lost. None
+# now: a follower that gives up on the commit exchange after posting its arrival used to
+# delete its files of the step although rank 0 could still commit it (rank 0 frozen in
+# the commit exchange, or killed after deciding); it keeps them since.
+KNOWN_BUGS: dict[str, tuple[str, bool]] = {}  # case id -> (why, fails every time)
+
+
+def _empty(rank: int) -> dict[str, Any]:
+    return {"w": torch.zeros(N), f"r{rank}": torch.zeros(N // 2, dtype=torch.float64), "step": -1}
+
+
+def _others_done(flags: str, victim: int) -> bool:
+    return all(os.path.exists(f"{flags}/done-{r}") for r in range(4) if r != victim)
+
+
+def _lose_node1(mgr: dckpt.CheckpointManager, root: str, base: str) -> dckpt.CheckpointManager:
+    """Commit step 3 (local only: persist_every=2), then node 1 loses its local directory
+    and the job restarts: the new manager's load must fetch node 1's files from node 0."""
+    rank = dist.get_rank()
+    mgr.save(3, _state(3, rank))
+    mgr.wait()
+    dist.barrier()
+    if rank == 2:
+        shutil.rmtree(node_dir(base, 1))
+    dist.barrier()
+    return _manager(root, base)
+
+
+def w_case(
+    root: str, base: str, flags: str, arm: tuple[str, str, int], protocol: str
+) -> dict[str, Any]:
+    """Commit steps 1 and 2 (2 persisted), then, with the fault armed on its victim, save 3
+    and 4 (4 due), or ("load") recover step 3 after node 1 lost it; report how this rank
+    ended."""
     rank = dist.get_rank()
     mgr = _manager(root, base)
     for step in (1, 2):
         mgr.save(step, _state(step, rank))
     mgr.wait()
+    if protocol == "load":
+        mgr = _lose_node1(mgr, root, base)
     point, kind, victim = arm
     if rank == victim:
-        _faults.arm(_faults.injector(point, kind))
+        until = functools.partial(_others_done, flags, victim)
+        _faults.arm(_faults.injector(point, kind, stall_s=STALL_S, until=until))
     start = time.monotonic()
     out: dict[str, Any] = {"ok": True, "type": "", "error": ""}
     try:
-        for step in (3, 4):
-            mgr.save(step, _state(step, rank))
-        mgr.wait()
+        if protocol == "load":
+            dest = _empty(rank)
+            out["loaded"] = mgr.load(dest)
+        else:
+            for step in (3, 4):
+                mgr.save(step, _state(step, rank))
+            mgr.wait()
     except BaseException as exc:  # judged by the parent
         out.update(ok=False, type=type(exc).__name__, error=str(exc)[:2000])
         out["checkpoint_error"] = isinstance(exc, dckpt.CheckpointError)
     out["elapsed"] = time.monotonic() - start
     _faults.arm(None)
+    Path(flags, f"done-{rank}").touch()  # a frozen victim resumes once all others are done
     return out
 
 
@@ -316,7 +370,9 @@ def _loads_exact(path: Path, step: int) -> bool:
     return dest["step"] == step and all(torch.equal(dest[k], want[k]) for k in dest if k != "step")
 
 
-def _check(case: Case, tmp: Path, outcomes: list[Outcome]) -> None:
+def _check_ranks(case: Case, outcomes: list[Outcome]) -> bool:
+    """Every rank's end; returns whether a frozen victim, once resumed, succeeded."""
+    resumed_ok = False
     for o in outcomes:
         assert not o.timed_out, o.error_text[-3000:]
         if o.exitcode is not None:
@@ -324,32 +380,54 @@ def _check(case: Case, tmp: Path, outcomes: list[Outcome]) -> None:
             continue
         assert o.ok, o.error_text[-3000:]
         seen = o.value
+        if o.rank == case.victim and case.kind == "stall":
+            # It resumed once every other rank had returned, in no time bound: it fails
+            # too, or (rank 0 resuming inside a persist's commit) finishes the commit that
+            # the others gave up on, which must then hold.
+            assert seen["ok"] or seen["checkpoint_error"], (o.rank, seen)
+            resumed_ok = seen["ok"]
+            continue
         assert not seen["ok"], f"rank {o.rank} did not learn of the fault"
         injected = o.rank == case.victim and seen["type"] == "InjectedFault"
         assert seen["checkpoint_error"] or injected, (o.rank, seen)
         assert seen["elapsed"] < SURVIVOR_BOUND, (o.rank, seen)
+    return resumed_ok
+
+
+def _check(case: Case, tmp: Path, outcomes: list[Outcome]) -> None:
+    resumed_ok = _check_ranks(case, outcomes)
     durable = dckpt.CheckpointManager(str(tmp / "durable")).steps()
     assert 2 in durable, durable  # the previous durable step
-    if case.persist:
-        assert 4 not in durable, durable  # the interrupted persist never committed
+    if case.persist:  # an interrupted persist never committed, unless its victim finished it
+        assert (4 in durable) == resumed_ok, durable
+    else:
+        assert not resumed_ok, "a resumed victim completed a save the others gave up on"
     for step in durable:
         assert _loads_exact(tmp / "durable" / f"step-{step:08d}", step), step
     for node in (0, 1):
-        local = sorted((tmp / "local" / f"node{node}").glob("step-*/manifest.json"))
+        local = sorted(Path(node_dir(str(tmp / "local"), node)).glob("step-*/manifest.json"))
         steps = [int(p.parent.name.removeprefix("step-")) for p in local]
-        assert steps, node
-        if not case.persist:  # a failed tier save keeps the step before it
+        if case.protocol == "load":  # node 1 lost its directory; node 0's copies stay
+            assert node == 1 or steps == [2, 3], (node, steps)
+        elif not case.persist:  # a failed tier save keeps the step before it
             assert 2 in steps or 3 in steps, (node, steps)
+        else:
+            assert steps, node
         for p in local:
             assert _loads_exact(p.parent, int(p.parent.name.removeprefix("step-"))), p
 
 
 def _run(case: Case, tmp: Path) -> list[Outcome]:
-    root, base = str(tmp / "durable"), str(tmp / "local")
-    return run_fresh(4, w_case, root, base, (case.point, case.kind, case.victim), timeout=180)
+    root, base, flags = str(tmp / "durable"), str(tmp / "local"), tmp / "flags"
+    flags.mkdir(parents=True)
+    arm = (case.point, case.kind, case.victim)
+    return run_fresh(4, w_case, root, base, str(flags), arm, case.protocol, timeout=180)
 
 
-def test_faults_at_every_tiers_point(tmp_path: Path) -> None:
+# The full matrix (57 cases, a third of them stalls) runs past the suite's 300 s budget.
+@pytest.mark.timeout(3600 if FULL else 300)
+def test_faults_at_every_tiers_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RES_OPTIONS", RESOLVER_OPTIONS)  # the ranks start with it
     cases = _cases()
     failures = []
     with ThreadPoolExecutor(PARALLEL) as pool:
@@ -357,8 +435,18 @@ def test_faults_at_every_tiers_point(tmp_path: Path) -> None:
         for c, fut in futures.items():
             try:
                 _check(c, tmp_path / c.id, fut.result())
-            except AssertionError as exc:
-                failures.append(f"{c.id}: {exc}")
+            except (AssertionError, dckpt.CheckpointError) as exc:  # a step that fails to load
+                failures.append(f"{c.id}: {type(exc).__name__}: {exc}")
             else:
                 shutil.rmtree(tmp_path / c.id, ignore_errors=True)
-    assert not failures, "\n".join(failures)
+    failed = {f.split(":", 1)[0] for f in failures}
+    unexpected = [f for f in failures if f.split(":", 1)[0] not in KNOWN_BUGS]
+    fixed = [c.id for c in cases if KNOWN_BUGS.get(c.id, ("", False))[1] and c.id not in failed]
+    assert not unexpected and not fixed, "\n".join(
+        unexpected + [f"{i}: passes now, remove it from KNOWN_BUGS" for i in fixed]
+    )
+    if failures:
+        pytest.xfail(
+            "known bugs: "
+            + "; ".join(f"{f} [{KNOWN_BUGS[f.split(':', 1)[0]][0]}]" for f in failures)
+        )

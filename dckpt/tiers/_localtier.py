@@ -1,8 +1,9 @@
 """The node-local tier: one directory per node, one dckpt checkpoint per step in it.
 
-``<local_dir>/step-<n>/`` has the layout of a durable step (``manifest.json`` and
-``data/<save_id>/r<rank>-<i>.bin``) and holds the data files of the node's own ranks and
-of the ranks it replicates. Its ``manifest.json`` has the same bytes on every node (and in
+``<local_dir>/step-<n>/`` has the layout of a durable step (``manifest.json``, the data
+files ``data/<save_id>/r<rank>-<i>.bin`` and, for DTensors stored by their layout (format
+version 2), each writer's shard files ``r<rank>-s<i>.bin`` and its table ``r<rank>.tab``)
+and holds the files of the node's own ranks and of the ranks it replicates. Its ``manifest.json`` has the same bytes on every node (and in
 the durable tier, once persisted) and is written last, so the step loads with the
 ordinary load wherever the files that load reads are present. ``tiers.json`` beside it
 records, per rank, which data files that rank's load reads (recovery fetches those).
@@ -13,20 +14,24 @@ Only the node's leader deletes (retention), and only after a newer step committe
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import crc32c
 import numpy as np
+import torch.distributed as dist
 
 from dckpt._bytes import as_memoryview, block_crcs
-from dckpt._format import MANIFEST_NAME, ChunkRecord, Manifest
+from dckpt._errors import CheckpointError
+from dckpt._format import MANIFEST_NAME, ChunkRecord, Manifest, TableRecord
 from dckpt._steps import join_path, parse_step, step_name
+from dckpt._table import check_table
 from dckpt._tidy import remove_stale_data
 from dckpt.storage import LocalStorage, Storage, open_storage
 from dckpt.tiers import _transfer
@@ -47,16 +52,86 @@ class StepHolding:
     files: dict[str, int] = field(default_factory=dict)  # name -> size
 
 
-ChunkIndex = dict[str, list[tuple[str, ChunkRecord]]]
+Chunks = list[tuple[str, ChunkRecord]]
 
 
-def chunk_index(manifest: Manifest) -> ChunkIndex:
-    """The chunks of ``manifest``, by the data file holding them: ``(key, chunk)`` each."""
-    index: ChunkIndex = {}
-    for key, entry in manifest.tensors.items():
-        for c in entry.chunks:
-            index.setdefault(c.file, []).append((key, c))
-    return index
+class ChunkIndex(dict[str, Chunks]):
+    """The chunks of a step, by the data file holding them: ``(key, chunk)`` each.
+
+    Chunk entries are in the manifest. The pieces of layout tensors (format version 2) are
+    in their writer's table: a table's rows join the index once the table passed its
+    checks (:meth:`learn`, when it is received or copied), or when :meth:`chunks` first
+    needs them and reads the table from ``storage`` (a copy the node holds)."""
+
+    def __init__(self, manifest: Manifest, storage: Storage | None = None) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.storage = storage
+        self.tables = {t.name: t for t in manifest.tables}
+        self.table_of = {f: t for t in manifest.tables for f in t.files}  # shard file -> table
+        self.learned: set[str] = set()
+        self.problems: dict[str, str] = {}  # table name -> why its rows are unknown
+        for key, entry in manifest.tensors.items():
+            for c in entry.chunks:
+                self.setdefault(c.file, []).append((key, c))
+
+    def learn(self, record: TableRecord, data: bytes) -> str | None:
+        """Check a table's bytes (all of the format's rules); its rows join the index.
+        Returns why the table is refused, or None."""
+        try:
+            rows = check_table(self.manifest, record, data)
+        except CheckpointError as exc:
+            self.problems[record.name] = f"fails its checks ({exc})"
+            return str(exc)
+        if record.name not in self.learned:
+            self.learned.add(record.name)
+            for (key, _piece), c in rows.items():
+                self.setdefault(c.file, []).append((key, c))
+        self.problems.pop(record.name, None)
+        return None
+
+    def chunks(self, name: str) -> Chunks | None:
+        """The chunks of data file ``name``; None for a shard file whose table is not
+        known to be good (not held, or damaged: see :attr:`problems`)."""
+        record = self.table_of.get(name)
+        if record is None:
+            return self.get(name, [])
+        if record.name not in self.learned and record.name not in self.problems:
+            self._read(record)
+        return self.get(name, []) if record.name in self.learned else None
+
+    def unknown(self, name: str) -> str:
+        """Why shard file ``name`` cannot be checked (``chunks`` returned None)."""
+        table = self.table_of[name].name
+        why = self.problems.get(table, "is missing")
+        return f"{name} cannot be checked: its table {table} {why}"
+
+    def _read(self, record: TableRecord) -> None:
+        if self.storage is None:
+            self.problems[record.name] = "is not held here"
+            return
+        try:
+            data = self.storage.read_file(record.name, max_bytes=record.size + 1)
+        except (CheckpointError, OSError) as exc:
+            self.problems[record.name] = f"cannot be read ({exc})"
+            return
+        if data is None:
+            self.problems[record.name] = "is missing"
+            return
+        self.learn(record, data)
+
+
+def chunk_index(manifest: Manifest, storage: Storage | None = None) -> ChunkIndex:
+    """The chunks of ``manifest``, by the data file holding them (see :class:`ChunkIndex`;
+    ``storage``: where the step's tables may be read from, when needed)."""
+    return ChunkIndex(manifest, storage)
+
+
+def stored_sizes(manifest: Manifest) -> dict[str, int]:
+    """Every file a step stores besides its manifest, with its size: data files and tables."""
+    sizes = dict(manifest.file_sizes)
+    sizes.update((t.name, t.size) for t in manifest.tables)
+    return sizes
 
 
 def check_file(
@@ -67,15 +142,22 @@ def check_file(
     at: str | None = None,
     index: ChunkIndex | None = None,
 ) -> str | None:
-    """Why the file ``at`` (default: ``name``) is not the data file ``name`` of
-    ``manifest`` (missing, its size, a checksum), or None. Reads it in pieces of at most
-    :data:`~dckpt.tiers._transfer.PIECE` bytes."""
+    """Why the file ``at`` (default: ``name``) is not the file ``name`` of ``manifest``
+    (missing, its size, a checksum; a table: any of its rules), or None. Reads a data file
+    in pieces of at most :data:`~dckpt.tiers._transfer.PIECE` bytes."""
     at = name if at is None else at
-    want = manifest.file_sizes.get(name)
+    index = chunk_index(manifest, storage) if index is None else index
+    table = index.tables.get(name)
+    want = manifest.file_sizes.get(name) if table is None else table.size
     got = storage.size(at)
     if got is None or got != want:
         return f"{name} has {got} bytes, the manifest says {want}"
-    chunks = (chunk_index(manifest) if index is None else index).get(name, [])
+    if table is not None:
+        data = storage.read_file(at, max_bytes=table.size + 1)
+        return f"{name} is missing" if data is None else index.learn(table, data)
+    chunks = index.chunks(name)
+    if chunks is None:
+        return index.unknown(name)
     block = manifest.block_bytes
     step = max(block, _transfer.PIECE // block * block)
     buf = np.empty(min(step, max((c.nbytes for _, c in chunks), default=0)), dtype=np.uint8)
@@ -91,16 +173,25 @@ def check_file(
 
 
 class StreamCheck:
-    """Checks the bytes of data file ``name`` against ``manifest``'s block checksums as
-    they go by, in file order: a transfer or a copy checks what it moves without reading
-    it back. ``feed`` each piece in turn, then ``problem`` says what was wrong, or None."""
+    """Checks the bytes of file ``name`` against ``manifest``'s block checksums as they go
+    by, in file order: a transfer or a copy checks what it moves without reading it back.
+    ``feed`` each piece in turn, then ``problem`` says what was wrong, or None. A table
+    (small) is kept whole and checked at the end; its rows then join ``index``, so that
+    the shard files it lists can be checked after it."""
 
     def __init__(self, manifest: Manifest, name: str, index: ChunkIndex) -> None:
         self.name = name
-        self.size = manifest.file_sizes.get(name)
+        self.index = index
+        self.table = index.tables.get(name)
+        self.data: bytearray | None = None if self.table is None else bytearray()
+        self.size = manifest.file_sizes.get(name) if self.table is None else self.table.size
+        self.bad: str | None = None
+        chunks = [] if self.table is not None else index.chunks(name)
+        if chunks is None:
+            self.bad, chunks = index.unknown(name), []
         block = manifest.block_bytes
         spans: list[tuple[int, int, str, int]] = []  # (start, end, key, crc) per block
-        for key, c in index.get(name, []):
+        for key, c in chunks:
             for i, crc in enumerate(c.crc32c if c.nbytes else ()):
                 start = c.offset + i * block
                 spans.append((start, min(start + block, c.offset + c.nbytes), key, crc))
@@ -108,11 +199,14 @@ class StreamCheck:
         self.next = 0  # the block being summed
         self.crc = 0  # its checksum so far (a block may span pieces)
         self.pos = 0
-        self.bad: str | None = None
 
     def feed(self, data: memoryview) -> None:
         start, end = self.pos, self.pos + data.nbytes
         self.pos = end
+        if self.data is not None:
+            if self.size is not None and end <= self.size:  # more is refused by its size
+                self.data += data
+            return
         while self.bad is None and self.next < len(self.spans):
             lo, hi, key, want = self.spans[self.next]
             if lo >= end:
@@ -129,9 +223,58 @@ class StreamCheck:
     def problem(self) -> str | None:
         if self.pos != self.size:
             return f"{self.name} has {self.pos} bytes, the manifest says {self.size}"
+        if self.table is not None and self.data is not None:
+            return self.index.learn(self.table, bytes(self.data))
         if self.bad is None and self.next < len(self.spans):
             return f"{self.name} ends before a chunk of {self.spans[self.next][2]!r} does"
         return self.bad
+
+
+def transfer_checked(
+    group: dist.ProcessGroup | None,
+    storage: Storage,
+    index: ChunkIndex,
+    sends: Sequence[_transfer.Send],
+    recvs: Sequence[_transfer.Recv],
+    *,
+    timeout: float,
+    tag: int,
+) -> _transfer.Landed:
+    """:func:`~dckpt.tiers._transfer.transfer` of a step's files, each checked as it
+    arrives against ``index``. When tables move, in two rounds, the tables first: a shard
+    file is checked against its table's rows, which the receiver may not hold before. A
+    shard file whose table failed to land in the first round is dropped without being
+    reported (the table is, and a retry fetches both)."""
+    check = functools.partial(StreamCheck, index.manifest, index=index)
+    first_s = [s for s in sends if s.name in index.tables]
+    first_r = [r for r in recvs if r.name in index.tables]
+    if not first_s and not first_r:
+        return _transfer.transfer(
+            group, storage, sends, recvs, timeout=timeout, tag=tag, check=check
+        )
+    landed = _transfer.transfer(
+        group, storage, first_s, first_r, timeout=timeout, tag=tag, check=check
+    )
+    rest_s = [s for s in sends if s.name not in index.tables]
+    rest_r = [r for r in recvs if r.name not in index.tables]
+    try:
+        more = _transfer.transfer(
+            group, storage, rest_s, rest_r, timeout=timeout, tag=tag, check=check
+        )
+    except BaseException:
+        for tmp in landed.staged.values():
+            with contextlib.suppress(Exception):
+                storage.delete(tmp)
+        raise
+    lost = {r.name for r in first_r} - set(landed.staged)
+    for name in list(more.bad):
+        table = index.table_of.get(name)
+        if table is not None and table.name in lost:
+            del more.bad[name]
+    landed.staged.update(more.staged)
+    landed.bad.update(more.bad)
+    landed.full += more.full
+    return landed
 
 
 def promote(storage: Storage, tmp: str, name: str) -> None:

@@ -1,7 +1,9 @@
 """Persist: copy a committed local step to the durable tier, in the background.
 
-Each rank copies the data files it wrote, from its node's local tier (never from the live
-state), into the durable ``step-<n>/data/<save_id>/``; then rank 0 commits the same
+Each rank copies the files it wrote (data files, and in format version 2 its shard files
+and table), from its node's local tier (never from the live state), into the durable
+``step-<n>/data/<save_id>/``, checking each against the manifest (a shard file against
+the rows of its table, read and checked first); then rank 0 commits the same
 manifest bytes there with the engine's commit (under the commit lock, after checking every
 file is there), so the durable step is an ordinary dckpt checkpoint. The exchanges go
 through the coordinator under their own namespace, never through the tiers' gloo group,
@@ -31,7 +33,8 @@ from dckpt._errors import CheckpointError, CorruptCheckpointError
 from dckpt._faults import fault_point
 from dckpt._format import MANIFEST_NAME, manifest_from_bytes
 from dckpt._plancache import cache_for
-from dckpt._save import SaveOptions, run_save
+from dckpt._request import SaveOptions
+from dckpt._save import run_save
 from dckpt._steps import join_path, remove_dead, retire, step_name
 from dckpt._tidy import StepCleaner
 from dckpt.storage import Storage, open_storage
@@ -160,7 +163,7 @@ def run_persist(
     names: list[str] = []
 
     manifest = manifest_from_bytes(job.manifest, source=f"local step {job.step}")
-    index = chunk_index(manifest)
+    index = chunk_index(manifest, local_step)  # this rank's own table, read when needed
 
     def copy() -> list[str]:
         copy_files(local_step, dst, job.mine, lambda f: StreamCheck(manifest, f, index))

@@ -57,7 +57,7 @@ from dckpt.tiers._errors import LocalTierError
 from dckpt.tiers._localtier import LocalTier
 from dckpt.tiers._nodes import discover
 from dckpt.tiers._persist import DurableTier, run_persist, save_direct
-from dckpt.tiers._recover import recover
+from dckpt.tiers._recover import newer_durable, recover
 from dckpt.tiers._tsave import Committed, LocalFull, SaveContext, run_tier_save
 
 log = logging.getLogger("dckpt")
@@ -174,7 +174,7 @@ class TieredCheckpoints:
     def _snapshot(self, state: Mapping[str, Any], rank: int) -> Description | BaseException:
         try:
             with paused_gc():
-                described = describe(state, rank, allow_pickle=self.allow_pickle)
+                described = describe(state, rank, allow_pickle=self.allow_pickle, layouts=True)
                 if not self.async_save:
                     return described  # the call blocks: write from the live state
                 return Description(described.offer, self._pool.stage(described.sources))
@@ -289,7 +289,11 @@ class TieredCheckpoints:
             coord = coordinator_for(
                 self.process_group, timeout=self.timeout, namespace="tiers-load"
             )
-            kind, chosen, manifest, raw = recover(self.ctx, coord, listing, step, verify=verify)
+            # The durable tier is compared after the load (newer_durable), so that its
+            # listing overlaps the load too instead of holding up the fetch's end.
+            kind, chosen, manifest, raw = recover(
+                self.ctx, coord, listing, step, verify=verify, compare=False
+            )
             if chosen is None:
                 if step is not None:
                     raise CheckpointNotFoundError(
@@ -311,6 +315,11 @@ class TieredCheckpoints:
                     )
                 continue
             break
+        if kind == "local" and step is None and chosen is not None:
+            newer = newer_durable(coord, listing, chosen)
+            if newer is not None:  # rare: a step saved straight to the durable tier
+                self._load_step(state, coord, "durable", newer, None, None, strict)
+                chosen = newer
         if self.async_save:
             self._reserve(state)
         return chosen

@@ -6,12 +6,20 @@ the second and the third::
     tiers-plan       every rank's offer -> rank 0 plans the files (and, at the first
                      save, checks every node's space) -> each rank its files and transfers
     (write)          each rank writes its files into its node's step directory
-    tiers-written    the writers' checksums -> rank 0 renders the manifest -> every rank
+    tiers-written    the writers' checksums and layout reports -> rank 0 renders the
+                     manifest -> every rank
     tiers-commit     each rank sends its files to its replica holders over the gloo group
                      and checks what it receives against the manifest before renaming it
                      into place -> every rank holds its files and replicas -> rank 0
                      decides the commit
     tiers-published  each node's leader writes the manifest, then applies retention
+
+The step is written as an ordinary save writes it (:func:`dckpt._save.run_save`), in
+format version 2 when it holds DTensors a layout entry describes: those are left out of
+rank 0's plan, each rank plans, writes and reports its own shards and table
+(:func:`dckpt._save.write_share`), and their transfers follow from the rendered manifest
+(its table records: :mod:`._stepfiles`), tables first, so that the receiver checks the
+shards against them.
 
 A failure anywhere before the decision raises on every rank (the transfer runs inside the
 commit exchange, so a rank that fails it reports at once), and the step stays invisible
@@ -27,10 +35,10 @@ save the step to the durable tier instead, collectively.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,18 +48,16 @@ from dckpt._coord import Coordinator, LocalCoordinator
 from dckpt._describe import Description, checksum_plain
 from dckpt._errors import CheckpointError
 from dckpt._faults import fault_point
-from dckpt._format import DEFAULT_BLOCK_BYTES, manifest_from_bytes
-from dckpt._plan import FileResult, RankOffer, RankPlan, SavePlan, manifest_template, plan_save
-from dckpt._plan import render_manifest as render
-from dckpt._reshard import Box
-from dckpt._save import new_save_id, write_planned
-from dckpt._version import __version__
-from dckpt._write import KnownCrcs
+from dckpt._format import Manifest, manifest_from_bytes
+from dckpt._plan import RankOffer, RankPlan, RankWritten, SavePlan, manifest_template, plan_save
+from dckpt._save import new_save_id, rendered, write_share
+from dckpt._write import KnownCrcs, plan_layout_files
 from dckpt.storage import FileLayout, Storage
 from dckpt.tiers._errors import LocalTierError, TransferError
-from dckpt.tiers._localtier import LocalTier, StreamCheck, chunk_index, needs_text, promote
+from dckpt.tiers._localtier import LocalTier, chunk_index, needs_text, promote, transfer_checked
 from dckpt.tiers._nodes import NodeMap
-from dckpt.tiers._transfer import Recv, Send, is_space_error, transfer
+from dckpt.tiers._stepfiles import layout_needs, layout_transfers, plan_needs, written_files
+from dckpt.tiers._transfer import Recv, Send, is_space_error
 
 log = logging.getLogger("dckpt")
 
@@ -77,7 +83,7 @@ class Committed:
     step: int
     save_id: str
     manifest: bytes
-    mine: tuple[tuple[str, int], ...]  # (name, size) of the files this rank wrote
+    mine: tuple[tuple[str, int], ...]  # (name, size) of the files this rank wrote, table too
 
 
 class LocalFull(CheckpointError):
@@ -102,12 +108,14 @@ class _Order:
     plan: RankPlan
     sends: tuple[Send, ...]
     recvs: tuple[Recv, ...]
+    layout: FileLayout  # the durable tier's, which the shard files are planned with too
 
 
 @dataclass(frozen=True)
 class _Offer:
-    offer: RankOffer
+    offer: RankOffer  # without its layout tensors: they are planned where they live
     room: tuple[int, str] | None  # a node leader's (free + used bytes, local_dir), to check
+    layout_bytes: int  # the bytes of the layout shards this rank writes (for the room)
 
 
 @dataclass(frozen=True)
@@ -136,10 +144,17 @@ class _Round:
         self.check_space = check_space
         self.storage: Storage = ctx.local.step_storage(step)
         self.described: Description | None = None
+        self.own: RankOffer | None = None  # with its layout tensors, and checksums
         self.known: KnownCrcs = {}
         self.leading: SavePlan | None = None  # rank 0, once planned
         self.offers: list[RankOffer] = []  # rank 0
+        self.sizes: list[int] = []  # rank 0: the bytes each rank writes, once known
+        self.parsed: Manifest | None = None  # rank 0: the manifest it rendered
+        self.written: RankWritten | None = None
         self.stored: list[str] = []  # written or received here: removed if the save fails
+        # Once this rank's arrival at the commit is posted, rank 0 may commit (and a node
+        # leader publish) without this rank hearing of it: its files must then stay.
+        self.arrived = False
 
     # -- plan ---------------------------------------------------------------------------
 
@@ -147,32 +162,47 @@ class _Round:
         described = self.described = self.prepare()
         multi = self.coord.world_size > 1
         own, self.known = checksum_plain(described) if multi else (described.offer, {})
+        self.own = own
         room = None
         if self.check_space and self.ctx.nodes.is_leader(self.coord.rank):
             local = self.ctx.local
             room = (local.free_bytes() + local.used_bytes(), local.root)
-        return _Offer(own, room)
+        shards = 0
+        if own.layouts:  # the file count matters not: the local layout's will do
+            shards = sum(f.size for f in plan_layout_files(own, "-", self.storage.file_layout)[0])
+        return _Offer(dataclasses.replace(own, layouts=(), meshes=()), room, shards)
 
     def reduce_plan(self, msgs: list[_Offer]) -> Sequence[_Order | str]:
         self.offers = [m.offer for m in msgs]
-        plan = plan_save(self.offers, new_save_id(), layout=self.ctx.layout())
+        layout = self.ctx.layout()
+        plan = plan_save(self.offers, new_save_id(), layout=layout)
+        self.sizes = [r.nbytes + m.layout_bytes for r, m in zip(plan.ranks, msgs, strict=True)]
         if self.check_space:
-            problem = _room_problem(self.ctx, self.step, plan, [m.room for m in msgs])
+            problem = _room_problem(self.ctx, self.step, self.sizes, [m.room for m in msgs])
             if problem is not None:
                 return [problem] * len(msgs)
         self.leading = plan
-        return _orders(self.ctx.nodes, plan)
+        return _orders(self.ctx.nodes, plan, layout)
 
     # -- write, render ------------------------------------------------------------------
 
-    def write(self, order: _Order) -> list[FileResult] | _Full:
-        assert self.described is not None  # described in the plan exchange
+    def write(self, order: _Order) -> RankWritten | _Full:
+        assert self.described is not None and self.own is not None  # described at the plan
         self.stored += [f.name for f in order.plan.files]
+
+        def planned(every: RankPlan) -> None:  # the shard files and the table too
+            self.stored += [f.name for f in every.files[len(order.plan.files) :]]
+
+        # Shard files laid out as a plain save to the durable tier lays them out, as the
+        # planned files are: a persisted step is then such a save (the storage is ours).
+        self.storage.file_layout = order.layout
         try:
             fault_point("tiers.local.write")
-            return write_planned(
-                self.storage, order.plan, self.described.sources, durable=False, known=self.known
-            )
+            self.written = write_share(
+                self.storage, order.plan, self.own, self.described.sources,
+                durable=False, known=self.known, planned=planned,
+            )  # fmt: skip
+            return self.written
         except (CheckpointError, OSError) as exc:
             if is_space_error(exc):
                 return self._full(exc)
@@ -188,29 +218,30 @@ class _Round:
             free = 0
         return _Full(self.coord.rank, self.ctx.local.root, str(exc), free)
 
-    def render(self, results: list[list[FileResult] | _Full]) -> tuple[bytes, bytes] | str:
+    def render(self, results: list[RankWritten | _Full]) -> tuple[bytes, bytes] | str:
+        """Rank 0: the manifest, rendered as an ordinary save's (``_save.publish``), and
+        the files each rank's load reads."""
         plan = self.leading
         assert plan is not None  # rank 0 planned this save
         fulls = [r for r in results if isinstance(r, _Full)]
         if fulls:
             return self.explain(fulls)
-        manifest = render(
-            manifest_template(plan),
-            plan,
-            [r for r in results if not isinstance(r, _Full)],
-            created=time.time(),
-            block_bytes=DEFAULT_BLOCK_BYTES,
-            library=f"dckpt {__version__}",
-        )
-        return manifest, needs_text(_needs(plan, self.offers), plan.world_size)
+        written = [r for r in results if not isinstance(r, _Full)]
+        manifest, _ = rendered(plan, manifest_template(plan), written)
+        needs = plan_needs(plan, self.offers)
+        if any(w.layouts is not None for w in written):
+            self.parsed = manifest_from_bytes(manifest, source=f"step {self.step}")
+            for rank, names in layout_needs(self.parsed).items():
+                needs.setdefault(rank, set()).update(names)
+        return manifest, needs_text(needs, plan.world_size)
 
     def explain(self, fulls: Sequence[_Full]) -> str:
         """Rank 0: every full node, its directory, and the bytes this step needs there."""
-        nodes, plan = self.ctx.nodes, self.leading
+        nodes = self.ctx.nodes
         parts: dict[int, str] = {}
         for f in fulls:
             node = nodes.nodes[f.rank]
-            need = "" if plan is None else f"{_node_bytes(nodes, plan, node)} bytes, "
+            need = f"{_node_bytes(nodes, self.sizes, node)} bytes, " if self.sizes else ""
             parts.setdefault(
                 node,
                 f"node {node} (ranks {', '.join(map(str, nodes.ranks_of(node)))}), "
@@ -225,19 +256,21 @@ class _Round:
         self, order: _Order, manifest: bytes, tag: int, persisted: Callable[[], bool]
     ) -> _Arrived:
         """Replicate (inside the commit exchange, so a failure reaches every rank at once)."""
-        return _Arrived(persisted(), self.replicate(order, manifest, tag))
+        arrived = _Arrived(persisted(), self.replicate(order, manifest, tag))
+        self.arrived = True
+        return arrived
 
     def replicate(self, order: _Order, manifest_raw: bytes, tag: int) -> _Full | None:
-        manifest = manifest_from_bytes(manifest_raw, source=f"step {self.step}")
-        index = chunk_index(manifest)
-        landed = transfer(
+        manifest = self.parsed or manifest_from_bytes(manifest_raw, source=f"step {self.step}")
+        sends, recvs = layout_transfers(self.ctx.nodes, manifest, self.coord.rank)
+        landed = transfer_checked(
             self.ctx.group,
             self.storage,
-            order.sends,
-            order.recvs,
+            chunk_index(manifest),
+            (*order.sends, *sends),
+            (*order.recvs, *recvs),
             timeout=self.ctx.timeout,
             tag=tag,
-            check=lambda name: StreamCheck(manifest, name, index),
         )
         self.stored += landed.staged.values()
         if landed.bad:
@@ -297,7 +330,9 @@ def run_tier_save(
         if isinstance(decided, str):
             raise LocalFull(decided)
     except BaseException:
-        for name in save.stored:
+        # Past its arrival, the outcome is rank 0's: an uncommitted step's files are
+        # removed by the node's retention, a committed one's are still needed.
+        for name in () if save.arrived else save.stored:
             with contextlib.suppress(Exception):
                 save.storage.delete(name)
         raise
@@ -306,8 +341,8 @@ def run_tier_save(
     problem = coord.exchange("tiers-published", publish, save.published)
     if problem is not None:  # the nodes that published hold a committed step: it stays
         raise LocalFull(problem)
-    mine = tuple((f.name, f.size) for f in order.plan.files)
-    return Committed(step, save_id, manifest, mine), decided
+    assert save.written is not None  # written before the commit
+    return Committed(step, save_id, manifest, written_files(save.written)), decided
 
 
 def _publish(
@@ -335,8 +370,9 @@ def _publish(
     return None
 
 
-def _orders(nodes: NodeMap, plan: SavePlan) -> list[_Order]:
-    """Each rank's files, and the transfers that put them on their replica holders."""
+def _orders(nodes: NodeMap, plan: SavePlan, layout: FileLayout) -> list[_Order]:
+    """Each rank's planned files, and the transfers that put them on their replica
+    holders (its layout files follow from the manifest: ``_stepfiles.layout_transfers``)."""
     sends: list[list[Send]] = [[] for _ in plan.ranks]
     recvs: list[list[Recv]] = [[] for _ in plan.ranks]
     for rp in plan.ranks:
@@ -344,43 +380,25 @@ def _orders(nodes: NodeMap, plan: SavePlan) -> list[_Order]:
             for f in rp.files:
                 sends[rp.rank].append(Send(f.name, f.size, holder))
                 recvs[holder].append(Recv(f.name, f.size, rp.rank))
-    return [_Order(rp, tuple(sends[r]), tuple(recvs[r])) for r, rp in enumerate(plan.ranks)]
+    return [_Order(rp, tuple(sends[r]), tuple(recvs[r]), layout) for r, rp in enumerate(plan.ranks)]
 
 
-def _needs(plan: SavePlan, offers: Sequence[RankOffer]) -> dict[int, set[str]]:
-    """The data files each rank's load of this step reads (same world size and sharding)."""
-    where: dict[tuple[str, Box, int | None], str] = {}
-    for rp in plan.ranks:
-        for fp in rp.files:
-            for item in fp.items:
-                where[(item.key, item.box, rp.rank if item.per_rank else None)] = fp.name
-    needs: dict[int, set[str]] = {}
-    for offer in offers:
-        got = needs[offer.rank] = set()
-        for t in offer.tensors:
-            per_rank = plan.tensors[t.key].per_rank
-            for c in t.chunks:
-                name = where.get((t.key, c.box, offer.rank if per_rank else None))
-                if name is not None:
-                    got.add(name)
-    return needs
-
-
-def _node_bytes(nodes: NodeMap, plan: SavePlan, node: int) -> int:
-    """The bytes of one step on ``node``: its ranks' files and the replicas it holds."""
+def _node_bytes(nodes: NodeMap, sizes: Sequence[int], node: int) -> int:
+    """The bytes of one step on ``node`` (``sizes``: each rank's): its ranks' files and
+    the replicas it holds."""
     held = set(nodes.ranks_of(node))
     held |= {s for r in nodes.ranks_of(node) for s in nodes.sources(r)}
-    return sum(plan.ranks[r].nbytes for r in held)
+    return sum(sizes[r] for r in held)
 
 
 def _room_problem(
-    ctx: SaveContext, step: int, plan: SavePlan, rooms: Sequence[tuple[int, str] | None]
+    ctx: SaveContext, step: int, sizes: Sequence[int], rooms: Sequence[tuple[int, str] | None]
 ) -> str | None:
     """Rank 0, until a save passes it: can every node hold ``keep_local`` committed steps
     of its share, and the one being written beside them? Why not, with the numbers."""
     nodes = ctx.nodes
     for node in range(nodes.count):
-        step_bytes = _node_bytes(nodes, plan, node)
+        step_bytes = _node_bytes(nodes, sizes, node)
         need = (ctx.keep_local + 1) * step_bytes
         room = rooms[nodes.leader(node)]
         if room is not None and need > room[0]:
