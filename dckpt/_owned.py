@@ -12,7 +12,7 @@ its own (:func:`split`). The rank lays them out in files of its own (``r<rank>-o
 writes them in the same pass as its planned files, renders their manifest entries (the
 same canonical text rank 0 would have made) and reports the text with where each entry
 starts (:class:`OwnReport`). Rank 0 merges those texts into the manifest by key
-(:func:`own_entries`). The manifest is the one rank 0 would have rendered: only the
+(:func:`owned_part`). The manifest is the one rank 0 would have rendered: only the
 writer's file names differ.
 """
 

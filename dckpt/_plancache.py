@@ -36,7 +36,7 @@ from typing import Protocol, TypeVar
 import torch.distributed as dist
 
 from dckpt._errors import CheckpointError, UnsupportedStateError
-from dckpt._owned import OwnPlan, OwnRanges, Split, indices_of, plan_own, split
+from dckpt._owned import OwnPlan, OwnRanges, Split, check_ranges, indices_of, plan_own, split
 from dckpt._plan import (
     ChunkOffer,
     ManifestTemplate,
@@ -208,6 +208,13 @@ class PlanCache:
             own = self._my_own[serial]
             return None if own is None else own.renamed(save_id)
         ranges = self._my_plans[serial][1] if isinstance(answer, Reuse) else answer[2]
+        try:
+            check_ranges(ranges, len(offer.tensors))
+        except ValueError as exc:
+            raise CheckpointError(
+                f"internal error: rank 0's plan names tensors this rank does not hold ({exc}); "
+                "every rank must run the same dckpt version"
+            ) from None
         own = plan_own(offer, ranges, save_id, layout, world_size)
         _remember(self._my_own, serial, own, MAX_PLANS)
         return own
