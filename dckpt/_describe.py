@@ -76,8 +76,8 @@ class _Layouts:
         self.meshes: list[MeshOffer] = []
         self._index: dict[bytes, int] = {}
         # A mesh's ident digests the text of its ranks: at thousands of ranks, once a mesh.
-        self._idents: dict[int, bytes] = {}
-        self._held: dict[int, tuple[int, ...]] = {}
+        # Keyed by the ranks tuple's id (``_dtensor`` keeps one per mesh), the tuple kept.
+        self._idents: dict[int, tuple[tuple[int, ...], bytes]] = {}
 
     def add(self, key: str, path: tuple[PathPart, ...], dtype: str, t: Any) -> bool:
         """Offer DTensor ``t`` as a layout entry; False when its placements have no layout
@@ -88,10 +88,12 @@ class _Layouts:
         mesh_shape, ranks, coordinate, placements = spec
         if coordinate is None:
             return True  # a mesh this rank is not in: it holds and offers nothing
-        ident = self._idents.get(id(ranks))  # one tuple per mesh (``_dtensor`` caches it)
-        if ident is None or self._held[id(ranks)] is not ranks:
+        known = self._idents.get(id(ranks))
+        if known is not None and known[0] is ranks:
+            ident = known[1]
+        else:
             ident = hashlib.blake2b(repr((mesh_shape, ranks)).encode(), digest_size=16).digest()
-            self._idents[id(ranks)], self._held[id(ranks)] = ident, ranks
+            self._idents[id(ranks)] = (ranks, ident)
         index = self._index.get(ident)
         if index is None:
             index = self._index[ident] = len(self.meshes)
