@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from dckpt._args import check_int, check_state
 from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator
-from dckpt._describe import Description, staging_sources
+from dckpt._describe import Captured, Description, capture, describe_captured, staging_sources
 from dckpt._errors import CheckpointTimeoutError
 from dckpt._gc import paused_gc
 from dckpt._inflight import AsyncSaveHandle, claim, current, drain, join, track
@@ -201,7 +201,7 @@ def _start(request: SaveRequest, staging_bytes: int | None) -> AsyncSaveHandle:
         def prepare() -> Description:
             if isinstance(snapshot, BaseException):
                 raise snapshot
-            return snapshot
+            return describe_captured(*snapshot, layouts=True)
 
         options = request.options
         cache = cache_for("async", request.process_group)
@@ -215,12 +215,15 @@ def _start(request: SaveRequest, staging_bytes: int | None) -> AsyncSaveHandle:
         return handle
 
 
-def _snapshot(request: SaveRequest, rank: int) -> Description | BaseException:
-    """This rank's state described and copied into the staging buffers, or why not."""
+def _snapshot(
+    request: SaveRequest, rank: int
+) -> tuple[Captured, dict[ChunkId, torch.Tensor]] | BaseException:
+    """This rank's state captured and copied into the staging buffers, or why not; the
+    save thread describes it (``prepare``)."""
     try:
         with paused_gc():
-            described = request.describe(rank)
-            return Description(described.offer, _saver.pool.stage(described.sources))
+            captured = capture(request.state, rank, allow_pickle=request.allow_pickle)
+            return captured, _saver.pool.stage(captured.sources)
     except BaseException as exc:
         return exc
 

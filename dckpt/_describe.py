@@ -19,13 +19,14 @@ import torch
 from crc32c import crc32c
 
 from dckpt._bytes import block_crcs, dtype_name, host_bytes
-from dckpt._dtensor import dtensor_chunks, dtensor_layout, is_dtensor
+from dckpt._dtensor import dtensor_chunks, dtensor_layout, dtensor_type, local_tensor
 from dckpt._errors import UnsupportedStateError
 from dckpt._format import DEFAULT_BLOCK_BYTES, DTYPE_ITEMSIZE, PathPart
 from dckpt._layout import LayoutOffer, MeshOffer, ravel
 from dckpt._plan import ChunkOffer, RankOffer, TensorOffer, ValueOffer
 from dckpt._reshard import Box
-from dckpt._state import Resolved, resolve
+from dckpt._staging import ChunkId
+from dckpt._state import Resolved, TensorLeaf, resolve
 from dckpt._values import encode_value
 from dckpt._write import KnownCrcs, SourceMap
 
@@ -54,18 +55,56 @@ def describe(
     this rank to plan, instead of as chunks for rank 0 to plan. With ``checksums``, plain
     tensors are checksummed in the same pass (what :func:`checksum_plain` adds), which
     only a save that writes from the described tensors themselves may ask for."""
-    resolved = resolve(state)
-    found = _Layouts()
-    known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]] | None = (
-        {} if checksums else None
-    )
-    tensors, sources = _tensor_offers(resolved, found if layouts else None, known)
+    captured = capture(state, rank, allow_pickle=allow_pickle)
+    return describe_captured(captured, captured.sources, layouts=layouts, checksums=checksums)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One rank's state as an async save's call takes it, before it is described: its
+    tensors (each checked savable, with its dtype's name), what a snapshot copies (a
+    plain tensor, or a DTensor's whole local tensor) and its values, encoded at the call
+    since they may change after it. The offers are built later, on the save thread, by
+    :func:`describe_captured`: training is blocked for the copy, not for that."""
+
+    rank: int
+    tensors: tuple[TensorLeaf, ...]
+    names: tuple[str, ...]
+    #: per tensor, the box its source is keyed by in ``sources`` (None: nothing to copy)
+    boxes: tuple[Box | None, ...]
+    sources: dict[ChunkId, torch.Tensor]
+    values: tuple[ValueOffer, ...]
+
+
+def capture(
+    state: Mapping[str, Any], rank: int, *, allow_pickle: bool, fresh_optimizers: bool = True
+) -> Captured:
+    """Resolve ``state`` and take what a save needs at its call (see :class:`Captured`)."""
+    resolved = resolve(state, fresh_optimizers=fresh_optimizers)
+    names, boxes, sources = _sources(resolved)
     values = []
     for v in resolved.values:
         data = encode_value(v.value, v.key, allow_pickle=allow_pickle)
         values.append(ValueOffer(v.key, v.path, data, value_text(data)))
-    offer = RankOffer(rank, tuple(tensors), tuple(values), tuple(found.offers), tuple(found.meshes))
-    return Description(offer, sources, known)
+    return Captured(rank, tuple(resolved.tensors), names, boxes, sources, tuple(values))
+
+
+def describe_captured(
+    captured: Captured,
+    sources: Mapping[ChunkId, torch.Tensor],
+    *,
+    layouts: bool = False,
+    checksums: bool = False,
+) -> Description:
+    """The description of ``captured`` whose chunks come from ``sources``: its own
+    sources, or their staged copies (then the offers are built after the call)."""
+    found = _Layouts()
+    known: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]] | None = {} if checksums else None
+    tensors, chunks = _tensor_offers(captured, sources, found if layouts else None, known)
+    offer = RankOffer(
+        captured.rank, tuple(tensors), captured.values, tuple(found.offers), tuple(found.meshes)
+    )
+    return Description(offer, chunks, known)
 
 
 class _Layouts:
@@ -107,49 +146,81 @@ def value_text(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def staging_sources(state: Mapping[str, Any]) -> dict[tuple[str, Box], torch.Tensor]:
-    """The chunks a save of ``state`` would copy, without side effects on the state:
+def staging_sources(state: Mapping[str, Any]) -> dict[ChunkId, torch.Tensor]:
+    """What a save of ``state`` would copy, without side effects on the state:
     optimizers that have no state yet are left out rather than stepped into having one."""
-    return _tensor_offers(resolve(state, fresh_optimizers=False))[1]
+    return _sources(resolve(state, fresh_optimizers=False))[2]
 
 
 _NAMES: dict[torch.dtype, str] = {}  # the storable dtypes met so far, by name
 
 
-def _tensor_offers(
+def _sources(
     resolved: Resolved,
-    layouts: _Layouts | None = None,
-    known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]] | None = None,
-) -> tuple[list[TensorOffer], dict[tuple[str, Box], torch.Tensor]]:
-    """The offers and sources of ``resolved``'s tensors; plain tensors are checksummed
-    into ``known`` when given. A save of many small tensors spends most of its describe
-    here, per tensor: hence the caches of dtype names and boxes (shapes repeat)."""
-    tensors: list[TensorOffer] = []
-    sources: dict[tuple[str, Box], torch.Tensor] = {}
-    boxes: dict[tuple[int, ...], Box] = {}
+) -> tuple[tuple[str, ...], tuple[Box | None, ...], dict[ChunkId, torch.Tensor]]:
+    """The dtype names of ``resolved``'s tensors, each checked savable, and what a
+    snapshot copies, with the box each is keyed by: plain tensors, and DTensors' local
+    tensors whole (one buffer each)."""
+    names: list[str] = []
+    held: list[Box | None] = []
+    sources: dict[ChunkId, torch.Tensor] = {}
+    boxes: dict[tuple[int, ...], Box] = {}  # shapes repeat: one Box each
+    dtensor = dtensor_type()
     for leaf in resolved.tensors:
         t = leaf.tensor
-        name = _NAMES.get(t.dtype) or _storable(leaf.key, t.dtype)
+        names.append(_NAMES.get(t.dtype) or _storable(leaf.key, t.dtype))
         problem = _unsavable(t)
         if problem:
             raise UnsupportedStateError(f"key {leaf.key!r}: {problem}")
-        shape = tuple(t.shape)
-        if is_dtensor(t):
-            pieces = dtensor_chunks(t)
-            for box, view in pieces:
-                sources[(leaf.key, box)] = view
+        # None: a DTensor on a mesh this rank is not in
+        source = local_tensor(t) if isinstance(t, dtensor) else t
+        if source is None or not source.numel():
+            held.append(None)
+            continue
+        shape = tuple(source.shape)
+        box = boxes.get(shape) or boxes.setdefault(shape, Box((0,) * len(shape), shape))
+        sources[(leaf.key, box)] = source
+        held.append(box)
+    return tuple(names), tuple(held), sources
+
+
+def _tensor_offers(
+    captured: Captured,
+    staged: Mapping[ChunkId, torch.Tensor],
+    layouts: _Layouts | None = None,
+    known: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]] | None = None,
+) -> tuple[list[TensorOffer], dict[ChunkId, torch.Tensor]]:
+    """The offers of ``captured``'s tensors and the source of each chunk, from ``staged``
+    (keyed as ``captured.sources``); plain tensors are checksummed into ``known`` when
+    given. A save of many small tensors spends most of its describe here, per tensor:
+    hence the boxes kept from the capture."""
+    tensors: list[TensorOffer] = []
+    sources: dict[ChunkId, torch.Tensor] = {}
+    dtensor = dtensor_type()
+    for leaf, name, box in zip(captured.tensors, captured.names, captured.boxes, strict=True):
+        t = leaf.tensor
+        if isinstance(t, dtensor):  # its global shape and placements do not change
+            pieces = [] if box is None else dtensor_chunks(t, staged[(leaf.key, box)])
+            for piece, view in pieces:
+                sources[(leaf.key, piece)] = view
             if layouts is not None and layouts.add(leaf.key, leaf.path, name, t):
                 continue
-            chunks = tuple(ChunkOffer(box) for box, _ in pieces)
-            tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, True, chunks))
+            chunks = tuple(ChunkOffer(piece) for piece, _ in pieces)
+            tensors.append(TensorOffer(leaf.key, leaf.path, name, tuple(t.shape), True, chunks))
             continue
-        if not t.numel():
-            tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, ()))
+        if box is None:  # no elements
+            tensors.append(TensorOffer(leaf.key, leaf.path, name, tuple(t.shape), False, ()))
             continue
-        box = boxes.get(shape) or boxes.setdefault(shape, Box((0,) * len(shape), shape))
+        shape = box.sizes  # the shape the call found (whole tensor: offsets are zeros)
         where = (leaf.key, box)
-        sources[where] = t
-        chunk = ChunkOffer(box) if known is None else _checksummed(t, where, known)
+        t = sources[where] = staged[where]
+        if known is None:
+            chunk = ChunkOffer(box)
+        else:
+            data = _host(t)
+            crc = _crcs(data)
+            known[where] = (crc, data)
+            chunk = ChunkOffer(box, crc)
         tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, (chunk,)))
     return tensors, sources
 
@@ -162,18 +233,10 @@ def _storable(key: str, dtype: torch.dtype) -> str:
     return name
 
 
-def _checksummed(
-    t: torch.Tensor,
-    where: tuple[str, Box],
-    known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]],
-) -> ChunkOffer:
-    data = _host(t)
+def _crcs(data: np.ndarray) -> tuple[int, ...]:
     if data.nbytes <= DEFAULT_BLOCK_BYTES:  # numpy arrays are buffers; older stubs say not
-        crc: tuple[int, ...] = (crc32c(data),)  # type: ignore[arg-type]
-    else:
-        crc = block_crcs(data, DEFAULT_BLOCK_BYTES)
-    known[where] = (crc, data)
-    return ChunkOffer(where[1], crc)
+        return (crc32c(data),)  # type: ignore[arg-type]
+    return block_crcs(data, DEFAULT_BLOCK_BYTES)
 
 
 _NUMPY = frozenset(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "Box",
@@ -33,6 +33,9 @@ class Box:
 
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
+    # Boxes key the save's dicts of chunks ((key, box) pairs), hashed a few times per
+    # tensor: a save of 20k small tensors hashed them 80k times per describe.
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # min() rather than any(<genexpr>): saves of many small tensors make millions of boxes.
@@ -41,6 +44,10 @@ class Box:
             raise ValueError(f"Box offsets {offsets} and sizes {sizes} differ in rank")
         if offsets and (min(offsets) < 0 or min(sizes) < 0):
             raise ValueError(f"Box offsets {offsets} and sizes {sizes} must be >= 0")
+        object.__setattr__(self, "_hash", hash((offsets, sizes)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def numel(self) -> int:

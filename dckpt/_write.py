@@ -26,6 +26,9 @@ from dckpt.storage import FileLayout, Storage, Writer
 _ZEROS = memoryview(bytes(64))
 _BATCH_BYTES = 8 << 20
 _BATCH_BUFFERS = 256
+# Items up to this size go into a run buffer with their padding (see _Batch).
+_SMALL_BYTES = 4096
+_RUN_BYTES = 1 << 20
 
 SourceMap = Mapping[tuple[str, Box], torch.Tensor]
 #: Host bytes and checksums a rank already has for some chunks (plain tensors, from
@@ -102,7 +105,9 @@ def _write_checksummed(w: Writer, view: memoryview, block_bytes: int) -> tuple[i
 
 
 class _Batch:
-    """Buffers gathered for one vectored write, and the bytes not yet reported."""
+    """Buffers gathered for one vectored write, and the bytes not yet reported. Small
+    items are copied, with their padding, into a run buffer that goes in as one: at
+    thousands of tiny tensors, two buffers each in ``writev`` cost more than copying."""
 
     def __init__(self, w: Writer, progress: Callable[[int], None] | None) -> None:
         self.w = w
@@ -110,8 +115,25 @@ class _Batch:
         self.views: list[memoryview] = []
         self.keep: list[np.ndarray] = []  # host copies must outlive the views into them
         self.pending = 0
+        self.run = bytearray()
+        self.run_items = 0  # the bytes of items in the run, for progress
+
+    def add_small(self, pad: int, data: np.ndarray, nbytes: int) -> None:
+        if pad > 0:
+            self.run += _ZEROS[:pad]
+        self.run += memoryview(data)  # type: ignore[arg-type]  # C-contiguous host bytes
+        self.run_items += nbytes
+        if len(self.run) >= _RUN_BYTES:
+            self._end_run()
+
+    def _end_run(self) -> None:
+        run, items = self.run, self.run_items
+        self.run, self.run_items = bytearray(), 0
+        self.add(memoryview(run), None, items)
 
     def add(self, view: memoryview, data: np.ndarray | None, nbytes: int) -> None:
+        if self.run:
+            self._end_run()
         self.views.append(view)
         if data is not None:
             self.keep.append(data)
@@ -120,12 +142,14 @@ class _Batch:
             self.flush()
 
     def write(self) -> None:
+        if self.run:
+            self._end_run()
         if self.views:
             self.w.write(self.views)
             self.views, self.keep = [], []
 
     def flush(self) -> None:
-        had = bool(self.views)
+        had = bool(self.views or self.run)
         self.write()
         if self.progress is not None and (had or self.pending):
             self.progress(self.pending)
@@ -148,11 +172,14 @@ def _write_file(
     batch = _Batch(w, progress)
     pos = 0
     for item in fp.items:
-        if item.offset > pos:
-            batch.add(_ZEROS[: item.offset - pos], None, 0)
-            pos = item.offset
         done, data = _item_bytes(item, sources, known)
-        pos += item.nbytes
+        pad, pos = item.offset - pos, item.offset + item.nbytes
+        if item.nbytes <= _SMALL_BYTES:
+            batch.add_small(pad, data, item.nbytes)
+            crcs.append(done[0] if done is not None else block_crcs(data, block_bytes))
+            continue
+        if pad > 0:
+            batch.add(_ZEROS[:pad], None, 0)
         if done is None and data.nbytes > block_bytes:
             batch.write()
             crcs.append(_write_checksummed(w, as_memoryview(data), block_bytes))

@@ -238,6 +238,13 @@ class RankPool:
         time.sleep(0.5)  # let faulthandler write
 
 
+# Imported lazily by torch on a process's first DeviceMesh / DTensor.from_local (torch._dynamo
+# pulls torch._inductor and triton): about 1 s of CPU in every fresh rank, which the fault
+# matrices' hundreds of fresh groups paid again and again. Not imported by dckpt itself.
+_HEAVY_LAZY = ("torch._dynamo",)
+_PRELOAD = ("torch", "torch.distributed", "torch.distributed.tensor", "dckpt", "tests._worker")
+
+
 def _context() -> ForkServerContext:
     """Fork workers from a clean server process that has already imported torch.
 
@@ -248,9 +255,7 @@ def _context() -> ForkServerContext:
     """
     ctx = get_context("forkserver")
     assert isinstance(ctx, ForkServerContext)
-    ctx.set_forkserver_preload(
-        ["torch", "torch.distributed", "torch.distributed.tensor", "dckpt", "tests._worker"]
-    )
+    ctx.set_forkserver_preload([*_PRELOAD, *_HEAVY_LAZY])
     return ctx
 
 

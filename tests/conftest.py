@@ -14,12 +14,22 @@ rank or break the group use ``tests._dist.run_fresh`` instead.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests._dist import RankPool, close_all, get_pool
 from tests._s3 import S3Server, aws_env, moto_process
+
+# Every rank's store connection does a reverse-DNS lookup of the loopback address (c10d
+# names its peer), which /etc/hosts does not answer for the IPv4-mapped form c10d uses: a
+# lost reply costs the resolver's default 5 s, more than the fault tests' timeouts, and it
+# happens inside a collective whenever a thread opens its connection. The tests run many
+# fresh groups side by side, so now and then one lost a reply and a setup save timed out.
+# Retrying after 1 s keeps that well inside every timeout; the timeouts stay as tight.
+# Workers take the test process's environment, so this reaches every rank.
+os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:5")
 
 
 @pytest.fixture(scope="session")

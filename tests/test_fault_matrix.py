@@ -32,8 +32,9 @@ from tests import _matrix
 from tests._dist import Outcome, run_fresh
 
 FULL = os.environ.get("DCKPT_FAULT_MATRIX") == "full"
-# Each case costs a fresh 2-rank group; run a few at once (stalls and kills wait, not spin).
-PARALLEL = 4
+# Each case costs a fresh 2-rank group (forked with torch's lazy imports done, about 0.2 s
+# of CPU); most of a case's time is waiting for a stall or a timeout, so several run at once.
+PARALLEL = 8
 # A survivor's longest legitimate wait (a follower waits 2 x timeout + 5 s for rank 0),
 # plus the stall of the victim itself, plus slack for a loaded machine.
 CASE_TIMEOUT = _matrix.STALL_S + 2 * _matrix.TIMEOUT + 60

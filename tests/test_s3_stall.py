@@ -46,6 +46,9 @@ OPTS = {
 # moto behind a WSGI wrapper that stops the whole process (SIGSTOP) when the armed request
 # arrives: GET /__freeze_on__?method=PUT&path=/data/&after=1 arms it for the second PUT whose
 # path holds "/data/", which waits until the first one has been answered, then freezes.
+# The SIGSTOP is sent to the thread serving that request: sent to the process (kill(getpid))
+# it is taken by whichever thread the kernel picks, usually the main one, and until that one
+# runs the serving thread goes on and answers the request it should have frozen on.
 _SERVER = r"""
 import os, signal, sys, threading, urllib.parse
 from moto.server import DomainDispatcherApplication, create_backend_app
@@ -78,7 +81,7 @@ def wrapped(environ, start_response):
             if hit:
                 cond.wait_for(lambda: trap["answered"] >= trap["after"], timeout=30)
     if hit:
-        os.kill(os.getpid(), signal.SIGSTOP)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
     out = app(environ, start_response)
     with cond:
         if matches(environ):
@@ -102,6 +105,12 @@ class StallServer(S3Server):
 
     def freeze(self) -> None:
         os.kill(self.proc.pid, signal.SIGSTOP)
+        # The stop reaches the server's threads some time after kill returns; until all
+        # have it, one could still answer the next request.
+        deadline = time.monotonic() + 30
+        while not self.stopped():
+            assert time.monotonic() < deadline, "the moto server did not stop on SIGSTOP"
+            time.sleep(0.01)
 
     def thaw(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
@@ -114,8 +123,17 @@ class StallServer(S3Server):
             pass
 
     def stopped(self) -> bool:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+        """Whether every thread of the server is stopped (one that is exiting counts)."""
+        tasks = f"/proc/{self.proc.pid}/task"
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:  # it ended after the listing
+                continue
+            if state not in ("T", "Z", "X"):
+                return False
+        return True
 
 
 @pytest.fixture

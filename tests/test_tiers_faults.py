@@ -36,7 +36,7 @@ from tests._dist import Outcome, run_fresh
 from tests._tiers import node_dir, node_of, tiered_manager
 
 N = 2048
-TIMEOUT = 5.0  # see RESOLVER_OPTIONS for what made setups miss it now and then
+TIMEOUT = 5.0  # see tests/conftest.py (RES_OPTIONS) for what made setups miss it now and then
 FULL = os.environ.get("DCKPT_FAULT_MATRIX") == "full"
 PARALLEL = 3  # the stall cases mostly wait
 # A survivor's longest legitimate wait (a follower waits 2 x timeout + 5 s for rank 0,
@@ -231,12 +231,6 @@ KINDS = ("sigkill", "raise", "stall")
 # The victim of a stall stays frozen until every other rank has returned (so none of them
 # can have been rescued by it), at most this long: past every survivor's bound.
 STALL_S = SURVIVOR_BOUND + 15
-# Every rank's store connection does a reverse-DNS lookup of the loopback address (c10d
-# names its peer), which /etc/hosts does not answer for the IPv4-mapped form c10d uses: a
-# lost reply to it costs the resolver's default 5 s, which is the whole TIMEOUT, and the
-# manager's threads each open their connection inside a collective exchange. Retrying
-# after 1 s keeps that well inside the timeout; the timeout itself stays as tight.
-RESOLVER_OPTIONS = "timeout:1 attempts:5"
 
 
 @dataclass(frozen=True)
@@ -426,8 +420,7 @@ def _run(case: Case, tmp: Path) -> list[Outcome]:
 
 # The full matrix (57 cases, a third of them stalls) runs past the suite's 300 s budget.
 @pytest.mark.timeout(3600 if FULL else 300)
-def test_faults_at_every_tiers_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RES_OPTIONS", RESOLVER_OPTIONS)  # the ranks start with it
+def test_faults_at_every_tiers_point(tmp_path: Path) -> None:
     cases = _cases()
     failures = []
     with ThreadPoolExecutor(PARALLEL) as pool:

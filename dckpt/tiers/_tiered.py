@@ -34,10 +34,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import crc32c
+import torch
 import torch.distributed as dist
 
 from dckpt._coord import Coordinator, LocalCoordinator, coordinator_for
-from dckpt._describe import Description, describe, staging_sources
+from dckpt._describe import Captured, Description, capture, describe_captured, staging_sources
 from dckpt._errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -50,7 +51,7 @@ from dckpt._inflight import AsyncSaveHandle, claim, track
 from dckpt._loadcore import LoadOptions, run_load
 from dckpt._read import DEFAULT_MEMORY_BUDGET
 from dckpt._reader import CheckpointReader
-from dckpt._staging import StagingPool
+from dckpt._staging import ChunkId, StagingPool
 from dckpt._steps import join_path, list_steps, step_name
 from dckpt.storage import FileLayout, open_storage
 from dckpt.tiers._errors import LocalTierError
@@ -157,7 +158,7 @@ class TieredCheckpoints:
         def prepare() -> Description:
             if isinstance(snapshot, BaseException):
                 raise snapshot
-            return snapshot
+            return describe_captured(*snapshot, layouts=True)
 
         job = functools.partial(self._job, coord, step, prepare)
         if self.async_save:
@@ -171,13 +172,17 @@ class TieredCheckpoints:
             job()
         self._raise_pending()
 
-    def _snapshot(self, state: Mapping[str, Any], rank: int) -> Description | BaseException:
+    def _snapshot(
+        self, state: Mapping[str, Any], rank: int
+    ) -> tuple[Captured, Mapping[ChunkId, torch.Tensor]] | BaseException:
+        """This rank's state captured, and copied into the staging buffers when the save
+        runs in the background (else the save writes from the live state), or why not."""
         try:
             with paused_gc():
-                described = describe(state, rank, allow_pickle=self.allow_pickle, layouts=True)
+                captured = capture(state, rank, allow_pickle=self.allow_pickle)
                 if not self.async_save:
-                    return described  # the call blocks: write from the live state
-                return Description(described.offer, self._pool.stage(described.sources))
+                    return captured, captured.sources
+                return captured, self._pool.stage(captured.sources)
         except BaseException as exc:
             return exc
 
