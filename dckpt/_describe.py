@@ -172,9 +172,10 @@ def _sources(
         problem = _unsavable(t)
         if problem:
             raise UnsupportedStateError(f"key {leaf.key!r}: {problem}")
-        # None: a DTensor on a mesh this rank is not in
+        # None: a DTensor on a mesh this rank is not in. An empty local tensor is kept (its
+        # shape is checked against the placements when the offers are built).
         source = local_tensor(t) if isinstance(t, dtensor) else t
-        if source is None or not source.numel():
+        if source is None or not (source.numel() or source is not t):
             held.append(None)
             continue
         shape = tuple(source.shape)
@@ -208,7 +209,7 @@ def _tensor_offers(
             chunks = tuple(ChunkOffer(piece) for piece, _ in pieces)
             tensors.append(TensorOffer(leaf.key, leaf.path, name, tuple(t.shape), True, chunks))
             continue
-        if box is None:  # no elements
+        if box is None:  # a plain tensor with no elements
             tensors.append(TensorOffer(leaf.key, leaf.path, name, tuple(t.shape), False, ()))
             continue
         shape = box.sizes  # the shape the call found (whole tensor: offsets are zeros)

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from dckpt._describe import describe
 from dckpt._dtensor import (
     PlacementKind,
     PlacementSpec,
@@ -274,6 +275,13 @@ def test_unsupported_dtensors() -> None:
         )
         with pytest.raises(UnsupportedStateError, match=r"\(2, 3\).*\(1, 3\)"):
             dtensor_chunks(wrong)
+        # An empty local tensor where the placements say rows: a save refuses it too (it
+        # has nothing to copy, but its shape is still checked when the offers are built).
+        empty = DTensor.from_local(
+            torch.zeros(0, 3), mesh, [Shard(0)], shape=torch.Size((4, 3)), stride=(3, 1)
+        )
+        with pytest.raises(UnsupportedStateError, match=r"\(2, 3\).*\(0, 3\)"):
+            describe({"w": empty}, 0, allow_pickle=False, layouts=True)
 
 
 def test_unhashable_custom_placement_is_rejected_clearly() -> None:
