@@ -37,7 +37,7 @@ def host_bytes(t: torch.Tensor) -> np.ndarray:
     """The tensor's C-order bytes on the host, copying only when it must."""
     if (
         t.device.type == "cpu"
-        and t.dtype in _NUMPY_DTYPES
+        and t.dtype in NUMPY_DTYPES
         and not t.requires_grad
         and t.is_contiguous()
         and not t.is_conj()
@@ -62,7 +62,8 @@ def as_memoryview(data: np.ndarray | memoryview) -> memoryview:
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
-_NUMPY_DTYPES = frozenset(
+# The dtypes whose tensors numpy can view as they are (no copy).
+NUMPY_DTYPES = frozenset(
     {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
      torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128}
 )  # fmt: skip

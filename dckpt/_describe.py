@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from crc32c import crc32c
 
-from dckpt._bytes import block_crcs, dtype_name, host_bytes
+from dckpt._bytes import NUMPY_DTYPES, block_crcs, dtype_name, host_bytes
 from dckpt._dtensor import dtensor_chunks, dtensor_layout, dtensor_type, local_tensor
 from dckpt._errors import UnsupportedStateError
 from dckpt._format import DEFAULT_BLOCK_BYTES, DTYPE_ITEMSIZE, PathPart
@@ -240,16 +240,10 @@ def _crcs(data: np.ndarray) -> tuple[int, ...]:
     return block_crcs(data, DEFAULT_BLOCK_BYTES)
 
 
-_NUMPY = frozenset(
-    {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
-     torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128}
-)  # fmt: skip
-
-
 def _host(t: torch.Tensor) -> np.ndarray:
     """``host_bytes(t)``, as the tensor's own numpy view where it can be (a third of the
     cost, per small tensor); the writer takes any C-contiguous array."""
-    if t.is_cpu and t.dtype in _NUMPY and t.is_contiguous():
+    if t.is_cpu and t.dtype in NUMPY_DTYPES and t.is_contiguous():
         try:
             return (t.detach() if t.requires_grad else t).numpy()
         except RuntimeError:  # a conjugate or negative view: host_bytes resolves it

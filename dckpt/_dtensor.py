@@ -202,22 +202,21 @@ def _boxes(runs: list[_Runs]) -> list[tuple[Box, tuple[slice, ...]]]:
     return out
 
 
-def is_dtensor(t: object) -> bool:
-    """Whether ``t`` is a DTensor, without importing DTensor support (half a second) when
-    nothing in this process could have made one."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
-
-
 class _NoDTensor:
     """Stands for the DTensor class in a process that has not imported it: no instances."""
 
 
 def dtensor_type() -> type:
-    """The DTensor class, for ``isinstance`` in loops over many tensors; a class nothing
-    is an instance of where DTensor support was never imported (see :func:`is_dtensor`)."""
+    """The DTensor class, for ``isinstance`` in loops over many tensors, without importing
+    DTensor support (half a second) when nothing in this process could have made one: then
+    a class nothing is an instance of."""
     mod = sys.modules.get("torch.distributed.tensor")
     return _NoDTensor if mod is None else mod.DTensor
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (see :func:`dtensor_type`)."""
+    return isinstance(t, dtensor_type())
 
 
 def local_tensor(dt: Any) -> torch.Tensor | None:
