@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+import operator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +19,20 @@ import numpy as np
 import torch
 from crc32c import crc32c
 
-from dckpt._bytes import NUMPY_DTYPES, block_crcs, dtype_name, host_bytes
+from dckpt._bytes import block_crcs, dtype_name, gathered_host_bytes
 from dckpt._dtensor import dtensor_chunks, dtensor_layout, dtensor_type, local_tensor
 from dckpt._errors import UnsupportedStateError
 from dckpt._format import DEFAULT_BLOCK_BYTES, DTYPE_ITEMSIZE, PathPart
 from dckpt._layout import LayoutOffer, MeshOffer, ravel
-from dckpt._plan import ChunkOffer, RankOffer, TensorOffer, ValueOffer
+from dckpt._plan import (
+    ChunkOffer,
+    Crcs,
+    RankOffer,
+    TensorOffer,
+    ValueOffer,
+    structure_key,
+    with_checksums,
+)
 from dckpt._reshard import Box
 from dckpt._staging import ChunkId
 from dckpt._state import Resolved, TensorLeaf, resolve
@@ -33,13 +42,17 @@ from dckpt._write import KnownCrcs, SourceMap
 
 @dataclass(frozen=True)
 class Description:
-    """One rank's state, flattened: what it offers and the tensors each chunk comes from;
-    ``known``: the checksums and host bytes of its plain tensors, when described with
-    them (then in ``offer`` too), else None."""
+    """One rank's state, flattened: what it offers and the tensors each chunk comes from.
+    Described with checksums, ``known`` holds the checksums and host bytes of its plain
+    tensors and ``crcs`` the checksums per offered tensor (the offer's chunks carry
+    none: :func:`checksum_plain` puts them in); ``key``: the offer's structure key, when
+    the description made it."""
 
     offer: RankOffer
     sources: SourceMap
     known: KnownCrcs | None = None
+    crcs: Crcs | None = None
+    key: bytes | None = None
 
 
 def describe(
@@ -49,14 +62,17 @@ def describe(
     allow_pickle: bool,
     layouts: bool = False,
     checksums: bool = False,
+    memo: Skeletons | None = None,
 ) -> Description:
     """Resolve Stateful objects now and describe every chunk; with ``layouts``, DTensors a
     layout entry can describe are offered as such (format 2) and their shards left to
     this rank to plan, instead of as chunks for rank 0 to plan. With ``checksums``, plain
-    tensors are checksummed in the same pass (what :func:`checksum_plain` adds), which
-    only a save that writes from the described tensors themselves may ask for."""
+    tensors are checksummed in the same pass (their bytes copied or viewed as of now);
+    ``memo``: the offers of the last structure described, to reuse."""
     captured = capture(state, rank, allow_pickle=allow_pickle)
-    return describe_captured(captured, captured.sources, layouts=layouts, checksums=checksums)
+    return describe_captured(
+        captured, captured.sources, layouts=layouts, checksums=checksums, memo=memo
+    )
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,8 @@ class Captured:
     boxes: tuple[Box | None, ...]
     sources: dict[ChunkId, torch.Tensor]
     values: tuple[ValueOffer, ...]
+    #: every tensor plain and holding elements: one offer and one source per tensor
+    uniform: bool = False
 
 
 def capture(
@@ -81,12 +99,12 @@ def capture(
 ) -> Captured:
     """Resolve ``state`` and take what a save needs at its call (see :class:`Captured`)."""
     resolved = resolve(state, fresh_optimizers=fresh_optimizers)
-    names, boxes, sources = _sources(resolved)
+    names, boxes, sources, uniform = _sources(resolved)
     values = []
     for v in resolved.values:
         data = encode_value(v.value, v.key, allow_pickle=allow_pickle)
         values.append(ValueOffer(v.key, v.path, data, value_text(data)))
-    return Captured(rank, tuple(resolved.tensors), names, boxes, sources, tuple(values))
+    return Captured(rank, tuple(resolved.tensors), names, boxes, sources, tuple(values), uniform)
 
 
 def describe_captured(
@@ -95,16 +113,69 @@ def describe_captured(
     *,
     layouts: bool = False,
     checksums: bool = False,
+    memo: Skeletons | None = None,
 ) -> Description:
     """The description of ``captured`` whose chunks come from ``sources``: its own
-    sources, or their staged copies (then the offers are built after the call)."""
+    sources, or their staged copies (then the offers are built after the call). With
+    ``checksums``, see :func:`describe`; ``memo`` serves a state of plain tensors only."""
+    memo = memo if checksums and captured.uniform else None
+    if memo is not None:
+        hit = memo.get(captured)
+        if hit is not None:  # every tensor plain: one offer, one source each, in order
+            known: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]] = {}
+            wheres = list(captured.sources)  # in the tensors' order
+            held = (
+                sources.values()
+                if sources is captured.sources
+                else map(sources.__getitem__, wheres)
+            )
+            crcs = _checksummed(wheres, list(held), known)
+            offer = RankOffer(captured.rank, hit[0], captured.values, (), ())
+            return Description(offer, sources, known, tuple(crcs), hit[1])
     found = _Layouts()
-    known: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]] | None = {} if checksums else None
-    tensors, chunks = _tensor_offers(captured, sources, found if layouts else None, known)
+    known_or_none: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]] | None = None
+    if checksums:
+        known_or_none = {}
+    tensors, chunks, crcs_or_none = _tensor_offers(
+        captured, sources, found if layouts else None, known_or_none
+    )
     offer = RankOffer(
         captured.rank, tuple(tensors), captured.values, tuple(found.offers), tuple(found.meshes)
     )
-    return Description(offer, chunks, known)
+    key = None
+    if memo is not None:
+        key = structure_key(offer)
+        memo.put(captured, offer.tensors, key)
+    column = None if crcs_or_none is None else tuple(crcs_or_none)
+    return Description(offer, chunks, known_or_none, column, key)
+
+
+class Skeletons:
+    """The offers and structure key of the last state of plain tensors a stream of saves
+    described: a repeat save with the same keys, paths, dtypes and shapes reuses them,
+    and only checksums its tensors (at 20k small tensors, building the offers and their
+    key cost more than that). One per plan cache; saves in a stream do not overlap."""
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple[object, ...], tuple[TensorOffer, ...], bytes] | None = None
+
+    @staticmethod
+    def _signature(c: Captured) -> tuple[object, ...]:
+        # Boxes are shared per shape across captures (_box), so they compare by identity.
+        leaves = c.tensors
+        return (tuple(map(_LEAF_KEY, leaves)), tuple(map(_LEAF_PATH, leaves)), c.names, c.boxes)
+
+    def get(self, c: Captured) -> tuple[tuple[TensorOffer, ...], bytes] | None:
+        last = self._last
+        if last is None or last[0] != self._signature(c):
+            return None
+        return last[1], last[2]
+
+    def put(self, c: Captured, tensors: tuple[TensorOffer, ...], key: bytes) -> None:
+        self._last = (self._signature(c), tensors, key)
+
+
+_LEAF_KEY, _LEAF_PATH = operator.attrgetter("key"), operator.attrgetter("path")
 
 
 class _Layouts:
@@ -153,36 +224,44 @@ def staging_sources(state: Mapping[str, Any]) -> dict[ChunkId, torch.Tensor]:
 
 
 _NAMES: dict[torch.dtype, str] = {}  # the storable dtypes met so far, by name
+# Shapes repeat, within a state and from save to save: one whole-tensor Box per shape.
+_BOXES: dict[tuple[int, ...], Box] = {}
+_BOXES_MAX = 1 << 16
 
 
 def _sources(
     resolved: Resolved,
-) -> tuple[tuple[str, ...], tuple[Box | None, ...], dict[ChunkId, torch.Tensor]]:
+) -> tuple[tuple[str, ...], tuple[Box | None, ...], dict[ChunkId, torch.Tensor], bool]:
     """The dtype names of ``resolved``'s tensors, each checked savable, and what a
     snapshot copies, with the box each is keyed by: plain tensors, and DTensors' local
-    tensors whole (one buffer each)."""
+    tensors whole (one buffer each); and whether all are plain tensors with elements."""
+    plain = 0
     names: list[str] = []
     held: list[Box | None] = []
     sources: dict[ChunkId, torch.Tensor] = {}
-    boxes: dict[tuple[int, ...], Box] = {}  # shapes repeat: one Box each
-    dtensor = dtensor_type()
+    boxes = _BOXES
+    if len(boxes) > _BOXES_MAX:
+        boxes.clear()
+    dtensor, strided = dtensor_type(), torch.strided
     for leaf in resolved.tensors:
         t = leaf.tensor
         names.append(_NAMES.get(t.dtype) or _storable(leaf.key, t.dtype))
-        problem = _unsavable(t)
-        if problem:
-            raise UnsupportedStateError(f"key {leaf.key!r}: {problem}")
+        if t.layout is not strided or t.is_meta or t.is_quantized:
+            raise UnsupportedStateError(f"key {leaf.key!r}: {_unsavable(t)}")
         # None: a DTensor on a mesh this rank is not in. An empty local tensor is kept (its
         # shape is checked against the placements when the offers are built).
         source = local_tensor(t) if isinstance(t, dtensor) else t
         if source is None or not (source.numel() or source is not t):
             held.append(None)
             continue
-        shape = tuple(source.shape)
-        box = boxes.get(shape) or boxes.setdefault(shape, Box((0,) * len(shape), shape))
+        box = boxes.get(source.shape)  # a torch.Size finds its tuple
+        if box is None:
+            shape = tuple(source.shape)
+            box = boxes.setdefault(shape, Box((0,) * len(shape), shape))
         sources[(leaf.key, box)] = source
         held.append(box)
-    return tuple(names), tuple(held), sources
+        plain += source is t
+    return tuple(names), tuple(held), sources, plain == len(held)
 
 
 def _tensor_offers(
@@ -190,14 +269,22 @@ def _tensor_offers(
     staged: Mapping[ChunkId, torch.Tensor],
     layouts: _Layouts | None = None,
     known: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]] | None = None,
-) -> tuple[list[TensorOffer], dict[ChunkId, torch.Tensor]]:
+) -> tuple[list[TensorOffer], dict[ChunkId, torch.Tensor], list[tuple[int, ...] | None] | None]:
     """The offers of ``captured``'s tensors and the source of each chunk, from ``staged``
-    (keyed as ``captured.sources``); plain tensors are checksummed into ``known`` when
-    given. A save of many small tensors spends most of its describe here, per tensor:
-    hence the boxes kept from the capture."""
+    (keyed as ``captured.sources``); with ``known``, plain tensors are checksummed into
+    it, and their checksums returned per offer (their chunks carry none)."""
     tensors: list[TensorOffer] = []
     sources: dict[ChunkId, torch.Tensor] = {}
     dtensor = dtensor_type()
+    crcs: list[tuple[int, ...] | None] | None = None
+    if known is not None:
+        wheres = [
+            (leaf.key, box)
+            for leaf, box in zip(captured.tensors, captured.boxes, strict=True)
+            if box is not None and not isinstance(leaf.tensor, dtensor)
+        ]
+        plain = iter(_checksummed(wheres, [staged[w] for w in wheres], known))
+        crcs = []
     for leaf, name, box in zip(captured.tensors, captured.names, captured.boxes, strict=True):
         t = leaf.tensor
         if isinstance(t, dtensor):  # its global shape and placements do not change
@@ -208,22 +295,36 @@ def _tensor_offers(
                 continue
             chunks = tuple(ChunkOffer(piece) for piece, _ in pieces)
             tensors.append(TensorOffer(leaf.key, leaf.path, name, tuple(t.shape), True, chunks))
+            if crcs is not None:
+                crcs.append(None)
             continue
         if box is None:  # a plain tensor with no elements
             tensors.append(TensorOffer(leaf.key, leaf.path, name, tuple(t.shape), False, ()))
+            if crcs is not None:
+                crcs.append(None)
             continue
-        shape = box.sizes  # the shape the call found (whole tensor: offsets are zeros)
+        # the shape the call found (whole tensor: offsets are zeros)
         where = (leaf.key, box)
-        t = sources[where] = staged[where]
-        if known is None:
-            chunk = ChunkOffer(box)
-        else:
-            data = _host(t)
-            crc = _crcs(data)
-            known[where] = (crc, data)
-            chunk = ChunkOffer(box, crc)
-        tensors.append(TensorOffer(leaf.key, leaf.path, name, shape, False, (chunk,)))
-    return tensors, sources
+        sources[where] = staged[where]
+        tensors.append(TensorOffer(leaf.key, leaf.path, name, box.sizes, False, (ChunkOffer(box),)))
+        if crcs is not None:
+            crcs.append(next(plain))
+    return tensors, sources, crcs
+
+
+def _checksummed(
+    wheres: list[ChunkId],
+    tensors: Sequence[torch.Tensor],
+    known: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]],
+) -> list[tuple[int, ...]]:
+    """The checksums of plain ``tensors`` (chunks ``wheres``), their host bytes and
+    checksums put in ``known``; small tensors' bytes are copied together."""
+    crcs = []
+    for where, data in zip(wheres, gathered_host_bytes(tensors), strict=True):
+        crc = _crcs(data)
+        known[where] = (crc, data)
+        crcs.append(crc)
+    return crcs
 
 
 def _storable(key: str, dtype: torch.dtype) -> str:
@@ -238,17 +339,6 @@ def _crcs(data: np.ndarray) -> tuple[int, ...]:
     if data.nbytes <= DEFAULT_BLOCK_BYTES:  # numpy arrays are buffers; older stubs say not
         return (crc32c(data),)  # type: ignore[arg-type]
     return block_crcs(data, DEFAULT_BLOCK_BYTES)
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    """``host_bytes(t)``, as the tensor's own numpy view where it can be (a third of the
-    cost, per small tensor); the writer takes any C-contiguous array."""
-    if t.is_cpu and t.dtype in NUMPY_DTYPES and t.is_contiguous():
-        try:
-            return (t.detach() if t.requires_grad else t).numpy()
-        except RuntimeError:  # a conjugate or negative view: host_bytes resolves it
-            pass
-    return host_bytes(t)
 
 
 def _unsavable(t: torch.Tensor) -> str:
@@ -266,20 +356,20 @@ def _unsavable(t: torch.Tensor) -> str:
 
 
 def checksum_plain(description: Description) -> tuple[RankOffer, KnownCrcs]:
-    """Checksum plain tensors up front: ranks holding equal bytes share one stored copy.
-    A description made with checksums has them already."""
-    if description.known is not None:
-        return description.offer, description.known
-    known: dict[tuple[str, Box], tuple[tuple[int, ...], np.ndarray]] = {}
-    tensors = []
-    for t in description.offer.tensors:
-        if t.sharded or not t.chunks:
-            tensors.append(t)
-            continue
-        box = t.chunks[0].box
-        data = host_bytes(description.sources[(t.key, box)])
-        crc = block_crcs(data, DEFAULT_BLOCK_BYTES)
-        known[(t.key, box)] = (crc, data)
-        tensors.append(TensorOffer(t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(box, crc),)))
-    offer = dataclasses.replace(description.offer, tensors=tuple(tensors))
-    return offer, known
+    """The offer with its plain tensors' checksums, and their host bytes: ranks holding
+    equal bytes share one stored copy."""
+    offer, crcs, known = plain_checksums(description)
+    return dataclasses.replace(offer, tensors=with_checksums(offer.tensors, crcs)), known
+
+
+def plain_checksums(description: Description) -> tuple[RankOffer, Crcs, KnownCrcs]:
+    """The offer (its chunks without checksums), the checksums of its plain tensors per
+    offered tensor, and their host bytes; computed here unless described with them."""
+    if description.known is not None and description.crcs is not None:
+        return description.offer, description.crcs, description.known
+    known: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]] = {}
+    offered = description.offer.tensors
+    wheres = [(t.key, t.chunks[0].box) for t in offered if not t.sharded and t.chunks]
+    found = iter(_checksummed(wheres, [description.sources[w] for w in wheres], known))
+    crcs = tuple(None if t.sharded or not t.chunks else next(found) for t in offered)
+    return description.offer, crcs, known

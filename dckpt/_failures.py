@@ -86,9 +86,7 @@ def failure_message(
     return "\n".join(parts)
 
 
-def failure_error(
-    record: Record, local_exc: BaseException | None, rank: int
-) -> RankFailureError:
+def failure_error(record: Record, local_exc: BaseException | None, rank: int) -> RankFailureError:
     """Build the error every rank raises; the local exception stays the original object."""
     failures = {r: f.to_exception() for r, f in record.failures.items()}
     described = {r: f.describe() for r, f in record.failures.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from dckpt._format import (
@@ -92,18 +93,19 @@ def manifest_to_bytes(m: Manifest) -> bytes:
     """
     names: dict[str, str] = {}
     parts = [f"{json_str(key)}:{_tensor_text(t, names)}" for key, t in sorted(m.tensors.items())]
-    return assemble(m, ",".join(parts))
+    return assemble(m, [",".join(parts)])
 
 
-def assemble(m: Manifest, tensors_text: str) -> bytes:
-    """The canonical manifest of ``m`` with its tensors given as encoded text."""
+def assemble(m: Manifest, tensors_texts: Sequence[str]) -> bytes:
+    """The canonical manifest of ``m`` with its tensors given as encoded text: the
+    comma-joined entries, in pieces joined here (tens of MB at 100k tensors, on a
+    machine that copies ~1 GB/s: copied twice, once to join and once to encode)."""
     head = dataclasses.replace(m, tensors={})
     head_text = _dumps(manifest_to_json(head))
     before, marker, after = head_text.partition('"tensors":{}')
     assert marker
-    # One copy of the tensors' text (tens of MB at 100k tensors), not three.
-    parts = (before, '"tensors":{', tensors_text, "}", after, "\n")
-    return b"".join(part.encode("ascii") for part in parts)
+    parts = [before, '"tensors":{', *tensors_texts, "}", after, "\n"]
+    return "".join(parts).encode("ascii")
 
 
 def _dumps(obj: object) -> str:

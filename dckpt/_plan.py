@@ -26,7 +26,7 @@ from dckpt._format import (
     ValueEntry,
     data_dir,
 )
-from dckpt._layout import LayoutOffer, LayoutReport, MeshOffer, MeshRecord
+from dckpt._layout import LayoutReport, MeshRecord
 from dckpt._manifest_text import (
     IntsTexts,
     TailTexts,
@@ -36,46 +36,16 @@ from dckpt._manifest_text import (
     json_str,
     path_text,
 )
+from dckpt._offers import ChunkOffer as ChunkOffer
+from dckpt._offers import Crcs as Crcs
+from dckpt._offers import RankOffer as RankOffer
+from dckpt._offers import TensorOffer as TensorOffer
+from dckpt._offers import ValueOffer as ValueOffer
+from dckpt._offers import with_checksums as with_checksums
 from dckpt._plangroups import assign, plan_values
 from dckpt._plankey import structure_key as structure_key  # re-exported
 from dckpt._reshard import Box
-from dckpt._values import JSON
 from dckpt.storage._base import LOCAL_LAYOUT, FileLayout
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkOffer:
-    box: Box
-    crc: tuple[int, ...] | None = None  # known up front for plain tensors, to detect divergence
-
-
-@dataclass(frozen=True, slots=True)
-class TensorOffer:
-    key: str
-    path: tuple[PathPart, ...]
-    dtype: str
-    shape: tuple[int, ...]
-    sharded: bool  # a DTensor: chunks are identical across holders by construction
-    chunks: tuple[ChunkOffer, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ValueOffer:
-    key: str
-    path: tuple[PathPart, ...]
-    data: JSON
-    text: str  # canonical JSON of ``data``, compared across ranks
-
-
-@dataclass(frozen=True, slots=True)
-class RankOffer:
-    rank: int
-    tensors: tuple[TensorOffer, ...]
-    values: tuple[ValueOffer, ...]
-    # Layout tensors never reach rank 0's planner: each rank plans and writes its own
-    # shards and reports them after writing (``LayoutReport``).
-    layouts: tuple[LayoutOffer, ...] = ()
-    meshes: tuple[MeshOffer, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,15 +300,18 @@ class OwnedPart:
     runs: tuple[str, ...] = ()
     bounds: tuple[str, str] | None = None
 
-    def text_alone(self, others: Sequence[str]) -> tuple[str, bool] | None:
-        """The entries' text, and whether it goes before every key of ``others`` (sorted),
-        when it goes whole before or after them all; else None."""
+    def text_alone(self, others: Sequence[str]) -> tuple[list[str], bool] | None:
+        """The entries' text in pieces (to be joined as they are), and whether it goes
+        before every key of ``others`` (sorted), when it goes whole before or after them
+        all; else None."""
         if self.bounds is None:
             return None
         at = bisect.bisect_left(others, self.bounds[0])
         if at != bisect.bisect_right(others, self.bounds[1]) or 0 < at < len(others):
             return None
-        return ",".join(self.runs), at == 0
+        pieces = [","] * (2 * len(self.runs) - 1) if self.runs else []
+        pieces[::2] = self.runs
+        return pieces, at == 0
 
 
 def render_manifest(
@@ -366,9 +339,12 @@ def render_manifest(
             entries = list(heapq.merge(entries, more)) if entries else more
     texts = _with_entries(template, entries) if entries else template.texts
     text, _ = _joined(texts, [crcs[i] for i in template.sources], plan.save_id, ())
+    pieces = [text]
     if alone is not None and alone[0]:  # whole runs, before or after the template's keys
-        own_text, before = alone
-        text = (own_text + "," + text if before else text + "," + own_text) if text else own_text
+        own, before = alone
+        pieces = [*own, ",", text] if before else [text, ",", *own]
+        if not text:
+            pieces = own
     if layouts is not None:
         files.extend(layouts.files)
     head = Manifest(
@@ -384,7 +360,7 @@ def render_manifest(
         meshes=() if layouts is None else layouts.meshes,
         tables=() if layouts is None else layouts.tables,
     )
-    return assemble(head, text)
+    return assemble(head, pieces)
 
 
 def render_entries(

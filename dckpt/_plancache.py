@@ -38,7 +38,7 @@ import torch.distributed as dist
 from dckpt._errors import CheckpointError, UnsupportedStateError
 from dckpt._owned import OwnPlan, OwnRanges, Split, check_ranges, indices_of, plan_own, split
 from dckpt._plan import (
-    ChunkOffer,
+    Crcs,
     ManifestTemplate,
     RankOffer,
     RankPlan,
@@ -49,6 +49,7 @@ from dckpt._plan import (
     plan_save,
     renamed,
     structure_key,
+    with_checksums,
     with_save_id,
 )
 from dckpt.storage import FileLayout
@@ -56,7 +57,6 @@ from dckpt.storage import FileLayout
 MAX_PLANS = 4  # structures remembered per group: a job may save a few kinds of state in turn
 RESEND = "resend"  # rank 0's answer to every rank when a brief names an offer it lost
 
-Crcs = tuple[tuple[int, ...] | None, ...]  # per tensor offer, in order; None: not plain
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -172,11 +172,14 @@ class PlanCache:
         self._my_own: OrderedDict[int, OwnPlan | None] = OrderedDict()
 
     # -- every rank -------------------------------------------------------------------
-    def message(self, offer: RankOffer, key: bytes, *, brief: bool) -> RankOffer | Brief:
+    def message(
+        self, offer: RankOffer, key: bytes, *, brief: bool, crcs: Crcs | None = None
+    ) -> RankOffer | Brief:
         """What this rank sends to plan a save: a brief when allowed and this structure
-        (``key``) was committed before, else the full offer."""
+        (``key``) was committed before, else the full offer (``crcs``, the plain tensors'
+        checksums when the offer's chunks do not carry them, go beside it)."""
         if brief and key in self._my_keys:
-            return Brief(offer.rank, key, crcs_of(offer), offer.values)
+            return Brief(offer.rank, key, crcs_of(offer) if crcs is None else crcs, offer.values)
         return offer
 
     def received(self, answer: Answer) -> None:
@@ -415,14 +418,7 @@ def _with_crcs(
     checksums get one shared ``tensors`` tuple (``memo``), so the planner groups them."""
     tensors = memo.get((id(base.tensors), id(crcs)))
     if tensors is None:
-        tensors = memo[(id(base.tensors), id(crcs))] = tuple(
-            t
-            if c is None
-            else TensorOffer(
-                t.key, t.path, t.dtype, t.shape, False, (ChunkOffer(t.chunks[0].box, c),)
-            )
-            for t, c in zip(base.tensors, crcs, strict=True)
-        )
+        tensors = memo[(id(base.tensors), id(crcs))] = with_checksums(base.tensors, crcs)
     return dataclasses.replace(base, tensors=tensors, values=values)
 
 

@@ -22,6 +22,9 @@ def structure_key(offer: RankOffer) -> bytes:
     boxes = list(map(_CHUNK_BOX, itertools.chain.from_iterable(chunks)))
     shapes = list(map(_SHAPE, tensors))
     keys = list(map(_KEY, tensors))
+    # A key names a path, not the other way round ({"a": {"b": t}} and {"a.b": t}), and
+    # the manifest records the path: it is part of the structure.
+    paths = repr(tuple(map(_PATH, tensors))).encode()
     flat = itertools.chain.from_iterable
     # Columns hashed at C speed: a state of small tensors has tens of thousands.
     h = hashlib.blake2b(digest_size=16)
@@ -33,6 +36,7 @@ def structure_key(offer: RankOffer) -> bytes:
         array("q", flat(shapes)),
         array("q", flat(map(_OFFSETS, boxes))),
         array("q", flat(map(_SIZES, boxes))),
+        paths,
         repr((offer.layouts, [(m.ident, m.shape) for m in offer.meshes])).encode(),
     ):
         h.update(len(column).to_bytes(8, "little"))
@@ -40,6 +44,6 @@ def structure_key(offer: RankOffer) -> bytes:
     return h.digest()
 
 
-_KEY, _DTYPE, _SHAPE = (operator.attrgetter(a) for a in ("key", "dtype", "shape"))
+_KEY, _DTYPE, _SHAPE, _PATH = map(operator.attrgetter, ("key", "dtype", "shape", "path"))
 _SHARDED, _CHUNK_BOX = operator.attrgetter("sharded"), operator.attrgetter("box")
 _OFFSETS, _SIZES = operator.attrgetter("offsets"), operator.attrgetter("sizes")

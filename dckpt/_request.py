@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from dckpt._args import check_save
 from dckpt._coord import Coordinator, LocalCoordinator, coordinator_for
-from dckpt._describe import Description, describe
+from dckpt._describe import Description, Skeletons, describe
 from dckpt.storage import Storage, open_storage
 
 
@@ -56,9 +56,15 @@ class SaveRequest:
     def storage(self) -> Storage:
         return open_storage(self.path, self.storage_options)
 
-    def describe(self, rank: int, *, checksums: bool = False) -> Description:
-        """This rank's state described; ``checksums`` only where the save writes from
-        the described tensors themselves (not from staged copies)."""
+    def describe(
+        self, rank: int, *, checksums: bool = False, memo: Skeletons | None = None
+    ) -> Description:
+        """This rank's state described (see :func:`dckpt._describe.describe`)."""
         return describe(
-            self.state, rank, allow_pickle=self.allow_pickle, layouts=True, checksums=checksums
+            self.state,
+            rank,
+            allow_pickle=self.allow_pickle,
+            layouts=True,
+            checksums=checksums,
+            memo=memo,
         )

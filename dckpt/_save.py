@@ -18,16 +18,17 @@ import logging
 import os
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch.distributed as dist
 
 from dckpt import _wireout as wireout
 from dckpt._commit import abandon, commit, commit_uncertain
 from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator, Shared
-from dckpt._describe import Description, checksum_plain
+from dckpt._describe import Description, Skeletons, plain_checksums
 from dckpt._errors import CheckpointExistsError
 from dckpt._faults import fault_point
 from dckpt._format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, data_dir
@@ -36,6 +37,7 @@ from dckpt._inflight import drain
 from dckpt._manifest_build import merge_layouts
 from dckpt._owned import OwnPlan, Split, owned_part
 from dckpt._plan import (
+    Crcs,
     FilePlan,
     FileResult,
     ManifestTemplate,
@@ -109,8 +111,13 @@ def rendered(
     """The manifest of a written save and every file it names (rank 0); ``split`` says
     which tensors each rank wrote and rendered alone."""
     results = [w.files for w in written]
-    taken = {*plan.tensors, *plan.values, *(() if split is None else split.keys)}
-    layouts = merge_layouts([w.layouts for w in written], plan.world_size, taken)
+    reports = [w.layouts for w in written]
+    layouts = None
+    if any(
+        r is not None for r in reports
+    ):  # the keys every layout key must differ from: 160k at 8 x 20k tensors
+        taken = {*plan.tensors, *plan.values, *(() if split is None else split.keys)}
+        layouts = merge_layouts(reports, plan.world_size, taken)
     owned = None if split is None else owned_part([w.own for w in written], split.own_keys)
     manifest = render_manifest(
         template, plan, results, created=_clock(), block_bytes=DEFAULT_BLOCK_BYTES,
@@ -173,7 +180,8 @@ class _Mine:
     """This rank's part of the save, described once (at its first plan message)."""
 
     sources: SourceMap
-    offer: RankOffer  # with the checksums of plain tensors, on a multi-rank save
+    offer: RankOffer  # its chunks without checksums on a multi-rank save: those are in
+    crcs: Crcs | None  # the plain tensors' checksums per offered tensor (multi-rank)
     known: KnownCrcs  # those checksums and bytes, so the writer does not redo them
     key: bytes  # the structure key the plan cache knows it by
 
@@ -231,12 +239,13 @@ class _Round:
         if self.mine is None:
             self.mine = _describe_mine(self.prepare(), multi=self.coord.world_size > 1)
         multi = self.coord.world_size > 1
-        message = self.cache.message(self.mine.offer, self.mine.key, brief=multi and not full)
+        mine = self.mine
+        message = self.cache.message(mine.offer, mine.key, brief=multi and not full, crcs=mine.crcs)
         if not multi:
             return message
         if isinstance(message, RankOffer):  # layouts are planned where they live, not sent
             message = dataclasses.replace(message, layouts=(), meshes=())
-        return Shared(*encode_message(message, self.mine.key))
+        return Shared(*encode_message(message, mine.key, mine.crcs))
 
     def _reduce_plan(self, sent: list[Any]) -> Sequence[bytes | Answer | str]:
         """Rank 0: decode the messages (a one-rank save skips the wire), plan, answer."""
@@ -326,8 +335,11 @@ class _Round:
 
 
 def _describe_mine(description: Description, *, multi: bool) -> _Mine:
-    offer, known = checksum_plain(description) if multi else (description.offer, {})
-    return _Mine(description.sources, offer, known, structure_key(offer))
+    offer, crcs, known = description.offer, None, cast(KnownCrcs, {})
+    if multi:
+        offer, crcs, known = plain_checksums(description)
+    key = structure_key(offer) if description.key is None else description.key
+    return _Mine(description.sources, offer, crcs, known, key)
 
 
 def run_save(
@@ -407,6 +419,20 @@ def _save_now(request: SaveRequest) -> None:
     storage = request.storage()
     cache = cache_for("sync", request.process_group)
     # Checksums while describing: a one-rank save plans without them.
-    prepare = functools.partial(request.describe, coord.rank, checksums=coord.world_size > 1)
+    multi = coord.world_size > 1
+    prepare = functools.partial(
+        request.describe, coord.rank, checksums=multi, memo=_skeletons(cache) if multi else None
+    )
     with paused_gc():
         run_save(coord, storage, prepare, request.options, cache)
+
+
+_memos: weakref.WeakKeyDictionary[PlanCache, Skeletons] = weakref.WeakKeyDictionary()
+
+
+def _skeletons(cache: PlanCache) -> Skeletons:
+    """The offers a stream of saves (one plan cache) last described, for repeats."""
+    memo = _memos.get(cache)
+    if memo is None:
+        memo = _memos[cache] = Skeletons()
+    return memo

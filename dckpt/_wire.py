@@ -32,6 +32,7 @@ from dckpt._format import DTYPE_ITEMSIZE
 from dckpt._layout import LayoutOffer, MeshOffer
 from dckpt._plan import (
     ChunkOffer,
+    Crcs,
     RankOffer,
     TensorOffer,
     ValueOffer,
@@ -156,14 +157,23 @@ def _placements(raw: object) -> tuple[PlacementSpec, ...]:
 _OFFER_FIELDS = ("rank", "tensors", "values", "layouts", "meshes")
 
 
-def encode_offer(offer: RankOffer, key: bytes) -> tuple[bytes, bytes]:
+def encode_offer(offer: RankOffer, key: bytes, crcs: Crcs | None = None) -> tuple[bytes, bytes]:
     """A rank's full offer with its structure key, as (what peers holding the same state
-    send alike, this rank's own part: its positions in its meshes)."""
+    send alike, this rank's own part: its positions in its meshes); ``crcs``: its plain
+    tensors' checksums, when its chunks do not carry them."""
     check_fields(offer, _OFFER_FIELDS)
     header, columns = _offer_columns(offer)
-    crcs = _crcs_out(c.crc for t in offer.tensors for c in t.chunks)
+    if crcs is None:
+        chunk_crcs = (c.crc for t in offer.tensors for c in t.chunks)
+    else:  # a plain tensor is one chunk
+        chunk_crcs = (
+            c.crc if p is None else p
+            for t, p in zip(offer.tensors, crcs, strict=True)
+            for c in t.chunks
+        )
+    crcs_column = _crcs_out(chunk_crcs)
     header += [key.hex(), _values_out(offer.values), _layouts_out(offer)]
-    return dump(OFFER, header, *columns[:3], crcs, columns[3]), ints(
+    return dump(OFFER, header, *columns[:3], crcs_column, columns[3]), ints(
         m.position for m in offer.meshes
     )
 
@@ -359,11 +369,14 @@ def _brief_in(header: list[Any], columns: list[bytes], rank: int) -> Brief:
     return Brief(rank, bytes.fromhex(header[0]), tuple(crcs), _values_in(header[1]))
 
 
-def encode_message(message: RankOffer | Brief, key: bytes) -> tuple[bytes, bytes]:
-    """A rank's plan message as (common, own): its full offer (with ``key``), or a brief."""
+def encode_message(
+    message: RankOffer | Brief, key: bytes, crcs: Crcs | None = None
+) -> tuple[bytes, bytes]:
+    """A rank's plan message as (common, own): its full offer (with ``key`` and ``crcs``,
+    see :func:`encode_offer`), or a brief."""
     if isinstance(message, Brief):
         return encode_brief(message), b""
-    return encode_offer(message, key)
+    return encode_offer(message, key, crcs)
 
 
 def decode_messages(values: Sequence[Shared]) -> list[tuple[Message, bytes]]:

@@ -4,6 +4,7 @@ write results; see :mod:`dckpt._wire` for the encoding and its checks."""
 from __future__ import annotations
 
 import itertools
+import operator
 import sys
 from collections.abc import Sequence
 
@@ -210,7 +211,9 @@ def _own_in(raw: object, text: bytes, starts_raw: bytes) -> OwnReport:
     if type(raw) is not list or any(type(f) is not list or len(f) != 2 for f in raw):
         raise ValueError("the own files are not a list of [name, size]")
     starts = tuple(unints(starts_raw))
-    if any(b <= a for a, b in itertools.pairwise(starts)) or (starts and starts[-1] >= len(text)):
+    # At C speed: one start per tensor, 20k per rank at 20k tensors.
+    rising = all(map(operator.lt, starts, starts[1:]))
+    if not rising or (starts and starts[-1] >= len(text)):
         raise ValueError("the own entries' starts are not increasing positions in their text")
     files = tuple((_name(n), _size(s)) for n, s in raw)
     return OwnReport(text.decode("ascii"), starts, files)

@@ -99,11 +99,14 @@ def test_describing_with_checksums_equals_checksumming_after() -> None:
     plain = describe(state, 1, allow_pickle=False)
     fused = describe(state, 1, allow_pickle=False, checksums=True)
     offer, known = checksum_plain(plain)
-    assert fused.offer == offer
+    assert fused.offer == plain.offer  # the checksums travel beside the offer
+    assert fused.crcs == tuple(
+        None if t.sharded or not t.chunks else t.chunks[0].crc for t in offer.tensors
+    )
     assert fused.known is not None and fused.known.keys() == known.keys()
     for where, (crcs, data) in known.items():
         assert fused.known[where][0] == crcs and bytes(fused.known[where][1]) == bytes(data)
-    assert checksum_plain(fused) == (fused.offer, fused.known)  # not checksummed twice
+    assert checksum_plain(fused) == (offer, fused.known)  # not checksummed twice
 
 
 def test_write_reports_round_trip() -> None:
