@@ -32,7 +32,14 @@ import torch.distributed as dist
 
 from dckpt._args import check_int, check_state
 from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator
-from dckpt._describe import Captured, Description, capture, describe_captured, staging_sources
+from dckpt._describe import (
+    Captured,
+    Description,
+    capture,
+    describe_captured,
+    skeletons_for,
+    staging_sources,
+)
 from dckpt._errors import CheckpointTimeoutError
 from dckpt._gc import paused_gc
 from dckpt._inflight import AsyncSaveHandle, claim, current, drain, join, track
@@ -198,13 +205,16 @@ def _start(request: SaveRequest, staging_bytes: int | None) -> AsyncSaveHandle:
         storage = request.storage()
         snapshot = _snapshot(request, coord.rank)
 
+        options = request.options
+        cache = cache_for("async", request.process_group)
+        multi = coord.world_size > 1
+        memo = skeletons_for(cache) if multi else None
+
         def prepare() -> Description:
             if isinstance(snapshot, BaseException):
                 raise snapshot
-            return describe_captured(*snapshot, layouts=True)
+            return describe_captured(*snapshot, layouts=True, checksums=multi, memo=memo)
 
-        options = request.options
-        cache = cache_for("async", request.process_group)
         future = _saver.submit(lambda: _save_job(coord, storage, prepare, options, cache))
         handle = AsyncSaveHandle(future, str(storage.location))
         track(handle)

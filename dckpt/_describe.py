@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import operator
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -176,6 +177,15 @@ class Skeletons:
 
 
 _LEAF_KEY, _LEAF_PATH = operator.attrgetter("key"), operator.attrgetter("path")
+_memos: weakref.WeakKeyDictionary[object, Skeletons] = weakref.WeakKeyDictionary()
+
+
+def skeletons_for(owner: object) -> Skeletons:
+    """The memo of a stream of saves (``owner``: its plan cache), made on first use."""
+    memo = _memos.get(owner)
+    if memo is None:
+        memo = _memos[owner] = Skeletons()
+    return memo
 
 
 class _Layouts:

@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -28,7 +27,7 @@ import torch.distributed as dist
 from dckpt import _wireout as wireout
 from dckpt._commit import abandon, commit, commit_uncertain
 from dckpt._coord import DEFAULT_TIMEOUT, Coordinator, LocalCoordinator, Shared
-from dckpt._describe import Description, Skeletons, plain_checksums
+from dckpt._describe import Description, plain_checksums, skeletons_for
 from dckpt._errors import CheckpointExistsError
 from dckpt._faults import fault_point
 from dckpt._format import DEFAULT_BLOCK_BYTES, MANIFEST_NAME, data_dir
@@ -421,18 +420,7 @@ def _save_now(request: SaveRequest) -> None:
     # Checksums while describing: a one-rank save plans without them.
     multi = coord.world_size > 1
     prepare = functools.partial(
-        request.describe, coord.rank, checksums=multi, memo=_skeletons(cache) if multi else None
+        request.describe, coord.rank, checksums=multi, memo=skeletons_for(cache) if multi else None
     )
     with paused_gc():
         run_save(coord, storage, prepare, request.options, cache)
-
-
-_memos: weakref.WeakKeyDictionary[PlanCache, Skeletons] = weakref.WeakKeyDictionary()
-
-
-def _skeletons(cache: PlanCache) -> Skeletons:
-    """The offers a stream of saves (one plan cache) last described, for repeats."""
-    memo = _memos.get(cache)
-    if memo is None:
-        memo = _memos[cache] = Skeletons()
-    return memo

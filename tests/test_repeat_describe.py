@@ -114,9 +114,10 @@ def test_states_with_empty_tensors_or_dtensors_are_not_memoized() -> None:
     assert again.offer.tensors[1].shape == (0, 4)
 
 
-def _w_repeats(path: str) -> list[bool]:
+def _w_repeats(path: str, background: bool) -> list[bool]:
     """Saves of one state, changed between saves in the ways a memo could miss; each
-    loads back as saved, on every rank."""
+    loads back as saved, on every rank (``background``: as ``async_save`` took it, the
+    tensors overwritten right after the call)."""
     rank = dist.get_rank()
     w = torch.arange(6.0) + rank
     state: dict[str, Any] = {"m": {f"r{rank}": w, "shared": torch.ones(3)}, "step": 0}
@@ -131,16 +132,25 @@ def _w_repeats(path: str) -> list[bool]:
     for i, change in enumerate([lambda: None, *steps]):
         change()
         state["step"] = i
-        dckpt.save(state, f"{path}/s{i}")
+        saved = {k: v.clone() for k, v in state["m"].items()}
+        if background:
+            handle = dckpt.async_save(state, f"{path}/s{i}")
+            for v in state["m"].values():
+                v.fill_(-7.0)
+            handle.result()
+            for k, v in state["m"].items():
+                v.copy_(saved[k])
+        else:
+            dckpt.save(state, f"{path}/s{i}")
         back: dict[str, Any] = {
-            "m": {k: torch.zeros_like(v) for k, v in state["m"].items()},
+            "m": {k: torch.zeros_like(v) for k, v in saved.items()},
             "step": None,
         }
         dckpt.load(back, f"{path}/s{i}")
         ok.append(
             back["step"] == i
-            and all(torch.equal(back["m"][k], v) for k, v in state["m"].items())
-            and all(back["m"][k].dtype == v.dtype for k, v in state["m"].items())
+            and all(torch.equal(back["m"][k], v) for k, v in saved.items())
+            and all(back["m"][k].dtype == v.dtype for k, v in saved.items())
         )
     return ok
 
@@ -163,10 +173,11 @@ def test_a_tensor_moved_to_another_path_under_the_same_key_is_recorded_at_its_ne
     assert rank_pool(2).run(_w_path_change, str(tmp_path)) == [[("m", "x", "y"), ("m", "x.y")]] * 2
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["save", "async_save"])
 def test_repeat_saves_of_a_changing_state_load_back_as_saved(
-    rank_pool: Callable[[int], RankPool], tmp_path: Path
+    rank_pool: Callable[[int], RankPool], tmp_path: Path, background: bool
 ) -> None:
-    assert rank_pool(2).run(_w_repeats, str(tmp_path)) == [[True] * 6] * 2
+    assert rank_pool(2).run(_w_repeats, str(tmp_path), background) == [[True] * 6] * 2
 
 
 def test_an_offer_sent_with_its_checksums_beside_it_encodes_as_the_full_offer() -> None:
