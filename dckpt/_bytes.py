@@ -92,7 +92,12 @@ def gathered_host_bytes(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
         group[2].append(n)
     with torch.no_grad():
         for (_, trailing, _), (index, members, sizes) in groups.items():
-            joined = torch.stack(members) if trailing == 0 else torch.cat(members)
+            try:
+                joined = torch.stack(members) if trailing == 0 else torch.cat(members)
+            except (RuntimeError, NotImplementedError):  # a dtype an older torch cannot cat
+                for i, t in zip(index, members, strict=True):
+                    out[i] = host_bytes(t)
+                continue
             data = byte_view(joined if joined.is_cpu else joined.cpu())
             start = 0
             for i, end in zip(index, itertools.accumulate(sizes), strict=True):

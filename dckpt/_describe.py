@@ -162,7 +162,7 @@ class Skeletons:
 
     @staticmethod
     def _signature(c: Captured) -> tuple[object, ...]:
-        # Boxes are shared per shape across captures (_box), so they compare by identity.
+        # Boxes are shared per shape across captures (_BOXES): they compare by identity.
         leaves = c.tensors
         return (tuple(map(_LEAF_KEY, leaves)), tuple(map(_LEAF_PATH, leaves)), c.names, c.boxes)
 
@@ -313,9 +313,9 @@ def _tensor_offers(
             if crcs is not None:
                 crcs.append(None)
             continue
-        # the shape the call found (whole tensor: offsets are zeros)
         where = (leaf.key, box)
         sources[where] = staged[where]
+        # its shape as the call found it (the whole tensor: offsets are zeros)
         tensors.append(TensorOffer(leaf.key, leaf.path, name, box.sizes, False, (ChunkOffer(box),)))
         if crcs is not None:
             crcs.append(next(plain))

@@ -112,9 +112,8 @@ def rendered(
     results = [w.files for w in written]
     reports = [w.layouts for w in written]
     layouts = None
-    if any(
-        r is not None for r in reports
-    ):  # the keys every layout key must differ from: 160k at 8 x 20k tensors
+    if any(r is not None for r in reports):
+        # the keys no layout key may take: a set of 160k at 8 x 20k tensors, so only here
         taken = {*plan.tensors, *plan.values, *(() if split is None else split.keys)}
         layouts = merge_layouts(reports, plan.world_size, taken)
     owned = None if split is None else owned_part([w.own for w in written], split.own_keys)

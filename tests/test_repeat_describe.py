@@ -63,6 +63,18 @@ def test_gathering_stops_at_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bytes(got[4]) == bytes(host_bytes(ts[4])) and bytes(got[0]) != bytes(host_bytes(ts[4]))
 
 
+def test_a_dtype_torch_cannot_cat_falls_back_to_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    ts = _tensors()
+    want = [bytes(host_bytes(t)) for t in ts]
+
+    def refuse(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError("cat: not for this dtype in this torch")
+
+    monkeypatch.setattr(torch, "cat", refuse)
+    monkeypatch.setattr(torch, "stack", refuse)
+    assert [bytes(g) for g in gathered_host_bytes(ts)] == want
+
+
 def _summary(d: Any, key: bytes | None) -> tuple[Any, ...]:
     offer, known = checksum_plain(d)
     return offer, d.crcs, key, {w: (c, bytes(data)) for w, (c, data) in known.items()}
