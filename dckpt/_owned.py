@@ -172,6 +172,8 @@ def _entries(runs: list[tuple[Sequence[str], OwnReport]]) -> list[tuple[str, str
     out: list[tuple[str, str]] = []
     for keys, report in runs:
         text, starts = report.text, report.starts
+        if isinstance(text, bytes):  # interleaved keys: entries are merged one by one
+            text = text.decode("ascii")
         ends = [s - 1 for s in starts[1:]]  # each entry but the last ends before a comma
         ends.append(len(text))
         out += zip(keys, map(text.__getitem__, map(slice, starts, ends)), strict=True)

@@ -105,7 +105,9 @@ class OwnReport:
     their text (``key:{...}`` joined by commas, in key order), where each entry starts in
     it, and the files that hold them."""
 
-    text: str
+    # ASCII; as received from another rank, its bytes (rank 0 joins them into the manifest
+    # as they are: tens of MB at 20k tensors per rank, not decoded and encoded again)
+    text: str | bytes
     starts: tuple[int, ...]
     files: tuple[tuple[str, int], ...]  # (name, size)
 
@@ -297,10 +299,10 @@ class OwnedPart:
     entries: Callable[[], Sequence[tuple[str, str]]]  # (key, encoded entry), sorted by key
     files: tuple[FileRecord, ...]
     # Whole comma-joined runs in key order when the ranks' keys do not interleave.
-    runs: tuple[str, ...] = ()
+    runs: tuple[str | bytes, ...] = ()
     bounds: tuple[str, str] | None = None
 
-    def text_alone(self, others: Sequence[str]) -> tuple[list[str], bool] | None:
+    def text_alone(self, others: Sequence[str]) -> tuple[list[str | bytes], bool] | None:
         """The entries' text in pieces (to be joined as they are), and whether it goes
         before every key of ``others`` (sorted), when it goes whole before or after them
         all; else None."""
@@ -309,7 +311,7 @@ class OwnedPart:
         at = bisect.bisect_left(others, self.bounds[0])
         if at != bisect.bisect_right(others, self.bounds[1]) or 0 < at < len(others):
             return None
-        pieces = [","] * (2 * len(self.runs) - 1) if self.runs else []
+        pieces: list[str | bytes] = [","] * (2 * len(self.runs) - 1) if self.runs else []
         pieces[::2] = self.runs
         return pieces, at == 0
 
@@ -339,7 +341,7 @@ def render_manifest(
             entries = list(heapq.merge(entries, more)) if entries else more
     texts = _with_entries(template, entries) if entries else template.texts
     text, _ = _joined(texts, [crcs[i] for i in template.sources], plan.save_id, ())
-    pieces = [text]
+    pieces: list[str | bytes] = [text]
     if alone is not None and alone[0]:  # whole runs, before or after the template's keys
         own, before = alone
         pieces = [*own, ",", text] if before else [text, ",", *own]

@@ -185,9 +185,7 @@ def encode_written(written: RankWritten) -> bytes:
         return dump(WRITTEN, [header, layouts, None], *columns)
     # The entries' text travels as bytes: as a JSON string every quote in it is escaped.
     own_files = [list(f) for f in own.files]
-    return dump(
-        WRITTEN, [header, layouts, own_files], *columns, own.text.encode(), ints(own.starts)
-    )
+    return dump(WRITTEN, [header, layouts, own_files], *columns, _ascii(own.text), ints(own.starts))
 
 
 def decode_written(blob: bytes, rank: int) -> RankWritten:
@@ -216,7 +214,9 @@ def _own_in(raw: object, text: bytes, starts_raw: bytes) -> OwnReport:
     if not rising or (starts and starts[-1] >= len(text)):
         raise ValueError("the own entries' starts are not increasing positions in their text")
     files = tuple((_name(n), _size(s)) for n, s in raw)
-    return OwnReport(text.decode("ascii"), starts, files)
+    if not text.isascii():
+        raise ValueError("the own entries' text is not ASCII")
+    return OwnReport(text, starts, files)
 
 
 def _report_in(raw: object) -> LayoutReport:
@@ -273,3 +273,7 @@ def _result_in(raw: object, counts_raw: bytes, flat_raw: bytes) -> FileResult:
     if pos != len(flat):
         raise ValueError(f"file {raw[0]!r} has mismatched checksum columns")
     return FileResult(raw[0], raw[1], tuple(crcs))
+
+
+def _ascii(text: str | bytes) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("ascii")

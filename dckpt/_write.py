@@ -13,7 +13,7 @@ import torch
 
 from dckpt._bytes import as_memoryview, block_crcs, host_bytes
 from dckpt._faults import fault_point
-from dckpt._format import DTYPE_ITEMSIZE, align, data_dir
+from dckpt._format import ALIGNMENT, DTYPE_ITEMSIZE, align, data_dir
 from dckpt._gc import gc_paused
 from dckpt._layout import is_writer, shard_pieces, unravel
 from dckpt._manifest_build import layout_report
@@ -23,7 +23,8 @@ from dckpt._reshard import Box
 from dckpt._table import Row, encode_table, table_crc, table_name
 from dckpt.storage import FileLayout, Storage, Writer
 
-_ZEROS = memoryview(bytes(64))
+_ZEROS = memoryview(bytes(ALIGNMENT))
+_PADS = [_ZEROS[:n] for n in range(ALIGNMENT)]  # every padding an item can need
 _BATCH_BYTES = 8 << 20
 _BATCH_BUFFERS = 256
 # Items up to this size go into a run buffer with their padding (see _Batch).
@@ -82,17 +83,6 @@ def write_rank(
     return results
 
 
-def _item_bytes(
-    item: WriteItem, sources: SourceMap, known: KnownCrcs
-) -> tuple[tuple[tuple[int, ...], np.ndarray] | None, np.ndarray]:
-    """The item's bytes on the host, and its checksums when they were computed already."""
-    done = known.get((item.key, item.box))
-    data = done[1] if done is not None else host_bytes(sources[(item.key, item.box)])
-    if data.nbytes != item.nbytes:
-        raise RuntimeError(f"key {item.key!r}: planned {item.nbytes} bytes, found {data.nbytes}")
-    return done, data
-
-
 def _write_checksummed(w: Writer, view: memoryview, block_bytes: int) -> tuple[int, ...]:
     """Write a large chunk block by block, checksumming each block right before writing it,
     while it is still in the CPU cache, instead of reading all of it twice from memory."""
@@ -106,7 +96,7 @@ def _write_checksummed(w: Writer, view: memoryview, block_bytes: int) -> tuple[i
 
 class _Batch:
     """Buffers gathered for one vectored write, and the bytes not yet reported. Small
-    items are copied, with their padding, into a run buffer that goes in as one: at
+    items, with their padding, are joined into one run buffer that goes in as one: at
     thousands of tiny tensors, two buffers each in ``writev`` cost more than copying."""
 
     def __init__(self, w: Writer, progress: Callable[[int], None] | None) -> None:
@@ -115,24 +105,26 @@ class _Batch:
         self.views: list[memoryview] = []
         self.keep: list[np.ndarray] = []  # host copies must outlive the views into them
         self.pending = 0
-        self.run = bytearray()
+        self.small: list[memoryview | np.ndarray] = []  # the run's pieces, joined at its end
+        self.run_bytes = 0
         self.run_items = 0  # the bytes of items in the run, for progress
 
     def add_small(self, pad: int, data: np.ndarray, nbytes: int) -> None:
         if pad > 0:
-            self.run += _ZEROS[:pad]
-        self.run += memoryview(data)  # type: ignore[arg-type]  # C-contiguous host bytes
+            self.small.append(_PADS[pad] if pad < ALIGNMENT else memoryview(bytes(pad)))
+        self.small.append(data)
         self.run_items += nbytes
-        if len(self.run) >= _RUN_BYTES:
+        self.run_bytes += pad + nbytes
+        if self.run_bytes >= _RUN_BYTES:
             self._end_run()
 
     def _end_run(self) -> None:
-        run, items = self.run, self.run_items
-        self.run, self.run_items = bytearray(), 0
+        run, items = b"".join(self.small), self.run_items  # type: ignore[arg-type]  # buffers
+        self.small, self.run_bytes, self.run_items = [], 0, 0
         self.add(memoryview(run), None, items)
 
     def add(self, view: memoryview, data: np.ndarray | None, nbytes: int) -> None:
-        if self.run:
+        if self.small:
             self._end_run()
         self.views.append(view)
         if data is not None:
@@ -142,14 +134,14 @@ class _Batch:
             self.flush()
 
     def write(self) -> None:
-        if self.run:
+        if self.small:
             self._end_run()
         if self.views:
             self.w.write(self.views)
             self.views, self.keep = [], []
 
     def flush(self) -> None:
-        had = bool(self.views or self.run)
+        had = bool(self.views or self.small)
         self.write()
         if self.progress is not None and (had or self.pending):
             self.progress(self.pending)
@@ -171,11 +163,16 @@ def _write_file(
     crcs: list[tuple[int, ...]] = []
     batch = _Batch(w, progress)
     pos = 0
+    known_at = known.get  # inline, not _item_bytes: tens of thousands of items
     for item in fp.items:
-        done, data = _item_bytes(item, sources, known)
-        pad, pos = item.offset - pos, item.offset + item.nbytes
-        if item.nbytes <= _SMALL_BYTES:
-            batch.add_small(pad, data, item.nbytes)
+        nbytes = item.nbytes
+        done = known_at((item.key, item.box))
+        data = done[1] if done is not None else host_bytes(sources[(item.key, item.box)])
+        if data.nbytes != nbytes:
+            raise RuntimeError(f"key {item.key!r}: planned {nbytes} bytes, found {data.nbytes}")
+        pad, pos = item.offset - pos, item.offset + nbytes
+        if nbytes <= _SMALL_BYTES:
+            batch.add_small(pad, data, nbytes)
             crcs.append(done[0] if done is not None else block_crcs(data, block_bytes))
             continue
         if pad > 0:

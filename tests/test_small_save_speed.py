@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dckpt import CheckpointError
 from dckpt._describe import checksum_plain, describe
 from dckpt._dtensor import PlacementSpec
 from dckpt._format import FileRecord, Manifest, TensorEntry
@@ -21,6 +23,7 @@ from dckpt._plan import (
     ChunkOffer,
     FileResult,
     LayoutPart,
+    OwnReport,
     RankOffer,
     RankWritten,
     TensorOffer,
@@ -120,3 +123,14 @@ def test_write_reports_round_trip() -> None:
     )
     for written in (RankWritten(files), RankWritten(files, layouts), RankWritten(())):
         assert decode_written(encode_written(written), 3) == written
+    # The own entries' text arrives as bytes (rank 0 joins them into the manifest as they
+    # are), checked ASCII; a report with any other byte is refused naming the rank.
+    text = '"a":{"x":1},"b":{"y":2}'
+    own = RankWritten(files, None, OwnReport(text, (0, 12), (("data/x/r3-o0.bin", 64),)))
+    back = decode_written(encode_written(own), 3)
+    assert back.own is not None and back.own.text == text.encode() and back.own.starts == (0, 12)
+    blob = encode_written(own)
+    bad = blob.replace(b'"b":{"y"', b'"\xff":{"y"')
+    assert bad != blob
+    with pytest.raises(CheckpointError, match="rank 3"):
+        decode_written(bad, 3)
