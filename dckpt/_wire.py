@@ -30,6 +30,7 @@ from dckpt._coordframes import Shared
 from dckpt._dtensor import PlacementSpec
 from dckpt._format import DTYPE_ITEMSIZE
 from dckpt._layout import LayoutOffer, MeshOffer
+from dckpt._manifest_text import path_text
 from dckpt._plan import (
     ChunkOffer,
     Crcs,
@@ -75,8 +76,12 @@ def _offer_columns(offer: RankOffer) -> tuple[list[Any], list[bytes]]:
     # The paths travel in a column of their own: rank 0 parses them only for the tensors
     # it plans, and at 20k tensors parsing them is most of an offer's decoding.
     # One JSON line each (JSON text has no raw newline), so a few can be parsed alone.
-    paths = "\n".join(json.dumps(t.path, separators=(",", ":")) for t in offer.tensors).encode()
+    # (path_text: json.dumps's output for a path, at a fraction of its cost per call)
+    paths = "\n".join(map(path_text, map(_PATH, offer.tensors))).encode()
     return [keys, None, list(dtypes)], [ints(meta), ints(dims), ints(boxes), paths]
+
+
+_PATH = operator.attrgetter("path")
 
 
 def _crcs_out(crcs: Iterable[tuple[int, ...] | None]) -> bytes:
