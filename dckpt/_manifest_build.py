@@ -152,7 +152,12 @@ def _check_members(
 
 
 def _place(members: _Members, m: MeshReport, rank: int) -> None:
-    shape, slots = members.setdefault(m.ident, (m.shape, [None] * math.prod(m.shape)))
+    # Not setdefault: its default, a list of the mesh's size, would be built for every rank
+    # (quadratic in the world size: 0.8 s of rank 0's commit at 16,384 ranks).
+    held = members.get(m.ident)
+    if held is None:
+        held = members[m.ident] = (m.shape, [None] * math.prod(m.shape))
+    shape, slots = held
     if shape != m.shape or not 0 <= m.position < len(slots) or slots[m.position] is not None:
         raise UnsupportedStateError(
             f"rank {rank} and another rank claim one position of a device mesh of shape "
