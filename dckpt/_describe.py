@@ -134,21 +134,19 @@ def describe_captured(
             offer = RankOffer(captured.rank, hit[0], captured.values, (), ())
             return Description(offer, sources, known, tuple(crcs), hit[1])
     found = _Layouts()
-    known_or_none: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]] | None = None
-    if checksums:
-        known_or_none = {}
-    tensors, chunks, crcs_or_none = _tensor_offers(
-        captured, sources, found if layouts else None, known_or_none
-    )
+    tensors, chunks = _tensor_offers(captured, sources, found if layouts else None)
     offer = RankOffer(
         captured.rank, tuple(tensors), captured.values, tuple(found.offers), tuple(found.meshes)
     )
+    description = Description(offer, chunks)
+    if not checksums:
+        return description
+    _, column, held_bytes = plain_checksums(description)
     key = None
     if memo is not None:
         key = structure_key(offer)
         memo.put(captured, offer.tensors, key)
-    column = None if crcs_or_none is None else tuple(crcs_or_none)
-    return Description(offer, chunks, known_or_none, column, key)
+    return Description(offer, chunks, held_bytes, column, key)
 
 
 class Skeletons:
@@ -278,23 +276,12 @@ def _tensor_offers(
     captured: Captured,
     staged: Mapping[ChunkId, torch.Tensor],
     layouts: _Layouts | None = None,
-    known: dict[ChunkId, tuple[tuple[int, ...], np.ndarray]] | None = None,
-) -> tuple[list[TensorOffer], dict[ChunkId, torch.Tensor], list[tuple[int, ...] | None] | None]:
-    """The offers of ``captured``'s tensors and the source of each chunk, from ``staged``
-    (keyed as ``captured.sources``); with ``known``, plain tensors are checksummed into
-    it, and their checksums returned per offer (their chunks carry none)."""
+) -> tuple[list[TensorOffer], dict[ChunkId, torch.Tensor]]:
+    """The offers of ``captured``'s tensors (plain tensors' chunks without checksums) and
+    the source of each chunk, from ``staged`` (keyed as ``captured.sources``)."""
     tensors: list[TensorOffer] = []
     sources: dict[ChunkId, torch.Tensor] = {}
     dtensor = dtensor_type()
-    crcs: list[tuple[int, ...] | None] | None = None
-    if known is not None:
-        wheres = [
-            (leaf.key, box)
-            for leaf, box in zip(captured.tensors, captured.boxes, strict=True)
-            if box is not None and not isinstance(leaf.tensor, dtensor)
-        ]
-        plain = iter(_checksummed(wheres, [staged[w] for w in wheres], known))
-        crcs = []
     for leaf, name, box in zip(captured.tensors, captured.names, captured.boxes, strict=True):
         t = leaf.tensor
         if isinstance(t, dtensor):  # its global shape and placements do not change
@@ -305,21 +292,15 @@ def _tensor_offers(
                 continue
             chunks = tuple(ChunkOffer(piece) for piece, _ in pieces)
             tensors.append(TensorOffer(leaf.key, leaf.path, name, tuple(t.shape), True, chunks))
-            if crcs is not None:
-                crcs.append(None)
             continue
         if box is None:  # a plain tensor with no elements
             tensors.append(TensorOffer(leaf.key, leaf.path, name, tuple(t.shape), False, ()))
-            if crcs is not None:
-                crcs.append(None)
             continue
         where = (leaf.key, box)
         sources[where] = staged[where]
         # its shape as the call found it (the whole tensor: offsets are zeros)
         tensors.append(TensorOffer(leaf.key, leaf.path, name, box.sizes, False, (ChunkOffer(box),)))
-        if crcs is not None:
-            crcs.append(next(plain))
-    return tensors, sources, crcs
+    return tensors, sources
 
 
 def _checksummed(
