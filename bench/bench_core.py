@@ -503,6 +503,7 @@ def probe_targets() -> list[Target]:
             _coord,
             _describe,
             _loadcore,
+            _optimpair,
             _plancache,
             _read,
             _reader,
@@ -556,8 +557,11 @@ def probe_targets() -> list[Target]:
             Target(_local._FdRanges, _local._FdRanges.read_into, "load:   pread [threads]"),
             Target(_read, _read._check, "load:   crc32c verify [threads]"),
             # both
-            Target(module_state, module_state.state_dict, "get_model_state_dict"),
-            Target(optim_state, optim_state.state_dict, "get_optimizer_state_dict"),
+            Target(
+                _optimpair.Partners,
+                _optimpair.Partners.state_dict,
+                "get_state_dict (a module with its optimizer, or either alone)",
+            ),
             Target(module_state, module_state.load_state_dict, "load: set_model_state_dict"),
             Target(optim_state, optim_state.load_state_dict, "load: set_optimizer_state_dict"),
             Target(

@@ -287,6 +287,7 @@ TIMED = (
     ("dckpt._loadcore", "_prepare", "load: plan"),
     ("dckpt._loadcore", "_read", "load: read"),
     ("dckpt.tiers._tiered", "run_load", "load"),
+    ("dckpt.tiers._tiered", "newer_durable", "durable tier newer?"),
 )
 
 

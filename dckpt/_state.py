@@ -16,7 +16,7 @@ import torch
 
 from dckpt._errors import UnsupportedStateError
 from dckpt._format import PathPart
-from dckpt._optimpair import pair_optimizer
+from dckpt._optimpair import Partners
 from dckpt._values import MAX_DEPTH
 
 
@@ -188,7 +188,11 @@ def resolve(
             f"got {type(state).__name__}"
         )
     out = Resolved()
-    ctx = _Walk(list(_modules_in(state, 0, set())), {}, strict, fresh_optimizers, saved, {})
+    found = list(_stateful_in(state, 0, set()))
+    modules = [m for m in found if isinstance(m, torch.nn.Module)]
+    optims = [o for o in found if isinstance(o, torch.optim.Optimizer)]
+    partners = Partners(modules, optims, lambda o: not o.state and not fresh_optimizers)
+    ctx = _Walk(modules, partners, {}, strict, fresh_optimizers, saved, {})
     ctx.active[id(state)] = ()
     _walk_mapping(state, (), out, ctx, "empty")
     return out
@@ -201,6 +205,7 @@ _Grow = Literal["all", "empty", "none"]
 @dataclass(frozen=True, slots=True)
 class _Walk:
     modules: list[torch.nn.Module]
+    partners: Partners
     seen: dict[str, tuple[PathPart, ...]]  # flat key -> the path that claimed it
     strict: bool
     fresh_optimizers: bool
@@ -222,8 +227,10 @@ def _children(node: object) -> Iterable[object]:
     return node if isinstance(node, (list, tuple)) else ()
 
 
-def _modules_in(node: object, depth: int, active: set[int]) -> Iterator[torch.nn.Module]:
-    if isinstance(node, torch.nn.Module):
+def _stateful_in(
+    node: object, depth: int, active: set[int]
+) -> Iterator[torch.nn.Module | torch.optim.Optimizer]:
+    if isinstance(node, (torch.nn.Module, torch.optim.Optimizer)):
         yield node
         return
     # Cycles and runaway depth are left for the walk, which names the key.
@@ -232,7 +239,7 @@ def _modules_in(node: object, depth: int, active: set[int]) -> Iterator[torch.nn
     active.add(id(node))
     for v in _children(node):
         if type(v) is not torch.Tensor:  # a generator per tensor leaf costs, at 20k
-            yield from _modules_in(v, depth + 1, active)
+            yield from _stateful_in(v, depth + 1, active)
     active.discard(id(node))
 
 
@@ -364,10 +371,10 @@ def _walk_stateful(node: Any, path: tuple[PathPart, ...], out: Resolved, ctx: _W
     if isinstance(node, torch.nn.Module):
         obj = _ModuleState(node, ctx.strict)
     elif isinstance(node, torch.optim.Optimizer):
-        obj = OptimizerState(pair_optimizer(node, ctx.modules, flat_key(path)), node)
+        obj = OptimizerState(ctx.partners.owner(node, ctx.modules, flat_key(path)), node)
     else:
         obj = node
-    sd = obj.state_dict()
+    sd = ctx.partners.state_dict(node, obj.state_dict)
     if not isinstance(sd, Mapping):
         raise UnsupportedStateError(
             f"state_dict() of {type(node).__name__} at key {flat_key(path)!r} returned "

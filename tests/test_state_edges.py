@@ -228,7 +228,9 @@ def _w_tensorless(root: str) -> list[Any]:
     return got
 
 
-def test_a_state_without_tensors_saves_durably_on_two_ranks(rank_pool: Pools, tmp_path: Path) -> None:
+def test_a_state_without_tensors_saves_durably_on_two_ranks(
+    rank_pool: Pools, tmp_path: Path
+) -> None:
     assert rank_pool(2).run(_w_tensorless, str(tmp_path)) == [[True] * 4] * 2
     assert json.loads((tmp_path / "sync" / "manifest.json").read_text())["tensors"] == {}
 
@@ -246,7 +248,9 @@ def test_a_state_without_tensors_saves_durably_in_one_process(tmp_path: Path) ->
 def test_a_meta_tensor_is_named_as_one(tmp_path: Path) -> None:
     with pytest.raises(dckpt.UnsupportedStateError, match=r"'w'.*meta tensor.*materialize"):
         dckpt.save({"w": torch.empty(3, device="meta")}, tmp_path / "ck")
-    assert "strided" not in _message(lambda: dckpt.save({"w": torch.empty(3, device="meta")}, tmp_path / "ck"))
+    assert "strided" not in _message(
+        lambda: dckpt.save({"w": torch.empty(3, device="meta")}, tmp_path / "ck")
+    )
 
 
 def _message(call: Callable[[], object]) -> str:
@@ -255,3 +259,89 @@ def _message(call: Callable[[], object]) -> str:
     except dckpt.CheckpointError as exc:
         return str(exc)
     raise AssertionError("no error")
+
+
+# ----------------------------------------------------------------------------- modules + optimizers
+
+
+def _trained(steps: int = 1) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        model(torch.rand(5, 4)).sum().backward()
+        optim.step()
+    return model, optim
+
+
+def _flat(state: dict[str, Any]) -> dict[str, object]:
+    from dckpt._state import resolve
+
+    out = resolve(state)
+    found: dict[str, object] = {t.key: t.tensor.clone() for t in out.tensors}
+    found.update({v.key: v.value for v in out.values})
+    return found
+
+
+def _equal(a: dict[str, object], b: dict[str, object]) -> bool:
+    same = (
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        for x, y in zip((a[k] for k in sorted(a)), (b[k] for k in sorted(b)), strict=True)
+    )
+    return sorted(a) == sorted(b) and all(same)
+
+
+@pytest.mark.parametrize("optimizer_first", [False, True])
+def test_a_module_and_its_optimizer_are_captured_in_one_call(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, optimizer_first: bool
+) -> None:
+    """torch's helpers validate their options once for the pair (the costly part of a
+    capture), and each key gets exactly the dict torch's separate helpers give."""
+    from torch.distributed.checkpoint import state_dict as helpers
+
+    model, optim = _trained()
+    # The wrapper is never paired: its capture goes through the two separate helpers.
+    apart = _flat({"model": model, "optimizer": dckpt.OptimizerState(model, optim)})
+    assert "optimizer.state.0.weight.exp_avg" in apart and "model.2.bias" in apart
+    calls = []
+    verify = helpers._verify_options
+    monkeypatch.setattr(
+        helpers, "_verify_options", lambda *a, **k: calls.append(1) or verify(*a, **k)
+    )
+    state = (
+        {"optimizer": optim, "model": model}
+        if optimizer_first
+        else {"model": model, "optimizer": optim}
+    )
+    assert _equal(_flat(state), apart)
+    assert len(calls) == 1
+    fresh, fresh_optim = _trained(steps=0)  # no state yet: the load creates it
+    dckpt.save(state, tmp_path / "ck")
+    dckpt.load({"optimizer": fresh_optim, "model": fresh}, tmp_path / "ck")
+    assert _equal(_flat({"model": fresh, "optimizer": fresh_optim}), apart)
+
+
+def test_optimizers_sharing_a_module_and_look_only_walks_capture_apart() -> None:
+    model, _ = _trained()
+    first = torch.optim.SGD(list(model.parameters())[:2], lr=0.1, momentum=0.9)
+    second = torch.optim.SGD(list(model.parameters())[2:], lr=0.1, momentum=0.9)
+    model(torch.rand(5, 4)).sum().backward()
+    first.step()
+    second.step()
+    flat = _flat({"model": model, "first": first, "second": second})
+    assert {k for k in flat if k.startswith("first.state.")} == {
+        "first.state.0.weight.momentum_buffer",
+        "first.state.0.bias.momentum_buffer",
+    }
+    assert {k for k in flat if k.startswith("second.state.")} == {
+        "second.state.2.weight.momentum_buffer",
+        "second.state.2.bias.momentum_buffer",
+    }
+    # A walk that only looks leaves an optimizer without state alone: pairing it with its
+    # module must not create its state (torch's helpers would, with a zero-gradient step).
+    from dckpt._state import resolve
+
+    idle = torch.optim.Adam(model.parameters(), lr=0.01)
+    out = resolve({"model": model, "optimizer": idle}, fresh_optimizers=False)
+    assert not idle.state
+    assert {t.key for t in out.tensors} == {f"model.{k}" for k in model.state_dict()}
