@@ -3,6 +3,7 @@ directory per node, the durable tier on disk. Restarts run in fresh processes.""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -556,3 +557,40 @@ def test_a_newer_durable_step_wins_over_the_local_tier(tmp_path: Path, ranks: An
     assert ranks(4).run(w_durable_newer, root, base, timeout=120) == [[3, 4]] * 4
     shutil.rmtree(Path(base) / "node1")
     assert _load_fresh(root, base) == [{"step": 4, "exact": True}] * 4
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def w_load_other_world(root: str, base: str) -> dict[str, Any]:
+    """A restart on 2 ranks (one node: ranks 0 and 1 keep node 0's local directory). The
+    per-rank tensor saved by 4 ranks cannot be split for 2, so it is left out."""
+    records = _Records()
+    logging.getLogger("dckpt").addHandler(records)
+    mgr = _manager(root, base)
+    dest: dict[str, Any] = {"shared": torch.zeros(N, dtype=torch.float64), "step": -1}
+    step = mgr.load(dest, strict=False)
+    assert step is not None
+    exact = torch.equal(dest["shared"], _state(step, 0)["shared"]) and dest["step"] == step
+    return {"step": step, "exact": exact, "log": records.lines}
+
+
+def test_another_world_size_falls_back_to_the_durable_tier(tmp_path: Path, ranks: Any) -> None:
+    """Saved by 4 ranks; restarted on 2 whose node still holds local steps 6 and 7: the
+    local steps are skipped, saying why, and durable step 6 loads on the new world size."""
+    root, base = _saved(tmp_path, ranks)
+    outcomes = run_fresh(2, w_load_other_world, root, base, timeout=120)
+    assert all(o.ok for o in outcomes), [o.error_text for o in outcomes if not o.ok]
+    got = [o.value for o in outcomes]
+    assert [(g["step"], g["exact"]) for g in got] == [(6, True)] * 2, got
+    said = " ".join(got[0]["log"])
+    assert "step 7: saved by 4 ranks, and the job now has 2" in said, said
+    assert "step 6 from the durable tier" in said, said
+    assert "replicas=1, but the job spans 1 node(s): each shard is held on 0 other" in said
+    assert (Path(base) / "node0" / "step-00000007" / "manifest.json").exists()  # left alone
