@@ -293,6 +293,25 @@ def test_one_process_roundtrip_and_room_check(tmp_path: Path) -> None:
     assert not full.steps(tier="local") and full.steps(tier="durable") == [1]
 
 
+def test_retention_applies_per_tier(tmp_path: Path) -> None:
+    """keep_local counts the local tier's steps, keep_last the durable tier's persisted
+    ones; each tier's files of dropped steps are gone."""
+    root, local = tmp_path / "durable", tmp_path / "local"
+    mgr = dckpt.CheckpointManager(
+        str(root), local_dir=str(local), persist_every=2, keep_local=3, keep_last=2
+    )
+    for step in range(1, 10):
+        mgr.save(step, _state(step, 0))
+    mgr.wait()
+    assert mgr.steps(tier="local") == [7, 8, 9] and mgr.steps(tier="durable") == [6, 8]
+    assert sorted(p.name for p in local.iterdir() if p.name.startswith("step-")) == [
+        f"step-{s:08d}" for s in (7, 8, 9)
+    ]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == [
+        f"step-{s:08d}" for s in (6, 8)
+    ]
+
+
 @pytest.mark.parametrize(
     ("kw", "err"),
     [
