@@ -196,6 +196,7 @@ def test_exit_without_wait_leaves_a_committed_checkpoint_or_none(tmp_path: Path)
             dckpt.load({"w": torch.zeros(1 << 20)}, tmp_path / "ck")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_sources_stage_through_pinned_memory(tmp_path: Path) -> None:
     w = torch.randn(1024, 1024, device="cuda")
@@ -214,6 +215,7 @@ def test_cuda_sources_stage_through_pinned_memory(tmp_path: Path) -> None:
     assert torch.equal(out["w"].cpu(), expected)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_cuda_sources_on_two_devices_snapshot_queued_work(tmp_path: Path) -> None:
     # Values still being computed on each device's stream when async_save is called: the
