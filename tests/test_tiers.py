@@ -16,13 +16,10 @@ import dckpt
 from dckpt import _faults
 from dckpt.tiers import LocalTierError, PersistError
 from tests._dist import run_fresh
+from tests._tiers import tiered_manager
 
 TIMEOUT = 20.0
 N = 4096
-
-
-def _node_of(rank: int) -> int:
-    return rank // 2
 
 
 def _state(step: int, rank: int) -> dict[str, Any]:
@@ -34,19 +31,8 @@ def _state(step: int, rank: int) -> dict[str, Any]:
 
 
 def _manager(root: str, base: str, **kw: Any) -> dckpt.CheckpointManager:
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    options: dict[str, Any] = dict(
-        local_dir=f"{base}/node{_node_of(rank)}",
-        replicas=1,
-        persist_every=3,
-        keep_local=2,
-        keep_last=3,
-        async_save=True,
-        timeout=TIMEOUT,
-        node_of=_node_of,
-    )
-    options.update(kw)
-    return dckpt.CheckpointManager(root, **options)
+    options: dict[str, Any] = {"timeout": TIMEOUT, "persist_every": 3, "keep_last": 3, **kw}
+    return tiered_manager(root, base, **options)
 
 
 def w_save(root: str, base: str, last: int) -> dict[str, Any]:
