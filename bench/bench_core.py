@@ -509,7 +509,7 @@ def probe_targets() -> list[Target]:
             _reader,
             _request,
             _save,
-            _state,
+            _stateful,
             _write,
         )
         from dckpt.storage import _local
@@ -521,7 +521,7 @@ def probe_targets() -> list[Target]:
         ) from exc
     try:
         writer, storage, cache = _local._LocalWriter, _local.LocalStorage, _plancache.PlanCache
-        module_state, optim_state = _state._ModuleState, _state.OptimizerState
+        module_state, optim_state = _stateful.ModuleState, _stateful.OptimizerState
         return [
             # save
             Target(_save, _save.drain, "save: drain pending async save"),

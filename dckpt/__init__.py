@@ -26,7 +26,7 @@ from dckpt._errors import (
 )
 from dckpt._manager import CheckpointManager
 from dckpt._save import save
-from dckpt._state import OptimizerState, Stateful
+from dckpt._stateful import OptimizerState, Stateful
 from dckpt._version import __version__
 from dckpt.interop._convert import ConvertReport, convert
 from dckpt.tiers._errors import LocalTierError, PersistError, TransferError

@@ -345,3 +345,16 @@ def test_optimizers_sharing_a_module_and_look_only_walks_capture_apart() -> None
     out = resolve({"model": model, "optimizer": idle}, fresh_optimizers=False)
     assert not idle.state
     assert {t.key for t in out.tensors} == {f"model.{k}" for k in model.state_dict()}
+
+
+def test_modules_without_state_save_and_load_as_nothing(tmp_path: Path) -> None:
+    """An activation or a loss module in the state holds nothing: torch's helpers refuse
+    such a module (without a process group, with an unrelated ValueError)."""
+    model, optim = _trained()
+    state = {"model": model, "optimizer": optim, "act": torch.nn.ReLU(), "loss": torch.nn.MSELoss()}
+    dckpt.save(state, tmp_path / "ck")
+    fresh, fresh_optim = _trained(steps=0)
+    back = {"model": fresh, "optimizer": fresh_optim, "act": torch.nn.ReLU()}
+    back["loss"] = torch.nn.MSELoss()
+    assert dckpt.load(back, tmp_path / "ck") == dckpt.LoadResult()
+    assert _equal(_flat(back), _flat(state))
