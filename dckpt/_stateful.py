@@ -94,6 +94,8 @@ class OptimizerState:
 
 
 class ModuleState:
+    """A module's state through torch's helpers (FQN keys; ``strict`` for loads)."""
+
     def __init__(self, model: torch.nn.Module, strict: bool) -> None:
         self.model = model
         self.strict = strict
