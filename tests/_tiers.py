@@ -7,6 +7,7 @@ timeout and the durable tier's schedule must be chosen (each test file sizes the
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch.distributed as dist
@@ -48,3 +49,15 @@ def tiered_manager(
     )
     options.update(overrides)
     return dckpt.CheckpointManager(root, **options)
+
+
+class Heard(logging.Handler):
+    """The WARNING lines of dckpt's logger in this process, once added to it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        logging.getLogger("dckpt").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())

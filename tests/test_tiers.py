@@ -3,7 +3,6 @@ directory per node, the durable tier on disk. Restarts run in fresh processes.""
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import dckpt
 from dckpt import _faults
 from dckpt.tiers import LocalTierError, PersistError
 from tests._dist import run_fresh
-from tests._tiers import tiered_manager
+from tests._tiers import Heard, tiered_manager
 
 TIMEOUT = 20.0
 N = 4096
@@ -564,20 +563,10 @@ def test_a_newer_durable_step_wins_over_the_local_tier(tmp_path: Path, ranks: An
     assert _load_fresh(root, base) == [{"step": 4, "exact": True}] * 4
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def w_load_other_world(root: str, base: str) -> dict[str, Any]:
     """A restart on 2 ranks (one node: ranks 0 and 1 keep node 0's local directory). The
     per-rank tensor saved by 4 ranks cannot be split for 2, so it is left out."""
-    records = _Records()
-    logging.getLogger("dckpt").addHandler(records)
+    records = Heard()
     mgr = _manager(root, base)
     dest: dict[str, Any] = {"shared": torch.zeros(N, dtype=torch.float64), "step": -1}
     step = mgr.load(dest, strict=False)

@@ -17,6 +17,7 @@ restart: nothing survives in memory, only what the tiers hold.
 from __future__ import annotations
 
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ import dckpt
 from dckpt.storage._fsspec import FsspecStorage
 from tests._dist import Outcome, run_fresh
 from tests._s3 import S3Server
+from tests._tiers import Heard
 
 WORLD = 4
 RANKS_PER_NODE = 2
@@ -151,6 +153,55 @@ def test_lost_node_recovers_from_replicas_and_lost_job_from_s3(
         shutil.rmtree(node_dir(base, node), ignore_errors=True)
     got = values_of(run_fresh(WORLD, _w_restart_and_load, url, options, base, timeout=TIMEOUT))
     assert got == [(6, True)] * WORLD, got
+
+
+def _w_save_four(url: str, options: dict[str, Any], base: str) -> list[int]:
+    rank = dist.get_rank()
+    mgr = manager(url, base, storage_options=options, persist_every=3, async_save=True)
+    for step in range(1, 5):
+        mgr.save(step, values(step, rank))
+    mgr.wait()
+    return mgr.steps(tier="durable")
+
+
+def _w_restart_store_down(url: str, options: dict[str, Any], base: str) -> dict[str, Any]:
+    """A restart while the durable tier's store does not answer (refused connections)."""
+    heard = Heard()
+    mgr = manager(url, base, storage_options=options, persist_every=3, async_save=True)
+    state = blank()
+    try:
+        step = mgr.load(state)
+    except dckpt.RankFailureError as exc:
+        return {"error": {r: type(e).__name__ for r, e in exc.failures.items()}}
+    ok = step is not None and same(state, values(step, dist.get_rank()))
+    return {"step": step, "exact": ok, "said": heard.lines}
+
+
+def test_an_unreachable_durable_tier_does_not_undo_a_local_recovery(
+    s3: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The store that holds the durable tier is down when the job restarts after losing a
+    node: the local step still loads from the replicas (rank 0 says it could not compare
+    it with the durable tier); with no local step left, the store's error is raised on
+    every rank, within the store's retry budget."""
+    url, options = s3
+    base = str(tmp_path / "local")
+    assert (
+        values_of(run_fresh(WORLD, _w_save_four, url, options, base, timeout=TIMEOUT))
+        == [[3]] * WORLD
+    )
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    down = {**options, "endpoint_url": dead, "dckpt": {**FAST, "retry_timeout": 2}}
+    shutil.rmtree(node_dir(base, 1))
+    got = values_of(run_fresh(WORLD, _w_restart_store_down, url, down, base, timeout=TIMEOUT))
+    assert [(g.get("step"), g.get("exact")) for g in got] == [(4, True)] * WORLD, got
+    assert any("could not be listed" in line for line in got[0]["said"]), got[0]["said"]
+    for node in range(NODES):
+        shutil.rmtree(node_dir(base, node), ignore_errors=True)
+    got = values_of(run_fresh(WORLD, _w_restart_store_down, url, down, base, timeout=TIMEOUT))
+    assert [g.get("error") for g in got] == [{0: "StorageError"}] * WORLD, got  # rank 0 lists
 
 
 def _piece_bytes() -> int:

@@ -356,7 +356,10 @@ def recover(
         for r, inv in enumerate(invs):
             if inv is not None:
                 holdings[ctx.nodes.nodes[r]] = inv
-        known = durable() if durable_steps.done() else None
+        # Only a listing already done, and done well: a failed one matters only if no
+        # local step can be restored (then "tiers-durable" raises it).
+        listed = durable_steps.done() and durable_steps.exception() is None
+        known = durable() if listed else None
         return decide(invs, ctx, coord.world_size, want, known)
 
     decision = coord.exchange("tiers-inventory", lambda: _inventory(ctx, rank), pick)
@@ -382,11 +385,21 @@ def newer_durable(
     coord: Coordinator | LocalCoordinator, durable_steps: Future[list[int]], step: int
 ) -> int | None:
     """Collective, once local step ``step`` has loaded after ``recover(compare=False)``:
-    the durable tier's latest step if it is newer (rank 0 waits for the listing here; a
-    failed listing raises on every rank), else None."""
+    the durable tier's latest step if it is newer (rank 0 waits for the listing here),
+    else None; None too, with a warning, when the listing failed (an unreachable store
+    must not undo a recovery that needed none of it)."""
 
     def newer(_: list[None]) -> int | None:
-        steps = durable_steps.result()
+        try:
+            steps = durable_steps.result()
+        except Exception as exc:  # the store is down: the local step stands, said loudly
+            log.warning(
+                "tiers: loaded local step %d without comparing it with the durable tier, "
+                "which could not be listed (a newer durable step, if any, was not loaded): %s",
+                step,
+                exc,
+            )
+            return None
         return steps[-1] if steps and steps[-1] > step else None
 
     found: int | None = coord.exchange("tiers-newer", lambda: None, newer)
