@@ -3,6 +3,7 @@ directory per node, the durable tier on disk. Restarts run in fresh processes.""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -588,3 +589,21 @@ def test_another_world_size_falls_back_to_the_durable_tier(tmp_path: Path, ranks
     assert "step 6 from the durable tier" in said, said
     assert "replicas=1, but the job spans 1 node(s): each shard is held on 0 other" in said
     assert (Path(base) / "node0" / "step-00000007" / "manifest.json").exists()  # left alone
+
+
+def test_a_frozen_durable_listing_keeps_the_loaded_local_step() -> None:
+    """Rank 0 waits for the durable tier's listing at most the timeout (the followers wait
+    for rank 0 longer than that), then keeps the local step it loaded, saying so."""
+    from concurrent.futures import Future
+
+    from dckpt._coord import LocalCoordinator
+    from dckpt.tiers._recover import newer_durable
+
+    heard = Heard()
+    frozen: Future[list[int]] = Future()  # a listing that never returns
+    assert newer_durable(LocalCoordinator(timeout=0.2), frozen, 7) is None
+    assert any("local step 7 without comparing" in x and "within 0.2 s" in x for x in heard.lines)
+    listed: Future[list[int]] = Future()
+    listed.set_result([3, 6, 9])
+    assert newer_durable(LocalCoordinator(timeout=0.2), listed, 7) == 9
+    logging.getLogger("dckpt").removeHandler(heard)

@@ -385,19 +385,27 @@ def newer_durable(
     coord: Coordinator | LocalCoordinator, durable_steps: Future[list[int]], step: int
 ) -> int | None:
     """Collective, once local step ``step`` has loaded after ``recover(compare=False)``:
-    the durable tier's latest step if it is newer (rank 0 waits for the listing here),
-    else None; None too, with a warning, when the listing failed (an unreachable store
-    must not undo a recovery that needed none of it)."""
+    the durable tier's latest step if it is newer (rank 0 waits for the listing here, up
+    to the coordinator's timeout), else None; None too, with a warning, when the listing
+    failed or did not finish in time (an unreachable store must not undo a recovery that
+    needed none of it)."""
 
     def newer(_: list[None]) -> int | None:
+        # Bounded by the timeout, inside the followers' wait for rank 0: a frozen store
+        # must not fail, on them alone, a load that has succeeded.
         try:
-            steps = durable_steps.result()
+            steps = durable_steps.result(timeout=coord.timeout)
         except Exception as exc:  # the store is down: the local step stands, said loudly
+            why = (
+                f"it did not answer within {coord.timeout:g} s"
+                if isinstance(exc, TimeoutError)
+                else f"listing it failed: {type(exc).__name__}: {exc}"
+            )
             log.warning(
-                "tiers: loaded local step %d without comparing it with the durable tier, "
-                "which could not be listed (a newer durable step, if any, was not loaded): %s",
+                "tiers: loaded local step %d without comparing it with the durable tier (%s); "
+                "a newer durable step, if any, was not loaded",
                 step,
-                exc,
+                why,
             )
             return None
         return steps[-1] if steps and steps[-1] > step else None
