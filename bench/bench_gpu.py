@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dckpt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _model import LAYERS, Stack, width_for
+from _model import LAYERS, Stack, local_tensors, width_for
 
 SYSTEMS = ("dckpt", "dcp", "dcp-pinned")
 
@@ -67,9 +67,7 @@ class Bench:
         self.optim.step()
         self.optim.zero_grad(set_to_none=True)
         self.state = {"model": self.model, "optimizer": self.optim}
-        self.tensors = [*self.model.parameters()] + [
-            t for s in self.optim.state.values() for t in s.values() if t.dim() > 0
-        ]
+        self.tensors = list(local_tensors(self.model, self.optim).values())
         self.nbytes = sum(t.nbytes for t in self.tensors)
         pin = self.device.startswith("cuda")
         self.floor_bufs = [
@@ -110,6 +108,13 @@ class Bench:
         sync(self.device)
         return time.perf_counter() - t0
 
+    def dcp_state(self) -> dict[str, Any]:
+        """What DCP saves and loads: the model's and Adam's state dicts (torch's helpers)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.model, self.optim)
+        return {"model": msd, "optim": osd}
+
     def start(self, system: str) -> tuple[float, Callable[[], Any], str]:
         """Start an async save: (seconds the caller was blocked, wait for it, its path)."""
         path = self.path(system)
@@ -119,11 +124,9 @@ class Bench:
             handle = dckpt.async_save(self.state, path)
             return time.perf_counter() - t0, handle.result, path
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        msd, osd = get_state_dict(self.model, self.optim)
         stager = self.pinned_stager if system == "dcp-pinned" else None
-        out = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path, async_stager=stager)
+        out = dcp.async_save(self.dcp_state(), checkpoint_id=path, async_stager=stager)
         staged = getattr(out, "staging_completion", None)
         if staged is not None:
             staged.result()  # the state may change only once DCP has its copy
@@ -132,7 +135,7 @@ class Bench:
 
     def save_load(self, system: str) -> tuple[float, float]:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
         path = self.path(f"sync-{system}")
         sync(self.device)
@@ -140,16 +143,14 @@ class Bench:
         if system == "dckpt":
             dckpt.save(self.state, path)
         else:
-            msd, osd = get_state_dict(self.model, self.optim)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+            dcp.save(self.dcp_state(), checkpoint_id=path)
         saved = time.perf_counter() - t0
         sync(self.device)
         t0 = time.perf_counter()
         if system == "dckpt":
             dckpt.load(self.state, path)
         else:
-            msd, osd = get_state_dict(self.model, self.optim)
-            sd = {"model": msd, "optim": osd}
+            sd = self.dcp_state()
             dcp.load(sd, checkpoint_id=path)
             set_state_dict(
                 self.model, self.optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"]

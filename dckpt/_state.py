@@ -91,7 +91,7 @@ def resolve(
     found = list(_stateful_in(state, 0, set()))
     modules = [m for m in found if isinstance(m, torch.nn.Module)]
     optims = [o for o in found if isinstance(o, torch.optim.Optimizer)]
-    partners = Partners(modules, optims, lambda o: not o.state and not fresh_optimizers)
+    partners = Partners(modules, optims, lambda o: _left_out(o, fresh_optimizers))
     ctx = _Walk(modules, partners, {}, strict, fresh_optimizers, saved, {})
     ctx.active[id(state)] = ()
     _walk_mapping(state, (), out, ctx, "empty")
@@ -263,9 +263,14 @@ def _walk_node(
     out.values.append(ValueLeaf(_claim(path, ctx.seen), path, node, setter))
 
 
+def _left_out(optim: torch.optim.Optimizer, fresh_optimizers: bool) -> bool:
+    """An optimizer without state on a walk that must not create it (see :func:`resolve`)."""
+    return not optim.state and not fresh_optimizers
+
+
 def _walk_stateful(node: Any, path: tuple[PathPart, ...], out: Resolved, ctx: _Walk) -> None:
     optim = node.optimizer if isinstance(node, OptimizerState) else node
-    if isinstance(optim, torch.optim.Optimizer) and not optim.state and not ctx.fresh_optimizers:
+    if isinstance(optim, torch.optim.Optimizer) and _left_out(optim, ctx.fresh_optimizers):
         return
     obj: Any
     if isinstance(node, torch.nn.Module):

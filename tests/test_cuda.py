@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import dckpt
+from tests._compare import same, zeroed
 
 CUDA = [
     pytest.mark.cuda,
@@ -50,22 +51,6 @@ def _to(tree: Any, device: str) -> Any:
     return tree.to(device, copy=True) if isinstance(tree, torch.Tensor) else tree
 
 
-def _zeros_like(tree: Any, device: str) -> Any:
-    if isinstance(tree, dict):
-        return {k: _zeros_like(v, device) for k, v in tree.items()}
-    if isinstance(tree, torch.Tensor):
-        return torch.zeros(tree.shape, dtype=tree.dtype, device=device)
-    return 0
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
-    return bool(a == b)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("how", ["save", "async_save"])
 def test_device_state_round_trips_onto_the_device_and_the_cpu(
@@ -82,9 +67,9 @@ def test_device_state_round_trips_onto_the_device_and_the_cpu(
         state["big"].zero_()
         handle.result()
     for dest_device in {device, "cpu"}:
-        dest = _zeros_like(expected, dest_device)
+        dest = zeroed(_to(expected, dest_device))
         dckpt.load(dest, tmp_path / "ck")
-        assert _same(dest, expected), dest_device
+        assert same(_to(dest, "cpu"), expected), dest_device
         assert all(
             t.device.type == dest_device
             for t in (dest["big"], dest["wide_t"], dest["small"]["s000"], dest["scalar"])

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import dckpt
 from dckpt._values import encode_value
+from tests._compare import same
 from tests._dist import RankPool
 
 Pools = Callable[[int], RankPool]
@@ -283,14 +284,6 @@ def _flat(state: dict[str, Any]) -> dict[str, object]:
     return found
 
 
-def _equal(a: dict[str, object], b: dict[str, object]) -> bool:
-    same = (
-        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-        for x, y in zip((a[k] for k in sorted(a)), (b[k] for k in sorted(b)), strict=True)
-    )
-    return sorted(a) == sorted(b) and all(same)
-
-
 @pytest.mark.parametrize("optimizer_first", [False, True])
 def test_a_module_and_its_optimizer_are_captured_in_one_call(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, optimizer_first: bool
@@ -303,22 +296,25 @@ def test_a_module_and_its_optimizer_are_captured_in_one_call(
     # The wrapper is never paired: its capture goes through the two separate helpers.
     apart = _flat({"model": model, "optimizer": dckpt.OptimizerState(model, optim)})
     assert "optimizer.state.0.weight.exp_avg" in apart and "model.2.bias" in apart
-    calls = []
+    calls: list[int] = []
     verify = helpers._verify_options
-    monkeypatch.setattr(
-        helpers, "_verify_options", lambda *a, **k: calls.append(1) or verify(*a, **k)
-    )
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return verify(*a, **k)
+
+    monkeypatch.setattr(helpers, "_verify_options", counted)
     state = (
         {"optimizer": optim, "model": model}
         if optimizer_first
         else {"model": model, "optimizer": optim}
     )
-    assert _equal(_flat(state), apart)
+    assert same(_flat(state), apart)
     assert len(calls) == 1
     fresh, fresh_optim = _trained(steps=0)  # no state yet: the load creates it
     dckpt.save(state, tmp_path / "ck")
     dckpt.load({"optimizer": fresh_optim, "model": fresh}, tmp_path / "ck")
-    assert _equal(_flat({"model": fresh, "optimizer": fresh_optim}), apart)
+    assert same(_flat({"model": fresh, "optimizer": fresh_optim}), apart)
 
 
 def test_optimizers_sharing_a_module_and_look_only_walks_capture_apart() -> None:
@@ -357,4 +353,4 @@ def test_modules_without_state_save_and_load_as_nothing(tmp_path: Path) -> None:
     back = {"model": fresh, "optimizer": fresh_optim, "act": torch.nn.ReLU()}
     back["loss"] = torch.nn.MSELoss()
     assert dckpt.load(back, tmp_path / "ck") == dckpt.LoadResult()
-    assert _equal(_flat(back), _flat(state))
+    assert same(_flat(back), _flat(state))
